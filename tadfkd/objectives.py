@@ -1,0 +1,126 @@
+"""What each method minimises: one objective for the generator, one for the student.
+
+Methods differ only here (and in their ``selection`` choice); the loop in ``tadfkd.distill`` is
+shared. A method is a config in ``conf/method/`` naming this class with its loss weights; a
+method whose terms are not a weighted sum of the ones below adds one small subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from tadfkd import losses
+from tadfkd.errors import UserError
+
+STUDENT_LOSSES = {"l1": losses.student_l1, "kl": losses.student_kl}
+ADVERSARIAL_LOSSES = {
+    "js": losses.adversarial_js,
+    "l1": losses.adversarial_l1,
+    "kl": losses.adversarial_kl,
+}
+GENERATOR_TERMS = (
+    "adversarial",
+    "bn",
+    "tv",
+    "l2",
+    "class_prior",
+    "activation",
+    "info_entropy",
+)
+
+
+@dataclass
+class GeneratorBatch:
+    """Everything a generator objective may use from one generator step.
+
+    ``images`` is the whole train view (B, C, H, W); the logits and features are those of the
+    samples the selection kept; ``bn_statistics`` is the teacher's BN term on those samples.
+    """
+
+    images: torch.Tensor
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    bn_statistics: torch.Tensor | None
+    teacher_features: torch.Tensor | None
+
+
+class Objective:
+    """Weighted sum of generator terms and a student distillation loss.
+
+    ``weights`` maps each name of ``GENERATOR_TERMS`` to its weight (missing names weigh 0);
+    ``adversarial`` names the discrepancy the generator maximises and ``student_loss`` the one
+    the student minimises; ``temperature`` is the softmax temperature of the adversarial term.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        student_loss: str = "l1",
+        adversarial: str = "js",
+        temperature: float = 3.0,
+        weights: Mapping[str, float] | None = None,
+    ) -> None:
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(GENERATOR_TERMS))
+        if unknown:
+            raise UserError(
+                f"method.weights has unknown term(s) {unknown}; known: {list(GENERATOR_TERMS)}."
+            )
+        if student_loss not in STUDENT_LOSSES:
+            raise UserError(
+                f"method.student_loss={student_loss!r} is unknown; "
+                f"use one of {list(STUDENT_LOSSES)}."
+            )
+        if adversarial not in ADVERSARIAL_LOSSES:
+            raise UserError(
+                f"method.adversarial={adversarial!r} is unknown; "
+                f"use one of {list(ADVERSARIAL_LOSSES)}."
+            )
+        self.name = name
+        self.weights = {term: float(weights.get(term, 0.0)) for term in GENERATOR_TERMS}
+        self._student_loss = STUDENT_LOSSES[student_loss]
+        adversarial_fn = ADVERSARIAL_LOSSES[adversarial]
+        # The L1 discrepancy works on raw logits; the divergences on tempered softmaxes.
+        if adversarial != "l1":
+            adversarial_fn = partial(adversarial_fn, temperature=temperature)
+        self._adversarial = adversarial_fn
+
+    @property
+    def needs_bn_statistics(self) -> bool:
+        return self.weights["bn"] != 0.0
+
+    @property
+    def needs_teacher_features(self) -> bool:
+        return self.weights["activation"] != 0.0
+
+    def student(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Student loss on kept samples: (loss, {term name: unweighted value})."""
+        loss = self._student_loss(student_logits, teacher_logits)
+        return loss, {"student": loss}
+
+    def generator(self, batch: GeneratorBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Generator loss: (weighted sum, {term name: unweighted value}) for non-zero weights."""
+        terms: dict[str, torch.Tensor] = {}
+        w = self.weights
+        if w["adversarial"]:
+            terms["adversarial"] = self._adversarial(batch.student_logits, batch.teacher_logits)
+        if w["bn"]:
+            terms["bn"] = batch.bn_statistics
+        if w["tv"]:
+            terms["tv"] = losses.total_variation(batch.images)
+        if w["l2"]:
+            terms["l2"] = losses.l2_prior(batch.images)
+        if w["class_prior"]:
+            terms["class_prior"] = losses.class_prior(batch.teacher_logits)
+        if w["activation"]:
+            terms["activation"] = losses.activation_loss(batch.teacher_features)
+        if w["info_entropy"]:
+            terms["info_entropy"] = losses.information_entropy(batch.teacher_logits)
+        total = sum(w[name] * value for name, value in terms.items())
+        return total, terms

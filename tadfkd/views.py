@@ -1,0 +1,52 @@
+"""The two views of a generated batch: a train view (augmented) and a test view.
+
+As in the published code, augmentation is applied once to the whole batch tensor (the way
+torchvision's transforms treat a 4-D tensor): one random crop offset and one flip decision per
+batch, not per image. Both are plain indexing, so gradients reach the generator through them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class Views:
+    """Turns generator output in [0, 1] (B, C, H, W) into normalised train and test views."""
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_padding: int = 4,
+        flip: bool = True,
+    ) -> None:
+        self.mean = torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(1, -1, 1, 1)
+        self.crop_padding = crop_padding
+        self.flip = flip
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-channel (x - mean) / std with the teacher's training constants."""
+        mean = self.mean.to(device=images.device, dtype=images.dtype)
+        std = self.std.to(device=images.device, dtype=images.dtype)
+        return (images - mean) / std
+
+    def test_view(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalisation only."""
+        return self.normalise(images)
+
+    def train_view(self, images: torch.Tensor, generator: torch.Generator | None = None):
+        """Random crop with zero padding, horizontal flip, then normalisation (one draw a batch)."""
+        pad = self.crop_padding
+        if pad > 0:
+            height, width = images.shape[-2:]
+            offsets = torch.randint(0, 2 * pad + 1, (2,), generator=generator)
+            top, left = int(offsets[0]), int(offsets[1])
+            padded = F.pad(images, (pad, pad, pad, pad))
+            images = padded[..., top : top + height, left : left + width]
+        if self.flip and bool(torch.rand(1, generator=generator) < 0.5):
+            images = images.flip(-1)
+        return self.normalise(images)
