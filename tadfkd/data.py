@@ -1,0 +1,402 @@
+"""Labelled image datasets as (normalised image, label) pairs.
+
+Every split yields ``(image, label)``: ``image`` a float32 tensor (C, H, W), normalised per
+channel with the caller's (the teacher's) mean and std as ``(pixel / 255 - mean) / std``;
+``label`` an int class index.
+
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, values 0..16),
+  scaled to [0, 1] and upsampled to 16x16 (bilinear, ``align_corners=False``), one channel.
+  Fixed split: ``train_test_split(indices, test_size=0.25, random_state=0,
+  stratify=labels)`` over the bundled order, giving 1347 train and 450 test images. Needs no
+  files and no network; ``root`` and ``download`` are ignored.
+- ``cifar10`` / ``cifar100``: the official python-pickle batches in torchvision's layout,
+  ``root/cifar-10-batches-py`` and ``root/cifar-100-python``, downloaded there when missing.
+- ``tinyimagenet``: the official archive extracted to ``root/tiny-imagenet-200``; its labelled
+  validation set serves as the test split (the archive's test images carry no labels). The flat
+  ``val/images`` folder is sorted into ``val/<wnid>/`` class folders on first use.
+
+Training augmentation (teacher training only): random crop with zero (black) padding of
+2 px (digits), 4 px (CIFAR) or 8 px (Tiny-ImageNet), plus a horizontal flip except for digits.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from collections.abc import Callable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from tadfkd.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset; ``image_size`` is the side in pixels."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    channels: int
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo("digits", num_classes=10, image_size=16, channels=1),
+        DatasetInfo("cifar10", num_classes=10, image_size=32, channels=3),
+        DatasetInfo("cifar100", num_classes=100, image_size=32, channels=3),
+        DatasetInfo("tinyimagenet", num_classes=200, image_size=64, channels=3),
+    )
+}
+
+# (crop padding in pixels, horizontal flip); digits are not flip-invariant (a mirrored 2 is no 2)
+_TRAIN_AUGMENTATION: dict[str, tuple[int, bool]] = {
+    "digits": (2, False),
+    "cifar10": (4, True),
+    "cifar100": (4, True),
+    "tinyimagenet": (8, True),
+}
+
+_TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name``; an unknown name is a :class:`UserError`."""
+    if name not in DATASETS:
+        raise UserError(f"Unknown dataset '{name}'; choose one of {', '.join(DATASETS)}.")
+    return DATASETS[name]
+
+
+class ImageTransform:
+    """One image (C, H, W), uint8 in [0, 255] or float in [0, 1], to a normalised float32 image.
+
+    With ``crop_padding`` > 0 it first takes a random crop of the original size from the image
+    padded with black; with ``flip`` it mirrors left-right with probability 0.5. Randomness
+    comes from torch's global generator (seeded per worker by the DataLoader).
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_padding: int = 0,
+        flip: bool = False,
+    ) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.crop_padding = crop_padding
+        self.flip = flip
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if self.crop_padding:
+            image = _random_crop(image, self.crop_padding)
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        pixels = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+        # out of place: for float images .float() is the stored tensor itself
+        return (pixels - self.mean) / self.std
+
+
+def _random_crop(image: torch.Tensor, padding: int) -> torch.Tensor:
+    """Random (H, W) window of ``image`` (C, H, W) zero-padded by ``padding`` on every side."""
+    height, width = image.shape[-2:]
+    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+    padded = F.pad(image, (padding, padding, padding, padding))
+    return padded[:, top : top + height, left : left + width]
+
+
+class InMemoryImages(Dataset):
+    """Images kept as one tensor (N, C, H, W) with labels (N,); ``transform`` runs per item.
+
+    CIFAR stays uint8 (a quarter of float32 memory); digits are float in [0, 1].
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+def load_split(
+    name: str,
+    root: str,
+    split: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool = False,
+    download: bool = True,
+) -> Dataset:
+    """The ``split`` ("train" or "test") of dataset ``name`` stored under the folder ``root``.
+
+    Items are (image float32 (C, H, W) normalised with ``mean``/``std``, int label). ``mean``
+    and ``std`` are per channel, in units of [0, 1] pixel intensity. ``augment`` adds the
+    training augmentation (random crop, flip) described in the module docstring. ``download``
+    lets CIFAR be fetched when it is missing; digits need no files and Tiny-ImageNet is never
+    downloaded.
+    """
+    info = dataset_info(name)
+    if split not in ("train", "test"):
+        raise UserError(f"Unknown split '{split}' for dataset {name}; use 'train' or 'test'.")
+    if len(mean) != info.channels or len(std) != info.channels:
+        raise UserError(
+            f"Normalisation mean {list(mean)} / std {list(std)} must have one value per channel "
+            f"of {name} ({info.channels}); set the teacher's mean and std accordingly."
+        )
+    crop_padding, flip = _TRAIN_AUGMENTATION[name] if augment else (0, False)
+    transform = ImageTransform(mean, std, crop_padding, flip)
+    train = split == "train"
+    if name == "digits":
+        return InMemoryImages(*_load_digits(train), transform)
+    if name == "tinyimagenet":
+        return _load_tiny_imagenet(Path(root).expanduser(), train, transform)
+    return InMemoryImages(*_load_cifar(name, Path(root).expanduser(), train, download), transform)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> DataLoader:
+    """Batches of (images float32 (B, C, H, W), labels int64 (B,)).
+
+    The shuffling order, and the augmentation seeds of worker processes, come from a generator
+    seeded with ``seed``: the same seed gives the same batches. With ``num_workers=0``
+    augmentation draws from torch's global generator instead.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+        # workers live across epochs instead of being forked again for each
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _load_digits(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits images float32 (N, 1, 16, 16) in [0, 1] and labels int64 (N,) of one split."""
+    digits = load_digits()
+    train_indices, test_indices = train_test_split(
+        np.arange(len(digits.target)), test_size=0.25, random_state=0, stratify=digits.target
+    )
+    indices = train_indices if train else test_indices
+    images = torch.from_numpy(digits.images[indices] / 16.0).float().unsqueeze(1)
+    images = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+    return images, torch.from_numpy(digits.target[indices]).long()
+
+
+@dataclass(frozen=True)
+class _CifarSource:
+    """Where a CIFAR variant lives; torchvision's class holds its folder, file and URL names."""
+
+    title: str
+    torchvision_class: type[CIFAR10]
+    label_key: str
+
+
+_CIFAR_SOURCES = {
+    "cifar10": _CifarSource("CIFAR-10", CIFAR10, "labels"),
+    "cifar100": _CifarSource("CIFAR-100", CIFAR100, "fine_labels"),
+}
+
+
+def _load_cifar(
+    name: str, root: Path, train: bool, download: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR images uint8 (N, 3, 32, 32) and labels int64 (N,), read from the pickle batches.
+
+    The batch files are read directly rather than through torchvision's class, whose md5 check
+    would refuse any copy but the official one; the restricted unpickler keeps a foreign file
+    from running code instead.
+    """
+    source = _CIFAR_SOURCES[name]
+    tv = source.torchvision_class
+    folder = root / tv.base_folder
+    files = [folder / file_name for file_name, _md5 in (tv.train_list if train else tv.test_list)]
+    if not all(path.is_file() for path in files):
+        _download_cifar(source, root, download)
+    batches = [_read_cifar_batch(path, source, DATASETS[name].num_classes) for path in files]
+    images = np.concatenate([data for data, _labels in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([labels for _data, labels in batches])
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _download_cifar(source: _CifarSource, root: Path, download: bool) -> None:
+    """Download and extract the official archive into ``root``, or say how to provide it."""
+    tv = source.torchvision_class
+    where = (
+        f"put the extracted {tv.base_folder} folder (from {tv.url}) under {root}/ "
+        "or set dataset.root=/path"
+    )
+    if not download:
+        raise UserError(f"{source.title} not found under {root}/ and download is off; {where}.")
+    try:
+        download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
+    except (OSError, RuntimeError, tarfile.TarError) as error:
+        raise UserError(
+            f"{source.title} not found under {root}/ and could not be downloaded "
+            f"({type(error).__name__}: {error}; no network?); {where}."
+        ) from error
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR batch holds (dicts, lists, numpy arrays), never running code."""
+
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),  # as written by the official (numpy 1) files
+            ("numpy._core.multiarray", "_reconstruct"),  # as written by numpy 2
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(
+    path: Path, source: _CifarSource, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: images uint8 (N, 3072) in CHW order and labels int64 (N,)."""
+    try:
+        with path.open("rb") as file:
+            # latin1 as torchvision: the official files are Python 2 pickles
+            entry = _CifarUnpickler(file, encoding="latin1").load()
+        return _check_cifar_batch(entry, source.label_key, num_classes)
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise UserError(
+            f"{path} is not a {source.title} batch file ({error}); "
+            f"re-extract {source.torchvision_class.url} under {path.parent.parent}/."
+        ) from error
+
+
+def _check_cifar_batch(
+    entry: object, label_key: str, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The (data, labels) of an unpickled batch, or a ValueError saying what is wrong."""
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        raise ValueError(f"expected a dict with 'data' and '{label_key}'")
+    data = entry["data"]
+    labels = np.asarray(entry[label_key], dtype=np.int64)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.shape[1:] != (3072,):
+        raise ValueError("'data' is not a uint8 N x 3072 array")
+    if labels.shape != (len(data),):
+        raise ValueError(f"{len(data)} images but labels of shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels outside 0..{num_classes - 1}")
+    return data, labels
+
+
+def _load_tiny_imagenet(
+    root: Path, train: bool, transform: Callable[[torch.Tensor], torch.Tensor]
+) -> ImageFolder:
+    """Tiny-ImageNet train split, or the labelled validation set as the test split."""
+    folder = root / "tiny-imagenet-200"
+    if not (folder / "wnids.txt").is_file():
+        raise UserError(
+            f"Tiny-ImageNet not found under {root}/; extract {_TINY_IMAGENET_URL} there "
+            f"(so that {folder}/wnids.txt exists) or set dataset.root=/path."
+        )
+    wnids = sorted((folder / "wnids.txt").read_text().split())
+    if not train:
+        _sort_validation_images(folder / "val")
+    try:
+        return _WnidImageFolder(folder / ("train" if train else "val"), wnids, transform)
+    except FileNotFoundError as error:
+        raise UserError(
+            f"Tiny-ImageNet under {folder} is incomplete ({error}); "
+            f"re-extract {_TINY_IMAGENET_URL} there."
+        ) from error
+
+
+def _sort_validation_images(val: Path) -> None:
+    """Move ``val/images/<file>`` to ``val/<wnid>/<file>`` as ``val_annotations.txt`` lists.
+
+    Each move is an atomic rename, so an interrupted run leaves every image in exactly one of
+    the two places and the next call finishes the job; ``val/images`` is removed last, and its
+    absence marks the sort as done.
+    """
+    flat = val / "images"
+    if not flat.is_dir():
+        return
+    annotations = val / "val_annotations.txt"
+    if not annotations.is_file():
+        raise UserError(
+            f"{annotations} is missing, so the validation images cannot be sorted into "
+            f"classes; re-extract {_TINY_IMAGENET_URL}."
+        )
+    for line in annotations.read_text().splitlines():
+        file_name, wnid = line.split("\t")[:2]
+        target = val / wnid / file_name
+        target.parent.mkdir(exist_ok=True)
+        try:
+            os.replace(flat / file_name, target)
+        except FileNotFoundError:
+            # already moved by an earlier, interrupted run (or by a concurrent one)
+            if not target.is_file():
+                raise UserError(
+                    f"Validation image {file_name} listed in {annotations} is in neither "
+                    f"{flat} nor {target.parent}; re-extract {_TINY_IMAGENET_URL}."
+                ) from None
+    # stays if it holds files the annotations do not list, or a concurrent run removed it
+    with suppress(OSError):
+        flat.rmdir()
+
+
+def _read_rgb(path: str) -> torch.Tensor:
+    """Image file as uint8 (3, H, W); some Tiny-ImageNet JPEGs are grayscale."""
+    with Image.open(path) as image:
+        return pil_to_tensor(image.convert("RGB"))
+
+
+class _WnidImageFolder(ImageFolder):
+    """ImageFolder whose classes are the given wnids in sorted order, not the folders found.
+
+    A stray folder (such as a leftover ``val/images``) thus never becomes a class.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        wnids: list[str],
+        transform: Callable[[torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.wnids = wnids
+        super().__init__(str(directory), transform=transform, loader=_read_rgb)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        return self.wnids, {wnid: index for index, wnid in enumerate(self.wnids)}

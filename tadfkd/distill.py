@@ -1,0 +1,280 @@
+"""The one distillation loop: generate -> select -> student steps -> generator step -> evaluate.
+
+Every method runs through ``Distiller``; methods differ only in their ``Objective`` and in their
+selection (``GMMSelection`` or ``NoSelection``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from tadfkd.errors import UserError
+from tadfkd.hooks import BNStatistics, LayerInputs
+from tadfkd.models import classifier_layer
+from tadfkd.objectives import GeneratorBatch, Objective
+from tadfkd.selection import GMMSelection, NoSelection, fill_order
+from tadfkd.views import Views
+
+
+@dataclass
+class Schedule:
+    """How long and in what rhythm to train (the names of ``trainer.*`` in the config)."""
+
+    epochs: int
+    iters_per_epoch: int = 36
+    student_steps: int = 10
+    batch_size: int = 1024
+    nz: int = 1000
+    # The reference steps the cosine schedule at the start of each epoch (one step early).
+    published_scheduler_offset: bool = False
+
+
+class EpochMeter:
+    """Running sums of scalar tensors, read (with one host synchronisation) at the epoch end."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor | float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, values: dict[str, torch.Tensor | float]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums[name] + (
+                value.detach().float() if torch.is_tensor(value) else value
+            )
+            self.counts[name] += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: float(total) / self.counts[name] for name, total in self.sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> float:
+    """Top-1 accuracy of ``model`` on ``loader``, as a fraction in [0, 1]."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    for images, labels in loader:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        correct += (model(images).argmax(dim=1) == labels).sum()
+        total += labels.numel()
+    model.train(was_training)
+    return float(correct) / max(total, 1)
+
+
+class Distiller:
+    """Trains ``student`` to imitate ``teacher`` on samples of ``generator``, with no real data."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        generator: nn.Module,
+        views: Views,
+        selection: GMMSelection | NoSelection,
+        objective: Objective,
+        student_optimizer: torch.optim.Optimizer,
+        generator_optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        schedule: Schedule,
+        device: torch.device,
+    ) -> None:
+        self.teacher = teacher.eval()
+        self.student = student.train()
+        self.generator = generator.train()
+        self.views = views
+        self.selection = selection
+        self.objective = objective
+        self.student_optimizer = student_optimizer
+        self.generator_optimizer = generator_optimizer
+        self.scheduler = scheduler
+        self.schedule = schedule
+        self.device = device
+        self.bn_statistics = BNStatistics(teacher) if objective.needs_bn_statistics else None
+        self.teacher_features = (
+            LayerInputs(classifier_layer(teacher)) if objective.needs_teacher_features else None
+        )
+        self.meter = EpochMeter()
+
+    # -- sampling -------------------------------------------------------------------------
+    def generate(self, n: int) -> torch.Tensor:
+        """``n`` generated images in [0, 1], (n, C, H, W)."""
+        z = torch.randn(n, self.schedule.nz, device=self.device)
+        return self.generator(z)
+
+    def keep_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """Selection on the test view of one generated batch; all-true without selection."""
+        if not self.selection.enabled:
+            return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        with torch.no_grad():
+            logits = self.teacher(self.views.test_view(images))
+        return self.selection.keep_mask(logits, images.shape[0])
+
+    @torch.no_grad()
+    def student_batch(self) -> torch.Tensor:
+        """Train views of kept samples, refilled from fresh batches until ``batch_size`` are kept.
+
+        At most ``selection.max_batches`` batches are generated; if they keep fewer samples the
+        student trains on what was kept (counted as ``short_student_batches``), and if they keep
+        none at all the run stops with a clear error.
+        """
+        size = self.schedule.batch_size
+        train_views, keeps, kept = [], [], 0
+        while kept < size and len(keeps) < self.selection.max_batches:
+            images = self.generate(size)
+            keep = self.keep_mask(images)
+            train_views.append(self.views.train_view(images))
+            keeps.append(keep)
+            kept += int(keep.sum())
+        self.meter.add(
+            {"selection/generated": float(size * len(keeps)), "selection/kept": float(kept)}
+        )
+        if kept == 0:
+            raise UserError(
+                f"selection kept no generated sample in {len(keeps)} batches of {size}, so the "
+                "student has nothing to learn from; lower selection.threshold, raise "
+                "selection.max_batches, or use selection=none."
+            )
+        if kept < size:
+            self.meter.add({"selection/short_student_batches": 1.0})
+        index = fill_order(torch.cat(keeps), size)
+        return torch.cat(train_views)[index]
+
+    # -- steps ----------------------------------------------------------------------------
+    def student_step(self) -> None:
+        images = self.student_batch()
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        loss, terms = self.objective.student(self.student(images), teacher_logits)
+        self.student_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.student_optimizer.step()
+        self.meter.add({f"loss/{name}": value for name, value in terms.items()})
+
+    def generator_step(self) -> None:
+        size = self.schedule.batch_size
+        images = self.generate(size)
+        keep = self.keep_mask(images.detach())
+        train_view = self.views.train_view(images)
+        kept = train_view[keep] if self.selection.enabled else train_view
+        if kept.shape[0] < 2:
+            # Batch statistics and divergences need at least two samples; skip and count it.
+            self.meter.add({"selection/skipped_generator_steps": 1.0})
+            return
+        self.student.requires_grad_(False)  # the generator step needs no student weight grads
+        try:
+            if self.bn_statistics is not None:
+                self.bn_statistics.enabled = True
+            teacher_logits = self.teacher(kept)
+            if self.bn_statistics is not None:
+                self.bn_statistics.enabled = False
+            student_logits = self.student(kept)
+            batch = GeneratorBatch(
+                images=train_view,
+                student_logits=student_logits,
+                teacher_logits=teacher_logits,
+                bn_statistics=self.bn_statistics.loss() if self.bn_statistics else None,
+                teacher_features=self.teacher_features.value if self.teacher_features else None,
+            )
+            loss, terms = self.objective.generator(batch)
+            self.generator_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.generator_optimizer.step()
+        finally:
+            self.student.requires_grad_(True)
+        self.meter.add({"loss/generator": loss, **{f"loss/{k}": v for k, v in terms.items()}})
+
+    # -- epochs ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def health(self) -> dict[str, float]:
+        """Data-free health signals on a fresh generated batch (no real data needed).
+
+        ``teacher_class_entropy``: entropy of the teacher's arg-max class histogram as a fraction
+        of its maximum log(K); ``teacher_confidence``: mean max softmax probability;
+        ``agreement``: fraction of samples where student and teacher arg-max agree.
+        """
+        self.student.eval()
+        try:
+            test_view = self.views.test_view(self.generate(self.schedule.batch_size))
+            teacher_logits = self.teacher(test_view).float()
+            student_logits = self.student(test_view).float()
+        finally:
+            self.student.train()
+        num_classes = teacher_logits.shape[1]
+        predicted = teacher_logits.argmax(dim=1)
+        histogram = torch.bincount(predicted, minlength=num_classes).float()
+        p = histogram / histogram.sum()
+        entropy = -(p * p.clamp_min(1e-12).log()).sum() / math.log(num_classes)
+        return {
+            "health/teacher_class_entropy": float(entropy),
+            "health/teacher_confidence": float(F.softmax(teacher_logits, 1).amax(1).mean()),
+            "health/agreement": float((student_logits.argmax(1) == predicted).float().mean()),
+        }
+
+    def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, float]:
+        """One epoch of ``iters_per_epoch`` x (``student_steps`` student steps + 1 generator step).
+
+        Returns the epoch's mean of every logged scalar plus the selection rate (kept/generated).
+        """
+        self.meter = EpochMeter()
+        schedule = self.schedule
+        bar = tqdm(
+            range(schedule.iters_per_epoch),
+            desc=f"epoch {epoch + 1}/{schedule.epochs}",
+            leave=False,
+            disable=not (progress and sys.stderr.isatty()),
+            mininterval=1.0,
+        )
+        for _ in bar:
+            for _ in range(schedule.student_steps):
+                self.student_step()
+            self.generator_step()
+        means = self.meter.means()
+        sums = {name: float(total) for name, total in self.meter.sums.items()}
+        generated = sums.pop("selection/generated", 0.0)
+        kept = sums.pop("selection/kept", 0.0)
+        means.pop("selection/generated", None)
+        means.pop("selection/kept", None)
+        for counter in ("selection/short_student_batches", "selection/skipped_generator_steps"):
+            means[counter] = sums.get(counter, 0.0)
+        means["selection/rate"] = kept / generated if generated else 1.0
+        means["lr/student"] = self.student_optimizer.param_groups[0]["lr"]
+        return means
+
+    def fit(
+        self,
+        test_loader: Iterable,
+        on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+        progress: bool = True,
+    ) -> list[float]:
+        """Train for ``schedule.epochs`` epochs, evaluating the student after each.
+
+        Returns the per-epoch test accuracies (fractions); ``on_epoch_end(epoch, metrics)`` is
+        called with the epoch's metrics (losses, selection, health, ``acc/student``).
+        """
+        accuracies: list[float] = []
+        for epoch in range(self.schedule.epochs):
+            start = time.perf_counter()
+            if self.schedule.published_scheduler_offset:
+                self.scheduler.step()
+            metrics = self.train_epoch(epoch, progress)
+            metrics.update(self.health())
+            metrics["acc/student"] = evaluate(self.student, test_loader, self.device)
+            if not self.schedule.published_scheduler_offset:
+                self.scheduler.step()
+            metrics["time/epoch_s"] = time.perf_counter() - start
+            accuracies.append(metrics["acc/student"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics)
+        return accuracies

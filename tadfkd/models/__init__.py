@@ -1,0 +1,55 @@
+"""Registry of classifier architectures, and the DAFL generator.
+
+Every factory takes `(num_classes, in_channels=...)` and returns a plain `nn.Module` mapping
+normalised images (B, C, H, W) to logits (B, num_classes).
+"""
+
+from collections.abc import Callable
+
+from torch import nn
+
+from tadfkd.errors import UserError
+from tadfkd.models.digits import digits_cnn, digits_cnn_s, digits_cnn_w, digits_resnet
+from tadfkd.models.generator import Generator
+from tadfkd.models.resnet_cifar import resnet18, resnet34
+from tadfkd.models.resnet_tiny import tiny_resnet18, tiny_resnet34
+from tadfkd.models.vgg import vgg8, vgg11
+from tadfkd.models.wrn import wrn16_1, wrn16_2, wrn40_1, wrn40_2
+
+__all__ = ["ARCHITECTURES", "Generator", "build_classifier", "classifier_layer"]
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "tiny_resnet18": tiny_resnet18,
+    "tiny_resnet34": tiny_resnet34,
+    "wrn16_1": wrn16_1,
+    "wrn16_2": wrn16_2,
+    "wrn40_1": wrn40_1,
+    "wrn40_2": wrn40_2,
+    "vgg8": vgg8,
+    "vgg11": vgg11,
+    "digits_cnn_s": digits_cnn_s,
+    "digits_cnn": digits_cnn,
+    "digits_cnn_w": digits_cnn_w,
+    "digits_resnet": digits_resnet,
+}
+
+
+def build_classifier(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A freshly initialised classifier `arch` with `num_classes` outputs and `in_channels`
+    input channels."""
+    if arch not in ARCHITECTURES:
+        raise UserError(
+            f"unknown architecture '{arch}'; choose one of {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[arch](num_classes=num_classes, in_channels=in_channels)
+
+
+def classifier_layer(model: nn.Module) -> nn.Linear:
+    """The final linear layer of a registered classifier; its input is the penultimate
+    feature (B, D), so a forward hook on it reads the features without changing `forward`."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
+    return linears[-1]

@@ -1,0 +1,54 @@
+"""The DAFL generator as used by TA-DFKD, with its published parameter names.
+
+State-dict keys: `l1.*`, `conv_blocks0.0.*` (BN), `conv_blocks1.0.*` (conv), `conv_blocks1.1.*`
+(BN), `conv_blocks2.0.*` (conv), `conv_blocks2.1.*` (BN), `conv_blocks2.3.*` (conv).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tadfkd.errors import UserError
+
+
+class Generator(nn.Module):
+    """Noise (B, nz) -> images (B, channels, img_size, img_size) in [0, 1].
+
+    ``width`` is the channel count of the first two blocks (the last has half of it); the
+    published generator has 128. Narrower widths only suit small datasets (the digits default).
+    """
+
+    def __init__(
+        self, nz: int = 1000, img_size: int = 32, channels: int = 3, width: int = 128
+    ) -> None:
+        super().__init__()
+        if img_size % 4 != 0:
+            raise UserError(
+                f"generator img_size={img_size} is not divisible by 4; "
+                "set generator.img_size to the dataset's image size (e.g. 16, 32 or 64)"
+            )
+        self.init_size = img_size // 4
+        self.width = width
+        self.l1 = nn.Linear(nz, width * self.init_size**2)
+        # TA-DFKD adds the LeakyReLU to DAFL's BN-only first block; it has no parameters.
+        self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(width), nn.LeakyReLU(0.2))
+        # eps=0.8: DAFL passes 0.8 positionally, where BatchNorm2d expects eps.
+        self.conv_blocks1 = nn.Sequential(
+            nn.Conv2d(width, width, 3, stride=1, padding=1),
+            nn.BatchNorm2d(width, eps=0.8),
+            nn.LeakyReLU(0.2),
+        )
+        self.conv_blocks2 = nn.Sequential(
+            nn.Conv2d(width, width // 2, 3, stride=1, padding=1),
+            nn.BatchNorm2d(width // 2, eps=0.8),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(width // 2, channels, 3, stride=1, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, nz) -> (B, channels, img_size, img_size), values in [0, 1]."""
+        out = self.l1(z).view(z.shape[0], self.width, self.init_size, self.init_size)
+        out = F.interpolate(self.conv_blocks0(out), scale_factor=2)
+        out = F.interpolate(self.conv_blocks1(out), scale_factor=2)
+        return self.conv_blocks2(out)

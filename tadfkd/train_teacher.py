@@ -1,0 +1,115 @@
+"""Teacher job: ``python -m tadfkd.train_teacher [overrides]`` trains ``teacher.arch`` on the real
+training set with the recipe of ``conf/recipe/`` and saves it to ``teacher.checkpoint`` with a
+metadata file (architecture, classes, normalisation, recipe, seed, test accuracy, hash).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tadfkd.data import load_split, make_loader
+from tadfkd.distill import evaluate
+from tadfkd.errors import UserError
+from tadfkd.models import build_classifier
+from tadfkd.teachers import save_checkpoint
+from tadfkd.train import resolve_device, seed_everything, write_json
+
+
+def train_teacher(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train one teacher and save it; returns its metadata (test accuracy as a fraction)."""
+    recipe = cfg.recipe
+    if int(recipe.epochs) < 1 or int(recipe.batch_size) < 1 or not float(recipe.lr) > 0:
+        raise UserError("recipe.epochs, recipe.batch_size and recipe.lr must be positive.")
+    started = time.perf_counter()
+    seed_everything(int(cfg.seed))
+    device = resolve_device(str(cfg.device))
+    teacher = cfg.teacher
+    splits = {
+        split: load_split(
+            cfg.dataset.name,
+            cfg.dataset.root,
+            split,
+            mean=teacher.mean,
+            std=teacher.std,
+            augment=split == "train" and bool(recipe.augment),
+            download=bool(cfg.dataset.download),
+        )
+        for split in ("train", "test")
+    }
+    train_loader = make_loader(
+        splits["train"],
+        int(recipe.batch_size),
+        shuffle=True,
+        num_workers=int(cfg.num_workers),
+        seed=int(cfg.seed),
+    )
+    test_loader = make_loader(splits["test"], 1024, shuffle=False, num_workers=int(cfg.num_workers))
+    model = build_classifier(teacher.arch, int(teacher.num_classes), int(teacher.in_channels))
+    model = model.to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=float(recipe.lr),
+        momentum=float(recipe.momentum),
+        weight_decay=float(recipe.weight_decay),
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(recipe.epochs))
+    for epoch in range(int(recipe.epochs)):
+        model.train()
+        total_loss = torch.zeros((), device=device)
+        for images, labels in train_loader:
+            images, labels = images.to(device), labels.to(device)
+            loss = F.cross_entropy(
+                model(images), labels, label_smoothing=float(recipe.label_smoothing)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach()
+        scheduler.step()
+        accuracy = evaluate(model, test_loader, device)
+        print(
+            f"epoch {epoch + 1}/{recipe.epochs}: train loss "
+            f"{float(total_loss) / len(train_loader):.4f}, test accuracy {100 * accuracy:.2f}%",
+            flush=True,
+        )
+    metadata = {
+        "name": teacher.name,
+        "arch": teacher.arch,
+        "dataset": cfg.dataset.name,
+        "num_classes": int(teacher.num_classes),
+        "in_channels": int(teacher.in_channels),
+        "mean": list(teacher.mean),
+        "std": list(teacher.std),
+        "recipe": OmegaConf.to_container(recipe, resolve=True),
+        "seed": int(cfg.seed),
+        "test_acc": accuracy,
+        "train_time_s": time.perf_counter() - started,
+    }
+    checkpoint = Path(teacher.checkpoint)
+    metadata = save_checkpoint(model.cpu(), checkpoint, metadata)
+    write_json(run_dir / "teacher.json", {**metadata, "checkpoint": str(checkpoint)})
+    print(f"saved {checkpoint} (test accuracy {100 * accuracy:.2f}%)")
+    return metadata
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_teacher")
+def main(cfg: DictConfig) -> float:
+    """Entry point; returns the teacher's test accuracy (a fraction) for sweepers."""
+    try:
+        metadata = train_teacher(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return metadata["test_acc"]
+
+
+if __name__ == "__main__":
+    main()
