@@ -105,6 +105,7 @@ class Distiller:
         self.teacher_features = (
             LayerInputs(classifier_layer(teacher)) if objective.needs_teacher_features else None
         )
+        objective.attach(teacher, student)
         self.meter = EpochMeter()
 
     # -- sampling -------------------------------------------------------------------------

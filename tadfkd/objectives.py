@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch import nn
 
 from tadfkd import losses
 from tadfkd.errors import UserError
@@ -88,6 +89,9 @@ class Objective:
         if adversarial != "l1":
             adversarial_fn = partial(adversarial_fn, temperature=temperature)
         self._adversarial = adversarial_fn
+
+    def attach(self, teacher: nn.Module, student: nn.Module) -> None:
+        """Register whatever forward hooks the objective needs (none for a weighted sum)."""
 
     @property
     def needs_bn_statistics(self) -> bool:
