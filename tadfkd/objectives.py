@@ -34,6 +34,11 @@ GENERATOR_TERMS = (
 )
 
 
+def _tempered(loss, name: str, temperature: float):
+    """Bind the temperature of a divergence; the L1 terms work on raw logits."""
+    return loss if name == "l1" else partial(loss, temperature=temperature)
+
+
 @dataclass
 class GeneratorBatch:
     """Everything a generator objective may use from one generator step.
@@ -54,7 +59,8 @@ class Objective:
 
     ``weights`` maps each name of ``GENERATOR_TERMS`` to its weight (missing names weigh 0);
     ``adversarial`` names the discrepancy the generator maximises and ``student_loss`` the one
-    the student minimises; ``temperature`` is the softmax temperature of the adversarial term.
+    the student minimises; ``temperature`` is the softmax temperature of the divergences (JS and
+    KL; the L1 terms compare raw logits).
     """
 
     def __init__(
@@ -83,12 +89,8 @@ class Objective:
             )
         self.name = name
         self.weights = {term: float(weights.get(term, 0.0)) for term in GENERATOR_TERMS}
-        self._student_loss = STUDENT_LOSSES[student_loss]
-        adversarial_fn = ADVERSARIAL_LOSSES[adversarial]
-        # The L1 discrepancy works on raw logits; the divergences on tempered softmaxes.
-        if adversarial != "l1":
-            adversarial_fn = partial(adversarial_fn, temperature=temperature)
-        self._adversarial = adversarial_fn
+        self._student_loss = _tempered(STUDENT_LOSSES[student_loss], student_loss, temperature)
+        self._adversarial = _tempered(ADVERSARIAL_LOSSES[adversarial], adversarial, temperature)
 
     def attach(self, teacher: nn.Module, student: nn.Module) -> None:
         """Register whatever forward hooks the objective needs (none for a weighted sum)."""
@@ -128,3 +130,61 @@ class Objective:
             terms["info_entropy"] = losses.information_entropy(batch.teacher_logits)
         total = sum(w[name] * value for name, value in terms.items())
         return total, terms
+
+
+class AttentionTransferObjective(Objective):
+    """ZSKT (Micaelli and Storkey, 2019): the student also matches the teacher's spatial
+    attention maps, weighted by ``attention_weight`` (their beta = 250).
+
+    Layers are matched by spatial resolution on every student step: for each resolution that
+    teacher and student share, the module that finishes last at that resolution (the end of a
+    stage) in each network. This works for every registered architecture without a layer list.
+    """
+
+    def __init__(self, *args, attention_weight: float = 250.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attention_weight = attention_weight
+        self._recorders: dict[str, _StageOutputs] = {}
+
+    def attach(self, teacher: nn.Module, student: nn.Module) -> None:
+        self._recorders = {"teacher": _StageOutputs(teacher), "student": _StageOutputs(student)}
+
+    def student(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, terms = super().student(student_logits, teacher_logits)
+        teacher_maps = self._recorders["teacher"].by_resolution()
+        student_maps = self._recorders["student"].by_resolution()
+        shared = sorted(set(teacher_maps) & set(student_maps), reverse=True)
+        if not shared:
+            raise UserError(
+                "method=zskt needs teacher and student stages of equal spatial size; "
+                "these two networks share none."
+            )
+        attention = losses.attention_transfer(
+            [student_maps[size] for size in shared], [teacher_maps[size] for size in shared]
+        )
+        terms["attention"] = attention
+        return loss + self.attention_weight * attention, terms
+
+
+class _StageOutputs:
+    """Outputs of the last-finishing module at each spatial resolution of a network."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self._handles = [
+            module.register_forward_hook(self._record)
+            for name, module in model.named_modules()
+            if name  # the root's output is the logits
+        ]
+
+    def _record(self, _module: nn.Module, _inputs, output) -> None:
+        if torch.is_tensor(output) and output.dim() == 4:
+            # Hooks fire as modules finish, so the last write per size is the stage's end.
+            self._outputs[tuple(output.shape[-2:])] = output
+
+    def by_resolution(self) -> dict[tuple[int, int], torch.Tensor]:
+        """The recorded stage ends of the most recent forward, keyed by (H, W)."""
+        outputs, self._outputs = self._outputs, {}
+        return outputs
