@@ -5,20 +5,37 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tadfkd.errors import UserError
+from tadfkd.errors import RunStopped, UserError
+from tadfkd.outcome import clear_failure, record_failure
 from tadfkd.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Train one student; returns its final test accuracy (a fraction) for sweepers."""
+def main(cfg: DictConfig) -> float | None:
+    """Train one student; returns its final test accuracy (a fraction) for sweepers.
+
+    In a multirun a failed job writes its traceback to ``failed.json`` in its run directory and
+    returns None, so that the sweep carries on (the report marks the job failed).
+    """
+    hydra_config = HydraConfig.get()
+    run_dir = Path(hydra_config.runtime.output_dir)
     try:
-        results = train(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        results = train(cfg, run_dir)
+    except Exception as error:
+        if hydra_config.mode == RunMode.MULTIRUN:
+            record_failure(run_dir, error, hydra_config.overrides.task)
+            return None
+        if isinstance(error, UserError):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(error, RunStopped):
+            print(f"stopped: {error}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        raise
+    clear_failure(run_dir)
     return results["student_final_acc"]
 
 

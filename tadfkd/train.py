@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
@@ -86,6 +88,17 @@ def validate(cfg: DictConfig) -> None:
 def run_name(cfg: DictConfig) -> str:
     """Readable run name, e.g. ``tadfkd-resnet18@cifar10_resnet34_9546-s0``."""
     return f"{cfg.method.name}-{cfg.student.arch}@{cfg.teacher.name}-s{cfg.seed}"
+
+
+def run_group(cfg: DictConfig) -> str | None:
+    """W&B group: ``logger.group`` when set, else the sweep directory's name in a multirun (so
+    that every job of one sweep shares it), else none."""
+    group = OmegaConf.select(cfg, "logger.group")
+    if group:
+        return str(group)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
 
 
 def summarise(accuracies: list[float], teacher_acc: float | None) -> dict[str, Any]:
@@ -166,13 +179,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         directory=run_dir,
         run_config=resolved,
         name=run_name(cfg),
+        group=run_group(cfg),
         tags=[cfg.dataset.name, cfg.teacher.name, cfg.student.arch, cfg.method.name],
     )
     tracker.log({"acc/teacher": teacher_acc}, step=0)
     image_every = int(cfg.trainer.image_every)
+    history: list[dict[str, float]] = []  # every epoch's metrics, for results.json
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         tracker.log(metrics, step=epoch + 1)
+        history.append({"epoch": epoch + 1, **metrics})
         print(
             f"epoch {epoch + 1}/{schedule.epochs}: student test accuracy "
             f"{100 * metrics['acc/student']:.2f}%, selection rate "
@@ -203,9 +219,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "device": str(device),
             "wall_time_s": time.perf_counter() - started,
             "wandb_run_id": tracker.run_id,
+            "history": history,
         }
         write_json(run_dir / "results.json", results)
-        tracker.summary({k: v for k, v in results.items() if k != "epoch_accs"})
+        tracker.summary({k: v for k, v in results.items() if k not in ("epoch_accs", "history")})
     finally:
         tracker.finish()
     print(

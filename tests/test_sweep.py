@@ -1,0 +1,165 @@
+"""Sweeps: the presets compose, a small sweep runs through the submitit local launcher (the
+code path SLURM uses) and the report's numbers match the jobs' results.json, a failed job is
+recorded and the sweep carries on, and every job of a sweep shares one W&B group."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, compose_config, options
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from tadfkd.train import run_group
+
+TINY = [
+    "trainer.epochs=2",
+    "trainer.iters_per_epoch=1",
+    "trainer.student_steps=1",
+    "trainer.batch_size=8",
+    "trainer.eval_batch_size=256",
+    "trainer.image_every=0",
+    "trainer.progress=false",
+    "logger=none",
+]
+
+
+def multirun(*overrides, timeout=900):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
+    env.update(TADFKD_ROOT=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "-m", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("preset", options("sweep"))
+def test_every_sweep_preset_composes_with_teachers_methods_and_seeds(preset):
+    cfg = compose_config([f"sweep={preset}"])
+    params = cfg.hydra.sweeper.params
+    assert {"teacher", "method", "seed"} <= set(params)
+    assert params.seed == "0,1,2"
+    assert f"sweep_{preset}_" in cfg.hydra.sweep.dir
+
+
+def test_digits_preset_is_the_short_cpu_schedule_over_the_zoo():
+    cfg = compose_config(["sweep=digits"])
+    assert cfg.dataset.name == "digits" and cfg.hydra.sweeper.params.teacher == "glob(digits_*)"
+    assert cfg.trainer.epochs == 2 and cfg.trainer.iters_per_epoch == 12
+    for method in cfg.hydra.sweeper.params.method.split(","):
+        assert method in options("method")
+
+
+def test_launcher_presets_pick_submitit_and_cap_parallel_jobs():
+    local = compose_config(["hydra/launcher=local"]).hydra
+    assert local.launcher._target_.endswith("LocalLauncher")
+    assert local.sweeper.max_batch_size == 2
+    slurm = compose_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).hydra
+    assert slurm.launcher._target_.endswith("SlurmLauncher")
+    assert slurm.launcher.gpus_per_node == 1 and slurm.launcher.max_num_timeout > 0
+    assert slurm.launcher.additional_parameters.requeue is True
+    assert slurm.sweeper.max_batch_size == slurm.launcher.array_parallelism
+
+
+def test_jobs_of_one_sweep_share_the_sweep_directory_name_as_wandb_group():
+    cfg = compose_config(["hydra.mode=MULTIRUN", "hydra.sweep.dir=multirun/sweep_digits_x"])
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert run_group(cfg) == "sweep_digits_x"
+        cfg.logger.group = "mine"
+        assert run_group(cfg) == "mine"
+        HydraConfig.instance().set_config(compose_config())
+        assert run_group(compose_config()) is None  # a single run has no group
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+@pytest.mark.slow
+def test_local_submitit_sweep_then_report_matches_the_results(tmp_path):
+    sweep_dir = tmp_path / "sweep_small"
+    result = multirun(
+        "hydra/launcher=local",
+        "hydra.sweeper.max_batch_size=4",
+        "teacher=digits_cnn,digits_cnn_w",
+        "method=tadfkd,basic",
+        *TINY,
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (sweep_dir / ".submitit").is_dir(), "the jobs ran through submitit"
+    results = [json.loads(path.read_text()) for path in sweep_dir.glob("*/results.json")]
+    assert len(results) == 4
+    assert {(r["teacher"], r["method"]) for r in results} == {
+        (teacher, method)
+        for teacher in ("digits_cnn", "digits_cnn_w")
+        for method in ("tadfkd", "basic")
+    }
+    assert all("health/agreement" in r["history"][-1] for r in results)
+
+    out = tmp_path / "report"
+    report = subprocess.run(
+        [sys.executable, "-m", "tadfkd.report", str(sweep_dir), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    with (out / "report.csv").open() as handle:
+        rows = {(row["method"], row["accuracy"]): row for row in csv.DictReader(handle)}
+    for method in ("tadfkd", "basic"):
+        for key, name in (
+            ("student_final_acc", "final"),
+            ("student_last10_acc", "last10"),
+            ("student_best_acc", "best"),
+        ):
+            values = np.array([r[key] for r in results if r["method"] == method])
+            teachers = np.array([r["teacher_acc"] for r in results if r["method"] == method])
+            row = rows[method, name]
+            assert int(row["done"]) == 2 and int(row["failed"]) == 0
+            assert float(row["mean"]) == pytest.approx(values.mean())
+            assert float(row["std"]) == pytest.approx(values.std())
+            assert float(row["worst"]) == pytest.approx(values.min())
+            assert float(row["collapse_rate"]) == pytest.approx(np.mean(values < 0.5 * teachers))
+    text = (out / "report.md").read_text()
+    mean = np.mean([r["student_final_acc"] for r in results if r["method"] == "tadfkd"])
+    assert f"| tadfkd | 2 / 2 | 0 | final | {100 * mean:.1f} ± " in text
+    assert "Partial sweep" not in text
+    assert (out / "curves.png").exists() and (out / "health.png").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_recorded_and_the_sweep_carries_on(tmp_path):
+    missing = tmp_path / "nowhere.pt"
+    sweep_dir = tmp_path / "sweep"
+    result = multirun(
+        f"teacher.checkpoint={missing},{ROOT / 'Pretrained_Teachers/digits/digits_cnn.pt'}",
+        *TINY,
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed = list(sweep_dir.rglob("failed.json"))  # path overrides nest run dirs
+    assert len(failed) == 1 and len(list(sweep_dir.rglob("results.json"))) == 1
+    failure = json.loads(failed[0].read_text())
+    assert failure["error_type"] == "UserError" and "Traceback" in failure["traceback"]
+    assert str(missing) in failure["error"]
+    assert any(str(missing) in override for override in failure["overrides"])
+    report = subprocess.run(
+        [sys.executable, "-m", "tadfkd.report", str(sweep_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (sweep_dir / "report.md").read_text()
+    assert "1 failed" in text and "## Failed jobs" in text and "does not exist" in text
+    assert OmegaConf.load(sweep_dir / "multirun.yaml")  # Hydra's own record is untouched
