@@ -257,7 +257,8 @@ def markdown(
     if failed or running:
         lines.append(
             "**Partial sweep**: the numbers below cover the finished jobs only; failed and "
-            "unfinished jobs are listed at the end."
+            "unfinished jobs are listed at the end (jobs not started yet have no run directory "
+            "and are not counted)."
         )
     lines += [
         "",
