@@ -41,7 +41,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from tadfkd.errors import UserError
+from tadfkd.errors import DatasetMissing, UserError
 
 
 @dataclass(frozen=True)
@@ -259,11 +259,13 @@ def _download_cifar(source: _CifarSource, root: Path, download: bool) -> None:
         "or set dataset.root=/path"
     )
     if not download:
-        raise UserError(f"{source.title} not found under {root}/ and download is off; {where}.")
+        raise DatasetMissing(
+            f"{source.title} not found under {root}/ and download is off; {where}."
+        )
     try:
         download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
     except (OSError, RuntimeError, tarfile.TarError) as error:
-        raise UserError(
+        raise DatasetMissing(
             f"{source.title} not found under {root}/ and could not be downloaded "
             f"({type(error).__name__}: {error}; no network?); {where}."
         ) from error
@@ -327,7 +329,7 @@ def _load_tiny_imagenet(
     """Tiny-ImageNet train split, or the labelled validation set as the test split."""
     folder = root / "tiny-imagenet-200"
     if not (folder / "wnids.txt").is_file():
-        raise UserError(
+        raise DatasetMissing(
             f"Tiny-ImageNet not found under {root}/; extract {_TINY_IMAGENET_URL} there "
             f"(so that {folder}/wnids.txt exists) or set dataset.root=/path."
         )

@@ -255,7 +255,7 @@ class Distiller:
 
     def fit(
         self,
-        test_loader: Iterable,
+        test_loader: Iterable | None,
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True,
     ) -> list[float]:
@@ -271,7 +271,10 @@ class Distiller:
                 self.scheduler.step()
             metrics = self.train_epoch(epoch, progress)
             metrics.update(self.health())
-            metrics["acc/student"] = evaluate(self.student, test_loader, self.device)
+            if test_loader is not None:  # None: no test set, nothing is measured
+                metrics["acc/student"] = evaluate(self.student, test_loader, self.device)
+            else:
+                metrics["acc/student"] = None
             if not self.schedule.published_scheduler_offset:
                 self.scheduler.step()
             metrics["time/epoch_s"] = time.perf_counter() - start

@@ -7,3 +7,8 @@ class UserError(Exception):
     The message is one sentence naming the thing and the fix; entry points print it
     without a traceback and exit with code 2.
     """
+
+
+class DatasetMissing(UserError):
+    """A dataset's files are absent (and could not be downloaded); the message says where to
+    put them."""

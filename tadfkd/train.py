@@ -17,11 +17,12 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from tadfkd.data import DATASETS, load_split, make_loader
 from tadfkd.distill import Distiller, Schedule, evaluate
-from tadfkd.errors import UserError
+from tadfkd.errors import DatasetMissing, UserError
 from tadfkd.teachers import Teacher
 from tadfkd.views import Views
 
@@ -101,14 +102,49 @@ def run_group(cfg: DictConfig) -> str | None:
     return None
 
 
-def summarise(accuracies: list[float], teacher_acc: float | None) -> dict[str, Any]:
-    """Final, best-epoch (test-set selection) and last-10 mean accuracy, as fractions."""
+def summarise(accuracies: list[float | None], teacher_acc: float | None) -> dict[str, Any]:
+    """Final, best-epoch (test-set selection) and last-10 mean accuracy, as fractions; None
+    where nothing was measured (no test set)."""
+    measured = [accuracy for accuracy in accuracies if accuracy is not None]
     return {
-        "student_final_acc": accuracies[-1],
-        "student_best_acc": max(accuracies),
-        "student_last10_acc": float(np.mean(accuracies[-LAST_K:])),
+        "student_final_acc": measured[-1] if measured else None,
+        "student_best_acc": max(measured, default=None),
+        "student_last10_acc": float(np.mean(measured[-LAST_K:])) if measured else None,
         "teacher_acc": teacher_acc,
     }
+
+
+def percent(fraction: float | None) -> str:
+    """A fraction as a percentage with two decimals, or "not measured" for None."""
+    return "not measured" if fraction is None else f"{100 * fraction:.2f}%"
+
+
+def load_test_set(cfg: DictConfig, teacher: Teacher) -> DataLoader | None:
+    """The test set normalised for ``teacher``, in batches; None (after one note) when it is
+    absent and ``dataset.require_test_set`` is false, else its absence is a ``UserError``."""
+    try:
+        test_set = load_split(
+            cfg.dataset.name,
+            cfg.dataset.root,
+            "test",
+            mean=teacher.mean,
+            std=teacher.std,
+            download=bool(cfg.dataset.download),
+        )
+    except DatasetMissing as error:
+        if cfg.dataset.get("require_test_set", True):
+            raise
+        print(
+            f"note: {error} Training without evaluation (dataset.require_test_set=false): "
+            "teacher and student accuracies are not measured and are null in results.json."
+        )
+        return None
+    return make_loader(
+        test_set,
+        int(cfg.trainer.eval_batch_size),
+        shuffle=False,
+        num_workers=int(cfg.trainer.num_workers),
+    )
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -127,25 +163,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
 
     teacher: Teacher = build(cfg.teacher)
-    test_set = load_split(
-        cfg.dataset.name,
-        cfg.dataset.root,
-        "test",
-        mean=teacher.mean,
-        std=teacher.std,
-        download=bool(cfg.dataset.download),
-    )
-    test_loader = make_loader(
-        test_set,
-        int(cfg.trainer.eval_batch_size),
-        shuffle=False,
-        num_workers=int(cfg.trainer.num_workers),
-    )
+    test_loader = load_test_set(cfg, teacher)
     teacher_model = teacher.model.to(device)
     student = build(cfg.student).to(device)
     generator = build(cfg.generator).to(device)
-    teacher_acc = evaluate(teacher_model, test_loader, device)
-    print(f"teacher {teacher.name} ({teacher.arch}): test accuracy {100 * teacher_acc:.2f}%")
+    teacher_acc = evaluate(teacher_model, test_loader, device) if test_loader is not None else None
+    print(f"teacher {teacher.name} ({teacher.arch}): test accuracy {percent(teacher_acc)}")
 
     schedule = Schedule(
         epochs=int(cfg.trainer.epochs),
@@ -191,7 +214,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         history.append({"epoch": epoch + 1, **metrics})
         print(
             f"epoch {epoch + 1}/{schedule.epochs}: student test accuracy "
-            f"{100 * metrics['acc/student']:.2f}%, selection rate "
+            f"{percent(metrics['acc/student'])}, selection rate "
             f"{100 * metrics['selection/rate']:.1f}%, student loss "
             f"{metrics.get('loss/student', float('nan')):.4f}, "
             f"teacher-student agreement {100 * metrics['health/agreement']:.1f}% "
@@ -225,6 +248,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         tracker.summary({k: v for k, v in results.items() if k not in ("epoch_accs", "history")})
     finally:
         tracker.finish()
+    if test_loader is None:
+        print(
+            "done: trained without a test set, so no accuracy was measured (null in "
+            f"results.json); results in {run_dir / 'results.json'}"
+        )
+        return results
     print(
         f"done: student final test accuracy {100 * results['student_final_acc']:.2f}% "
         f"(mean of last {min(LAST_K, len(accuracies))} epochs "

@@ -1,12 +1,16 @@
 """Teacher job: ``python -m tadfkd.train_teacher [overrides]`` trains ``teacher.arch`` on the real
-training set with the recipe of ``conf/recipe/`` and saves it to ``teacher.checkpoint`` with a
+training set with the recipe of ``conf/recipe/`` and saves it (see :func:`output_path`) with a
 metadata file (architecture, classes, normalisation, recipe, seed, test accuracy, hash).
+
+Training on the CPU with a fixed seed is deterministic: the same command writes the same
+weights and reports the same test accuracy.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -22,13 +26,47 @@ from tadfkd.models import build_classifier
 from tadfkd.teachers import save_checkpoint
 from tadfkd.train import resolve_device, seed_everything, write_json
 
+# Command-line overrides that change the trained teacher, and so name its file.
+_VARIANT_KEYS = ("seed", "teacher.arch", "recipe.")
 
-def train_teacher(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train one teacher and save it; returns its metadata (test accuracy as a fraction)."""
+
+def output_path(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
+    """The file the trained teacher is written to: ``output`` when set; otherwise the teacher
+    option's ``teacher.checkpoint``, named after ``teacher.arch`` when the command line
+    (``overrides``) sets it, and extended by ``_<key><value>`` for each override of ``seed`` or
+    ``recipe.*`` (dots in values written as ``p``).
+
+    E.g. ``teacher=digits_cnn seed=1 recipe.label_smoothing=0.1`` writes
+    ``<teachers>/digits/digits_cnn_seed1_label_smoothing0p1.pt`` and ``teacher.arch=vgg11
+    seed=2`` writes ``vgg11_seed2.pt`` beside the option's file, so every job of a sweep gets
+    its own file and the option itself keeps its own.
+    """
+    if cfg.output:
+        return Path(cfg.output)
+    checkpoint = Path(cfg.teacher.checkpoint)
+    parts = [checkpoint.stem]
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "teacher.arch" and value:
+            parts[0] = value
+        elif key.startswith(_VARIANT_KEYS) and value:
+            parts.append(f"{key.rpartition('.')[2]}{value.replace('.', 'p')}")
+    return checkpoint.with_name("_".join(parts) + checkpoint.suffix)
+
+
+def train_teacher(
+    cfg: DictConfig, run_dir: Path, output: Path | None = None, command: str = ""
+) -> dict:
+    """Train one teacher and save it to ``output`` (default: ``teacher.checkpoint``); returns
+    its metadata (test accuracy as a fraction; ``command``, the command line that trained it,
+    is recorded)."""
     recipe = cfg.recipe
     if int(recipe.epochs) < 1 or int(recipe.batch_size) < 1 or not float(recipe.lr) > 0:
         raise UserError("recipe.epochs, recipe.batch_size and recipe.lr must be positive.")
     started = time.perf_counter()
+    if cfg.threads:
+        # Reductions split over threads add in another order: fix the count to fix the result.
+        torch.set_num_threads(int(cfg.threads))
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
     teacher = cfg.teacher
@@ -80,8 +118,9 @@ def train_teacher(cfg: DictConfig, run_dir: Path) -> dict:
             f"{float(total_loss) / len(train_loader):.4f}, test accuracy {100 * accuracy:.2f}%",
             flush=True,
         )
+    checkpoint = output or Path(teacher.checkpoint)
     metadata = {
-        "name": teacher.name,
+        "name": checkpoint.stem,
         "arch": teacher.arch,
         "dataset": cfg.dataset.name,
         "num_classes": int(teacher.num_classes),
@@ -90,10 +129,11 @@ def train_teacher(cfg: DictConfig, run_dir: Path) -> dict:
         "std": list(teacher.std),
         "recipe": OmegaConf.to_container(recipe, resolve=True),
         "seed": int(cfg.seed),
+        "threads": torch.get_num_threads(),
         "test_acc": accuracy,
         "train_time_s": time.perf_counter() - started,
+        "command": command,
     }
-    checkpoint = Path(teacher.checkpoint)
     metadata = save_checkpoint(model.cpu(), checkpoint, metadata)
     write_json(run_dir / "teacher.json", {**metadata, "checkpoint": str(checkpoint)})
     print(f"saved {checkpoint} (test accuracy {100 * accuracy:.2f}%)")
@@ -104,7 +144,11 @@ def train_teacher(cfg: DictConfig, run_dir: Path) -> dict:
 def main(cfg: DictConfig) -> float:
     """Entry point; returns the teacher's test accuracy (a fraction) for sweepers."""
     try:
-        metadata = train_teacher(cfg, Path(HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        overrides = list(hydra_cfg.overrides.task)
+        command = " ".join(["python -m tadfkd.train_teacher", *overrides])
+        output = output_path(cfg, overrides)
+        metadata = train_teacher(cfg, Path(hydra_cfg.runtime.output_dir), output, command)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
