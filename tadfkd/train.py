@@ -86,6 +86,17 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+def name_teacher_after_its_file(cfg: DictConfig) -> None:
+    """Name a teacher given as ``teacher.checkpoint=... teacher.arch=...`` on the command line
+    after its file (unless ``teacher.name=`` is given too): the option's name is another
+    network's."""
+    if not HydraConfig.initialized():
+        return
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task}
+    if {"teacher.checkpoint", "teacher.arch"} <= keys and "teacher.name" not in keys:
+        cfg.teacher.name = Path(cfg.teacher.checkpoint).stem
+
+
 def run_name(cfg: DictConfig) -> str:
     """Readable run name, e.g. ``tadfkd-resnet18@cifar10_resnet34_9546-s0``."""
     return f"{cfg.method.name}-{cfg.student.arch}@{cfg.teacher.name}-s{cfg.seed}"
@@ -157,6 +168,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Run one distillation job; returns the contents of ``results.json`` (also written)."""
     started = time.perf_counter()
+    name_teacher_after_its_file(cfg)
     validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))

@@ -114,6 +114,24 @@ def test_any_file_loads_with_checkpoint_and_arch_overrides(tmp_path):
     assert teacher.arch == "wrn16_2" and teacher.checkpoint == str(path)
 
 
+@pytest.mark.slow
+def test_a_file_given_on_the_command_line_is_named_after_itself(tmp_path):
+    path = tmp_path / "my_wide_cnn.pt"
+    torch.manual_seed(0)
+    torch.save(build_classifier("digits_cnn_w", 10, 1).state_dict(), path)
+    result = run(
+        *TINY,
+        "trainer.batch_size=16",
+        f"teacher.checkpoint={path}",
+        "teacher.arch=digits_cnn_w",
+        "logger=none",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher my_wide_cnn (digits_cnn_w)" in result.stdout
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["teacher"] == "my_wide_cnn"
+
+
 # -- the teacher job ------------------------------------------------------------------------
 
 
