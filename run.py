@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tadfkd.errors import RunStopped, UserError
+from tadfkd.errors import Interrupted, RunStopped, UserError
 from tadfkd.outcome import clear_failure, record_failure
 from tadfkd.train import train
 
@@ -24,6 +24,9 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_config.runtime.output_dir)
     try:
         results = train(cfg, run_dir)
+    except Interrupted as stop:  # ends a sweep too; re-running it resumes this job
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except Exception as error:
         if hydra_config.mode == RunMode.MULTIRUN:
             record_failure(run_dir, error, hydra_config.overrides.task)

@@ -12,13 +12,14 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from tadfkd.errors import UserError
+from tadfkd.errors import NonFiniteLoss, UserError
 from tadfkd.hooks import BNStatistics, LayerInputs
 from tadfkd.models import classifier_layer
 from tadfkd.objectives import GeneratorBatch, Objective
@@ -37,6 +38,8 @@ class Schedule:
     nz: int = 1000
     # The reference steps the cosine schedule at the start of each epoch (one step early).
     published_scheduler_offset: bool = False
+    # A NaN or infinite loss term: "stop" the run (NonFiniteLoss) or "skip" that step, counted.
+    on_nonfinite: str = "stop"
 
 
 class EpochMeter:
@@ -107,6 +110,13 @@ class Distiller:
         )
         objective.attach(teacher, student)
         self.meter = EpochMeter()
+        # Progress, saved by state_dict: completed epochs, completed iterations of the current
+        # epoch, and every finished epoch's test accuracy and metrics.
+        self.epoch = 0
+        self.iteration = 0
+        self.accuracies: list[float | None] = []
+        self.history: list[dict[str, float | None]] = []
+        self.stop_reason: str | None = None
 
     # -- sampling -------------------------------------------------------------------------
     def generate(self, n: int) -> torch.Tensor:
@@ -159,6 +169,8 @@ class Distiller:
             teacher_logits = self.teacher(images)
         loss, terms = self.objective.student(self.student(images), teacher_logits)
         self.student_optimizer.zero_grad(set_to_none=True)
+        if not self.all_finite("student", {"student": loss, **terms}):
+            return
         loss.backward()
         self.student_optimizer.step()
         self.meter.add({f"loss/{name}": value for name, value in terms.items()})
@@ -190,11 +202,33 @@ class Distiller:
             )
             loss, terms = self.objective.generator(batch)
             self.generator_optimizer.zero_grad(set_to_none=True)
+            if not self.all_finite("generator", {"generator": loss, **terms}):
+                return
             loss.backward()
             self.generator_optimizer.step()
         finally:
             self.student.requires_grad_(True)
         self.meter.add({"loss/generator": loss, **{f"loss/{k}": v for k, v in terms.items()}})
+
+    def all_finite(self, step: str, terms: dict[str, torch.Tensor]) -> bool:
+        """Whether every loss term of a ``step`` ("student" or "generator") is finite.
+
+        If not, the run stops with ``NonFiniteLoss`` naming the terms, the epoch and the
+        iteration, or (``on_nonfinite=skip``) the caller skips the step, counted as
+        ``nonfinite/skipped_<step>_steps``. One host synchronisation per step, for all terms.
+        """
+        names = [name for name, value in terms.items() if torch.is_tensor(value)]
+        finite = torch.isfinite(torch.stack([terms[name].detach().float() for name in names]))
+        if bool(finite.all()):
+            return True
+        bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+        if self.schedule.on_nonfinite == "skip":
+            self.meter.add({f"nonfinite/skipped_{step}_steps": 1.0})
+            return False
+        raise NonFiniteLoss(
+            f"the {step} loss became non-finite (term {', '.join(bad)}) at epoch "
+            f"{self.epoch + 1}, iteration {self.iteration + 1}"
+        )
 
     # -- epochs ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -228,26 +262,36 @@ class Distiller:
 
         Returns the epoch's mean of every logged scalar plus the selection rate (kept/generated).
         """
-        self.meter = EpochMeter()
+        if self.iteration == 0:
+            self.meter = EpochMeter()
         schedule = self.schedule
         bar = tqdm(
-            range(schedule.iters_per_epoch),
+            range(self.iteration, schedule.iters_per_epoch),
             desc=f"epoch {epoch + 1}/{schedule.epochs}",
             leave=False,
             disable=not (progress and sys.stderr.isatty()),
             mininterval=1.0,
         )
-        for _ in bar:
+        for iteration in bar:
+            if self.stop_reason is not None:
+                bar.close()
+                return None
             for _ in range(schedule.student_steps):
                 self.student_step()
             self.generator_step()
+            self.iteration = iteration + 1
         means = self.meter.means()
         sums = {name: float(total) for name, total in self.meter.sums.items()}
         generated = sums.pop("selection/generated", 0.0)
         kept = sums.pop("selection/kept", 0.0)
         means.pop("selection/generated", None)
         means.pop("selection/kept", None)
-        for counter in ("selection/short_student_batches", "selection/skipped_generator_steps"):
+        for counter in (
+            "selection/short_student_batches",
+            "selection/skipped_generator_steps",
+            "nonfinite/skipped_student_steps",
+            "nonfinite/skipped_generator_steps",
+        ):
             means[counter] = sums.get(counter, 0.0)
         means["selection/rate"] = kept / generated if generated else 1.0
         means["lr/student"] = self.student_optimizer.param_groups[0]["lr"]
@@ -258,18 +302,28 @@ class Distiller:
         test_loader: Iterable | None,
         on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True,
-    ) -> list[float]:
-        """Train for ``schedule.epochs`` epochs, evaluating the student after each.
+        on_checkpoint: Callable[[], None] | None = None,
+    ) -> list[float | None]:
+        """Train until ``schedule.epochs`` epochs are done, evaluating the student after each;
+        starts where ``load_state_dict`` left off (mid-epoch included).
 
         Returns the per-epoch test accuracies (fractions); ``on_epoch_end(epoch, metrics)`` is
-        called with the epoch's metrics (losses, selection, health, ``acc/student``).
+        called with the epoch's metrics (losses, selection, health, ``acc/student``), then
+        ``on_checkpoint()`` when the state is worth saving: after every epoch, and when
+        ``request_stop`` was called, after the current iteration (``finished`` is then false).
         """
-        accuracies: list[float] = []
-        for epoch in range(self.schedule.epochs):
+        while self.epoch < self.schedule.epochs:
+            if self.stop_reason is not None:
+                if on_checkpoint is not None:
+                    on_checkpoint()
+                break
+            epoch = self.epoch
             start = time.perf_counter()
-            if self.schedule.published_scheduler_offset:
+            if self.iteration == 0 and self.schedule.published_scheduler_offset:
                 self.scheduler.step()
             metrics = self.train_epoch(epoch, progress)
+            if metrics is None:  # stop requested mid-epoch: checkpointed at the loop's top
+                continue
             metrics.update(self.health())
             if test_loader is not None:  # None: no test set, nothing is measured
                 metrics["acc/student"] = evaluate(self.student, test_loader, self.device)
@@ -278,7 +332,54 @@ class Distiller:
             if not self.schedule.published_scheduler_offset:
                 self.scheduler.step()
             metrics["time/epoch_s"] = time.perf_counter() - start
-            accuracies.append(metrics["acc/student"])
+            self.accuracies.append(metrics["acc/student"])
+            self.history.append({"epoch": epoch + 1, **metrics})
+            self.epoch, self.iteration = epoch + 1, 0
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
-        return accuracies
+            if on_checkpoint is not None:
+                on_checkpoint()
+        return self.accuracies
+
+    @property
+    def finished(self) -> bool:
+        """Whether all ``schedule.epochs`` epochs are done."""
+        return self.epoch >= self.schedule.epochs
+
+    def request_stop(self, reason: str) -> None:
+        """Ask ``fit`` to stop after the current iteration (safe to call from a signal handler)."""
+        self.stop_reason = reason
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that decides the rest of the run, except the RNG states: networks,
+        optimisers, scheduler, progress (epoch, iteration, the current epoch's running sums)
+        and history. Tensors and plain values only (loadable with ``weights_only=True``)."""
+        return {
+            "student": self.student.state_dict(),
+            "generator": self.generator.state_dict(),
+            "student_optimizer": self.student_optimizer.state_dict(),
+            "generator_optimizer": self.generator_optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "meter_sums": dict(self.meter.sums),
+            "meter_counts": dict(self.meter.counts),
+            "accuracies": list(self.accuracies),
+            "history": [dict(metrics) for metrics in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s output (tensors are moved to this run's device)."""
+        self.student.load_state_dict(state["student"])
+        self.generator.load_state_dict(state["generator"])
+        self.student_optimizer.load_state_dict(state["student_optimizer"])
+        self.generator_optimizer.load_state_dict(state["generator_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.meter = EpochMeter()
+        for name, total in state["meter_sums"].items():
+            self.meter.sums[name] = total.to(self.device) if torch.is_tensor(total) else total
+        self.meter.counts.update(state["meter_counts"])
+        self.accuracies = list(state["accuracies"])
+        self.history = [dict(metrics) for metrics in state["history"]]

@@ -12,3 +12,22 @@ class UserError(Exception):
 class DatasetMissing(UserError):
     """A dataset's files are absent (and could not be downloaded); the message says where to
     put them."""
+
+
+class RunStopped(Exception):
+    """The run stopped before its last epoch, its state checkpointed (a stop signal, a
+    non-finite loss); the message says why and how to go on. ``run.py`` prints it and exits
+    with ``exit_code``."""
+
+    exit_code = 3
+
+
+class Interrupted(RunStopped):
+    """A stop signal (SIGTERM, SIGUSR1) arrived: the process exits, a sweep included, and the
+    same command resumes it."""
+
+
+class NonFiniteLoss(RunStopped):
+    """A loss term became NaN or infinite (``trainer.on_nonfinite=stop``)."""
+
+    exit_code = 4

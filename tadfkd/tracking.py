@@ -1,14 +1,15 @@
 """Experiment tracking: Weights & Biases (offline by default) or nothing.
 
 A run must never hang on the network: online mode has a bounded init timeout and falls back to
-offline mode with a warning (``wandb sync <run dir>/wandb/offline-run-*`` uploads it later).
+offline mode with a warning (``wandb sync <run dir>/wandb/offline-run-*`` uploads it later), and
+a W&B error while logging warns once and is otherwise ignored: training goes on.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,20 +91,37 @@ class WandbTracker:
             self.run = wandb.init(mode="offline", **kwargs)
         self.mode = "offline" if self.run.settings._offline else mode
         self.run_id = self.run.id
+        self._failed = False
+
+    def _guarded(self, action: str, call: Callable[[], None]) -> None:
+        """Run one W&B call; its first failure warns (type only: messages may hold secrets)."""
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 - W&B trouble must not stop training
+            if not self._failed:
+                warnings.warn(
+                    f"W&B {action} failed ({type(error).__name__}); training goes on, later W&B "
+                    "failures are not reported",
+                    stacklevel=3,
+                )
+            self._failed = True
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self.run.log(dict(metrics), step=step)
+        self._guarded("log", lambda: self.run.log(dict(metrics), step=step))
 
     def log_images(self, key: str, grid: torch.Tensor, step: int) -> None:
         """Log an image grid (C, H, W) with values in [0, 1]."""
         array = (grid.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
         if array.shape[2] == 1:
             array = array[:, :, 0]
-        self.run.log({key: self._wandb.Image(array)}, step=step)
+        self._guarded("log", lambda: self.run.log({key: self._wandb.Image(array)}, step=step))
 
     def summary(self, values: Mapping[str, Any]) -> None:
-        for key, value in values.items():
-            self.run.summary[key] = value
+        def write() -> None:
+            for key, value in values.items():
+                self.run.summary[key] = value
+
+        self._guarded("summary", write)
 
     def finish(self) -> None:
-        self.run.finish()
+        self._guarded("finish", self.run.finish)

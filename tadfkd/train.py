@@ -20,13 +20,40 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
+from tadfkd.checkpoint import (
+    LATEST,
+    PREVIOUS,
+    ensure_writable,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_on_signals,
+)
 from tadfkd.data import DATASETS, load_split, make_loader
 from tadfkd.distill import Distiller, Schedule, evaluate
-from tadfkd.errors import DatasetMissing, UserError
+from tadfkd.errors import DatasetMissing, Interrupted, NonFiniteLoss, UserError
 from tadfkd.teachers import Teacher
 from tadfkd.views import Views
 
 LAST_K = 10  # student_last10_acc averages this many final evaluations
+# Settings that may change between a run and its resumption (they do not change what is
+# computed); any other difference means another experiment, which needs its own run directory.
+RESUME_MAY_CHANGE = (
+    "hydra",
+    "resume",
+    "device",
+    "paths",
+    "logger",
+    "dataset.root",
+    "dataset.download",
+    "teacher.checkpoint",
+    "trainer.progress",
+    "trainer.num_workers",
+    "trainer.eval_batch_size",
+    "trainer.image_every",
+    "trainer.on_nonfinite",
+)
 
 
 def build(node: Any, *args: Any, **kwargs: Any) -> Any:
@@ -83,6 +110,16 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(
             f"teacher {cfg.teacher.name} has {cfg.teacher.num_classes} classes but dataset "
             f"{cfg.dataset.name} has {cfg.dataset.num_classes}; pick a matching teacher."
+        )
+    student_classes = cfg.student.get("num_classes")
+    if student_classes is not None and int(student_classes) != int(cfg.teacher.num_classes):
+        raise UserError(
+            f"student {cfg.student.arch} has {student_classes} classes but teacher "
+            f"{cfg.teacher.name} has {cfg.teacher.num_classes}; leave student.num_classes unset."
+        )
+    if trainer.on_nonfinite not in ("stop", "skip"):
+        raise UserError(
+            f"trainer.on_nonfinite={trainer.on_nonfinite} is unknown; use stop or skip."
         )
 
 
@@ -158,6 +195,71 @@ def load_test_set(cfg: DictConfig, teacher: Teacher) -> DataLoader | None:
     )
 
 
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved settings that define what a run computes, flattened to ``a.b.c`` keys."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    for key in cfg:  # group by group, so that the hydra node (in tests) is never resolved
+        if key not in RESUME_MAY_CHANGE:
+            node = cfg[key]
+            walk(
+                OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node,
+                f"{key}.",
+            )
+    return {
+        key: value
+        for key, value in flat.items()
+        if not any(key == ignored or key.startswith(ignored + ".") for ignored in RESUME_MAY_CHANGE)
+    }
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume the checkpoint at ``path`` with settings that compute something else."""
+    differing = sorted(
+        key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key)
+    )
+    if differing:
+        shown = ", ".join(f"{key}={saved.get(key)!r} there" for key in differing[:3])
+        raise UserError(
+            f"{path} was written by a run with other settings ({shown}); re-run with the same "
+            "overrides to resume it, or pick a new hydra.run.dir for a new run."
+        )
+
+
+def save_weights(path: Path, model: torch.nn.Module) -> None:
+    """Save ``model``'s state dict (CPU tensors, no ``torch.compile`` prefix) atomically."""
+    model = getattr(model, "_orig_mod", model)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    torch.save(
+        {name: value.detach().cpu() for name, value in model.state_dict().items()}, temporary
+    )
+    temporary.replace(path)
+
+
+def print_done(results: dict[str, Any], run_dir: Path) -> None:
+    """The closing line of a run: its accuracies and where ``results.json`` is."""
+    if results["student_final_acc"] is None:
+        print(
+            "done: trained without a test set, so no accuracy was measured (null in "
+            f"results.json); results in {run_dir / 'results.json'}"
+        )
+        return
+    print(
+        f"done: student final test accuracy {100 * results['student_final_acc']:.2f}% "
+        f"(mean of last {min(LAST_K, len(results['epoch_accs']))} epochs "
+        f"{100 * results['student_last10_acc']:.2f}%, best epoch "
+        f"{100 * results['student_best_acc']:.2f}% [test-set selection]); teacher "
+        f"{percent(results['teacher_acc'])}; results in {run_dir / 'results.json'}"
+    )
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as JSON atomically (temporary file, then rename)."""
     temporary = path.with_suffix(path.suffix + ".tmp")
@@ -170,7 +272,28 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     name_teacher_after_its_file(cfg)
     validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("resume"):
+        run_dir = Path(str(cfg.resume))
+        if not ((run_dir / LATEST).exists() or (run_dir / PREVIOUS).exists()):
+            raise UserError(
+                f"resume={run_dir} holds no {LATEST}; give the run directory to resume."
+            )
+    ensure_writable(run_dir)
+    # Built before any work: their constructors reject bad settings (e.g. selection.threshold).
+    selection, objective = build(cfg.selection), build(cfg.method)
+    identity = run_identity(cfg)
+    saved = load_checkpoint(run_dir)
+    if saved is not None:
+        state, saved_path = saved
+        check_same_run(state["identity"], identity, saved_path)
+        if (
+            state["distiller"]["epoch"] >= int(cfg.trainer.epochs)
+            and (run_dir / "results.json").exists()
+        ):
+            results = json.loads((run_dir / "results.json").read_text())
+            print(f"the run in {run_dir} is already finished; nothing to do")
+            print_done(results, run_dir)
+            return results
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.device))
 
@@ -189,6 +312,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         batch_size=int(cfg.trainer.batch_size),
         nz=int(cfg.generator.nz),
         published_scheduler_offset=bool(cfg.trainer.published_scheduler_offset),
+        on_nonfinite=str(cfg.trainer.on_nonfinite),
     )
     student_optimizer = build(cfg.optimizer.student)(student.parameters())
     distiller = Distiller(
@@ -196,8 +320,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         student=student,
         generator=generator,
         views=Views(teacher.mean, teacher.std, int(cfg.dataset.crop_padding), cfg.dataset.flip),
-        selection=build(cfg.selection),
-        objective=build(cfg.method),
+        selection=selection,
+        objective=objective,
         student_optimizer=student_optimizer,
         generator_optimizer=build(cfg.optimizer.generator)(generator.parameters()),
         scheduler=build(cfg.optimizer.scheduler)(student_optimizer),
@@ -216,14 +340,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         name=run_name(cfg),
         group=run_group(cfg),
         tags=[cfg.dataset.name, cfg.teacher.name, cfg.student.arch, cfg.method.name],
+        run_id=state["wandb_run_id"] if saved is not None else None,
     )
-    tracker.log({"acc/teacher": teacher_acc}, step=0)
+    if saved is None:
+        tracker.log({"acc/teacher": teacher_acc}, step=0)
+    else:
+        distiller.load_state_dict(state["distiller"])
+        set_rng_state(state["rng"])
+        print(
+            f"resuming from {saved_path}: {distiller.epoch} of {schedule.epochs} epochs and "
+            f"{distiller.iteration} of {schedule.iters_per_epoch} iterations of the next done",
+            flush=True,
+        )
     image_every = int(cfg.trainer.image_every)
-    history: list[dict[str, float]] = []  # every epoch's metrics, for results.json
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            run_dir,
+            {
+                "identity": identity,
+                "distiller": distiller.state_dict(),
+                "rng": rng_state(),
+                "wandb_run_id": tracker.run_id,
+            },
+        )
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         tracker.log(metrics, step=epoch + 1)
-        history.append({"epoch": epoch + 1, **metrics})
         print(
             f"epoch {epoch + 1}/{schedule.epochs}: student test accuracy "
             f"{percent(metrics['acc/student'])}, selection rate "
@@ -240,7 +383,30 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             tracker.log_images("samples", grid, step=epoch + 1)
 
     try:
-        accuracies = distiller.fit(test_loader, on_epoch_end, progress=cfg.trainer.progress)
+        try:
+            with stop_on_signals(distiller.request_stop):
+                accuracies = distiller.fit(
+                    test_loader, on_epoch_end, cfg.trainer.progress, on_checkpoint=checkpoint
+                )
+        except NonFiniteLoss as error:
+            tracker.log({"nonfinite/stopped": 1.0}, step=distiller.epoch + 1)
+            tracker.summary({"stopped": str(error)})
+            kept = (
+                f"the last good checkpoint is kept in {run_dir}"
+                if (run_dir / LATEST).exists()
+                else "no checkpoint was written yet"
+            )
+            raise NonFiniteLoss(
+                f"{error}; {kept}; re-run with trainer.on_nonfinite=skip to skip such steps, or "
+                "lower the learning rates in a new run directory."
+            ) from None
+        if not distiller.finished:
+            raise Interrupted(
+                f"{distiller.stop_reason} received; checkpoint saved after {distiller.epoch} of "
+                f"{schedule.epochs} epochs and {distiller.iteration} iterations of the next in "
+                f"{run_dir}; re-run the same command to resume."
+            )
+        save_weights(run_dir / "student.pt", student)
         results = {
             **summarise(accuracies, teacher_acc),
             "epoch_accs": accuracies,
@@ -254,23 +420,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             "device": str(device),
             "wall_time_s": time.perf_counter() - started,
             "wandb_run_id": tracker.run_id,
-            "history": history,
+            "history": distiller.history,
         }
         write_json(run_dir / "results.json", results)
         tracker.summary({k: v for k, v in results.items() if k not in ("epoch_accs", "history")})
     finally:
         tracker.finish()
-    if test_loader is None:
-        print(
-            "done: trained without a test set, so no accuracy was measured (null in "
-            f"results.json); results in {run_dir / 'results.json'}"
-        )
-        return results
-    print(
-        f"done: student final test accuracy {100 * results['student_final_acc']:.2f}% "
-        f"(mean of last {min(LAST_K, len(accuracies))} epochs "
-        f"{100 * results['student_last10_acc']:.2f}%, best epoch "
-        f"{100 * results['student_best_acc']:.2f}% [test-set selection]); teacher "
-        f"{100 * teacher_acc:.2f}%; results in {run_dir / 'results.json'}"
-    )
+    print_done(results, run_dir)
     return results
