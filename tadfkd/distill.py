@@ -23,6 +23,7 @@ from tadfkd.errors import NonFiniteLoss, UserError
 from tadfkd.hooks import BNStatistics, LayerInputs
 from tadfkd.models import classifier_layer
 from tadfkd.objectives import GeneratorBatch, Objective
+from tadfkd.precision import Precision
 from tadfkd.selection import GMMSelection, NoSelection, fill_order
 from tadfkd.views import Views
 
@@ -92,6 +93,7 @@ class Distiller:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         schedule: Schedule,
         device: torch.device,
+        precision: Precision | None = None,
     ) -> None:
         self.teacher = teacher.eval()
         self.student = student.train()
@@ -104,6 +106,9 @@ class Distiller:
         self.scheduler = scheduler
         self.schedule = schedule
         self.device = device
+        self.precision = precision or Precision("fp32", device)
+        # Kept fraction of the generated samples of the last refill: sizes the next round.
+        self.selection_rate: float | None = None
         self.bn_statistics = BNStatistics(teacher) if objective.needs_bn_statistics else None
         self.teacher_features = (
             LayerInputs(classifier_layer(teacher)) if objective.needs_teacher_features else None
@@ -120,59 +125,101 @@ class Distiller:
 
     # -- sampling -------------------------------------------------------------------------
     def generate(self, n: int) -> torch.Tensor:
-        """``n`` generated images in [0, 1], (n, C, H, W)."""
+        """``n`` generated images in [0, 1], (n, C, H, W), float32.
+
+        Never autocast: the images decide the selection (see ``keep_mask``).
+        """
         z = torch.randn(n, self.schedule.nz, device=self.device)
         return self.generator(z)
 
     def keep_mask(self, images: torch.Tensor) -> torch.Tensor:
-        """Selection on the test view of one generated batch; all-true without selection."""
+        """Selection on the test view of generated batches; all-true without selection.
+
+        ``images`` holds one or more whole generated batches (N a multiple of ``batch_size``):
+        one teacher forward scores them all, and one mixture is fitted per batch, as if each
+        batch had been selected on its own (the teacher is in eval mode). Never autocast: the
+        min-max normalised losses amplify bf16 rounding, which flips ~7% of the keep decisions
+        of a trained digits teacher; in fp32 the kept set does not depend on ``precision``.
+        """
         if not self.selection.enabled:
             return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
         with torch.no_grad():
             logits = self.teacher(self.views.test_view(images))
-        return self.selection.keep_mask(logits, images.shape[0])
+        return self.selection.keep_mask(logits, self.schedule.batch_size)
+
+    def batches_per_round(self, needed: int) -> int:
+        """Generated batches to score together for ``needed`` more kept samples.
+
+        Just enough for ``needed`` at the last refill's selection rate, rounded up (one batch
+        while no rate is known); a shortfall costs one more, smaller round, a margin would cost
+        unused batches every step. The caller applies the bound ``selection.max_batches``.
+        """
+        if self.selection_rate is None:
+            return 1
+        expected_kept = self.selection_rate * self.schedule.batch_size
+        if expected_kept <= 0:
+            return self.selection.max_batches
+        return max(1, math.ceil(needed / expected_kept))
 
     @torch.no_grad()
     def student_batch(self) -> torch.Tensor:
         """Train views of kept samples, refilled from fresh batches until ``batch_size`` are kept.
 
-        At most ``selection.max_batches`` batches are generated; if they keep fewer samples the
-        student trains on what was kept (counted as ``short_student_batches``), and if they keep
-        none at all the run stops with a clear error.
+        Batches are generated one by one (the generator's BatchNorm uses per-batch statistics),
+        then scored together in rounds of ``batches_per_round`` batches, with one host
+        synchronisation a round. The student batch is exactly the reference's: every kept
+        sample of batches 1..j-1 and a random subset of batch j's, where j is the first batch
+        that completes it; batches generated beyond j are counted but not used. At most
+        ``selection.max_batches`` batches are generated; if they keep fewer samples the student
+        trains on what was kept (counted as ``short_student_batches``), and if they keep none at
+        all the run stops with a clear error.
         """
-        size = self.schedule.batch_size
-        train_views, keeps, kept = [], [], 0
-        while kept < size and len(keeps) < self.selection.max_batches:
-            images = self.generate(size)
-            keep = self.keep_mask(images)
-            train_views.append(self.views.train_view(images))
+        size, limit = self.schedule.batch_size, self.selection.max_batches
+        images, keeps, kept_per_batch = [], [], []
+        while sum(kept_per_batch) < size and len(images) < limit:
+            count = min(self.batches_per_round(size - sum(kept_per_batch)), limit - len(images))
+            batches = [self.generate(size) for _ in range(count)]
+            keep = self.keep_mask(torch.cat(batches))
+            images += batches
             keeps.append(keep)
-            kept += int(keep.sum())
+            kept_per_batch += keep.view(count, size).sum(dim=1).tolist()
+            self.selection_rate = sum(kept_per_batch) / (size * len(images))
+        kept = sum(kept_per_batch)
+        running, used = 0, len(images)
+        for index, count in enumerate(kept_per_batch):
+            running += count
+            if running >= size:
+                used = index + 1
+                break
         self.meter.add(
-            {"selection/generated": float(size * len(keeps)), "selection/kept": float(kept)}
+            {
+                "selection/generated": float(size * len(images)),
+                "selection/kept": float(kept),
+                "selection/batches_used": float(used),
+            }
         )
         if kept == 0:
             raise UserError(
-                f"selection kept no generated sample in {len(keeps)} batches of {size}, so the "
+                f"selection kept no generated sample in {len(images)} batches of {size}, so the "
                 "student has nothing to learn from; lower selection.threshold, raise "
                 "selection.max_batches, or use selection=none."
             )
         if kept < size:
             self.meter.add({"selection/short_student_batches": 1.0})
-        index = fill_order(torch.cat(keeps), size)
-        return torch.cat(train_views)[index]
+        index = fill_order(torch.cat(keeps)[: used * size], size)
+        return torch.cat([self.views.train_view(batch) for batch in images[:used]])[index]
 
     # -- steps ----------------------------------------------------------------------------
     def student_step(self) -> None:
         images = self.student_batch()
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
-        loss, terms = self.objective.student(self.student(images), teacher_logits)
+        with self.precision.autocast():
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+            loss, terms = self.objective.student(self.student(images), teacher_logits)
         self.student_optimizer.zero_grad(set_to_none=True)
         if not self.all_finite("student", {"student": loss, **terms}):
             return
-        loss.backward()
-        self.student_optimizer.step()
+        self.precision.step(loss, self.student_optimizer)
         self.meter.add({f"loss/{name}": value for name, value in terms.items()})
 
     def generator_step(self) -> None:
@@ -187,12 +234,13 @@ class Distiller:
             return
         self.student.requires_grad_(False)  # the generator step needs no student weight grads
         try:
-            if self.bn_statistics is not None:
-                self.bn_statistics.enabled = True
-            teacher_logits = self.teacher(kept)
-            if self.bn_statistics is not None:
-                self.bn_statistics.enabled = False
-            student_logits = self.student(kept)
+            with self.precision.autocast():
+                if self.bn_statistics is not None:
+                    self.bn_statistics.enabled = True
+                teacher_logits = self.teacher(kept)
+                if self.bn_statistics is not None:
+                    self.bn_statistics.enabled = False
+                student_logits = self.student(kept)
             batch = GeneratorBatch(
                 images=train_view,
                 student_logits=student_logits,
@@ -204,8 +252,7 @@ class Distiller:
             self.generator_optimizer.zero_grad(set_to_none=True)
             if not self.all_finite("generator", {"generator": loss, **terms}):
                 return
-            loss.backward()
-            self.generator_optimizer.step()
+            self.precision.step(loss, self.generator_optimizer)
         finally:
             self.student.requires_grad_(True)
         self.meter.add({"loss/generator": loss, **{f"loss/{k}": v for k, v in terms.items()}})
@@ -242,8 +289,9 @@ class Distiller:
         self.student.eval()
         try:
             test_view = self.views.test_view(self.generate(self.schedule.batch_size))
-            teacher_logits = self.teacher(test_view).float()
-            student_logits = self.student(test_view).float()
+            with self.precision.autocast():
+                teacher_logits = self.teacher(test_view).float()
+                student_logits = self.student(test_view).float()
         finally:
             self.student.train()
         num_classes = teacher_logits.shape[1]
@@ -363,6 +411,7 @@ class Distiller:
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "iteration": self.iteration,
+            "selection_rate": self.selection_rate,
             "meter_sums": dict(self.meter.sums),
             "meter_counts": dict(self.meter.counts),
             "accuracies": list(self.accuracies),
@@ -377,6 +426,7 @@ class Distiller:
         self.generator_optimizer.load_state_dict(state["generator_optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.iteration = state["epoch"], state["iteration"]
+        self.selection_rate = state["selection_rate"]
         self.meter = EpochMeter()
         for name, total in state["meter_sums"].items():
             self.meter.sums[name] = total.to(self.device) if torch.is_tensor(total) else total

@@ -33,6 +33,7 @@ from tadfkd.checkpoint import (
 from tadfkd.data import DATASETS, load_split, make_loader
 from tadfkd.distill import Distiller, Schedule, evaluate
 from tadfkd.errors import DatasetMissing, Interrupted, NonFiniteLoss, UserError
+from tadfkd.precision import Precision, prepare_model, resolve_precision
 from tadfkd.teachers import Teacher
 from tadfkd.views import Views
 
@@ -299,9 +300,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     teacher: Teacher = build(cfg.teacher)
     test_loader = load_test_set(cfg, teacher)
-    teacher_model = teacher.model.to(device)
-    student = build(cfg.student).to(device)
-    generator = build(cfg.generator).to(device)
+    precision = Precision(resolve_precision(str(cfg.precision), device), device)
+    compile_models = bool(cfg.compile)
+    teacher_model = prepare_model(teacher.model, device, compile_models)
+    student = prepare_model(build(cfg.student), device, compile_models)
+    generator = prepare_model(build(cfg.generator), device, compile_models)
     teacher_acc = evaluate(teacher_model, test_loader, device) if test_loader is not None else None
     print(f"teacher {teacher.name} ({teacher.arch}): test accuracy {percent(teacher_acc)}")
 
@@ -327,6 +330,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         scheduler=build(cfg.optimizer.scheduler)(student_optimizer),
         schedule=schedule,
         device=device,
+        precision=precision,
     )
 
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,78 @@
+"""Numeric precision and memory layout of the training loop (speed settings, same computation).
+
+``precision=auto`` picks the fastest safe setting: bf16 autocast on CUDA, fp32 on the CPU
+(where bf16 matmuls are rarely faster). Under autocast the convolutions and linear layers run in
+the low precision; everything that decides or accumulates stays in fp32 or fp64: the loss terms
+upcast their inputs (``tadfkd.losses``), the BN-statistics hooks upcast the layer inputs
+(``tadfkd.hooks``), the mixture fit runs in fp64 (``tadfkd.selection``), and the weights and
+optimiser states are fp32 (autocast never changes them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from tadfkd.errors import UserError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; other names are checked and passed on."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if name not in DTYPES:
+        raise UserError(f"precision={name} is unknown; use auto, fp32, bf16 or fp16.")
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU.")
+    return name
+
+
+class Precision:
+    """Autocast context for forward passes, and a backward + optimiser step that fits it.
+
+    fp16 scales each loss with one ``GradScaler`` per optimiser (fp16 gradients underflow
+    otherwise); fp32 and bf16 step plainly.
+    """
+
+    def __init__(self, name: str = "fp32", device: torch.device | str = "cpu") -> None:
+        if name not in DTYPES:
+            raise UserError(f"precision={name} is unknown; use fp32, bf16 or fp16.")
+        self.name = name
+        self.device_type = torch.device(device).type
+        self.dtype = DTYPES[name]
+        self._scalers: dict[int, torch.amp.GradScaler] = {}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes: autocast to ``dtype``, or nothing for fp32."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``loss.backward()`` then ``optimizer.step()`` (loss-scaled under fp16)."""
+        if self.name != "fp16":
+            loss.backward()
+            optimizer.step()
+            return
+        scaler = self._scalers.setdefault(id(optimizer), torch.amp.GradScaler(self.device_type))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def prepare_model(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
+    """Move ``model`` to ``device``; channels-last on CUDA; optionally ``torch.compile`` it.
+
+    Parameters keep their identity and names (``nn.Module.compile`` compiles in place), so
+    optimisers, hooks and checkpoints see the same module either way.
+    """
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
+    return model
