@@ -1,5 +1,5 @@
-"""Every bad input of docs/robustness.md, driven through ``run.py``: it ends before any work, in
-one sentence, with exit code 2 (Hydra's own message and code for an unknown option).
+"""Every bad input of the README's bad-input table, driven through ``run.py``: it ends before
+any work, in one sentence, with exit code 2 (Hydra's own message and code for an unknown option).
 
 The runs fail fast, so they are started together (a few at a time) by one fixture and each test
 reads its own outcome.
