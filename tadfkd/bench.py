@@ -19,6 +19,7 @@ and backward), compared with a matmul rate this script measures on the same devi
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -217,7 +218,8 @@ class PathStats:
         iters = len(self.seconds)
         steps = self.distiller.schedule.student_steps
         size = self.distiller.schedule.batch_size
-        per_iteration = sum(self.seconds) / iters
+        # The median: robust to load spikes from other jobs on a shared machine.
+        per_iteration = statistics.median(self.seconds)
         batches = self.batches_generated() / iters  # student-step batches per iteration
         # The counted iteration may have generated a different number of batches.
         flops = (
@@ -240,7 +242,7 @@ class PathStats:
 
 
 ROWS = (
-    ("s_per_iter", "time per iteration", "s"),
+    ("s_per_iter", "time per iteration (median)", "s"),
     ("s_per_epoch", f"time per epoch ({EPOCH_ITERS} iterations, extrapolated)", "s"),
     ("samples_per_s", "generated samples per second", "samples/s"),
     ("batches_generated", "generator batches generated per student step", "batches"),
@@ -293,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         order = list(paths.values())
         for stats in order if index % 2 == 0 else order[::-1]:
             stats.time_iteration()
+    # Measured again after the timed iterations, the higher of the two: load from other jobs
+    # only ever slows it down.
+    matmul = max(matmul, matmul_rate(device, matmul_dtype))
     figures = {name: stats.figures(matmul) for name, stats in paths.items()}
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
