@@ -41,16 +41,19 @@ def sklearn_keep(losses: torch.Tensor, threshold: float, seed: int) -> np.ndarra
 def test_kept_sets_match_scikit_learn_on_many_random_batches():
     rng = np.random.default_rng(0)
     selection = GMMSelection(threshold=0.5)
-    agree = total = 0
+    ours_vs_reference = reference_vs_itself = total = 0
     for seed in range(150):
         logits = teacher_like_logits(rng, 256)
         ours = selection.keep_mask(logits, 256).numpy()
         losses, _ = pseudo_label_loss(logits)
         reference = sklearn_keep(losses, 0.5, seed)
-        agree += int((ours == reference).sum())
+        ours_vs_reference += int((ours == reference).sum())
+        reference_vs_itself += int((sklearn_keep(losses, 0.5, seed + 1000) == reference).sum())
         total += ours.size
-    # scikit-learn's k-means++ start is random: two of its own seeds agree on about 99.3%.
-    assert agree / total >= 0.99
+    assert ours_vs_reference / total >= 0.99
+    # scikit-learn's k-means++ start is random: with another seed it disagrees with itself too,
+    # and the torch fit is at least as close to it as that.
+    assert ours_vs_reference >= reference_vs_itself
 
 
 def test_vectorised_chunks_equal_one_fit_per_chunk():
