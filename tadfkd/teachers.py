@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tadfkd.errors import UserError
+from tadfkd.files import replace_atomically, write_json
 from tadfkd.models import ARCHITECTURES, build_classifier, classifier_layer
 
 RESAVE_HINT = "re-save its weights with torch.save(model.state_dict(), 'teacher.pt')"
@@ -217,12 +218,10 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     state_dict = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     # Write then rename, so that an interrupted save never leaves a truncated teacher behind.
-    partial = path.with_name(path.name + ".partial")
-    torch.save(state_dict, partial)
-    os.replace(partial, path)
+    replace_atomically(path, lambda temporary: torch.save(state_dict, temporary))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     written = {**metadata, "sha256": digest}
-    path.with_suffix(".json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    write_json(path.with_suffix(".json"), written, sort_keys=True)
     return written
 
 

@@ -33,6 +33,7 @@ from tadfkd.checkpoint import (
 from tadfkd.data import DATASETS, load_split, make_loader
 from tadfkd.distill import Distiller, Schedule, evaluate
 from tadfkd.errors import DatasetMissing, Interrupted, NonFiniteLoss, UserError
+from tadfkd.files import replace_atomically, write_json
 from tadfkd.precision import Precision, prepare_model, resolve_precision
 from tadfkd.teachers import Teacher
 from tadfkd.views import Views
@@ -237,11 +238,8 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
 def save_weights(path: Path, model: torch.nn.Module) -> None:
     """Save ``model``'s state dict (CPU tensors, no ``torch.compile`` prefix) atomically."""
     model = getattr(model, "_orig_mod", model)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    torch.save(
-        {name: value.detach().cpu() for name, value in model.state_dict().items()}, temporary
-    )
-    temporary.replace(path)
+    state_dict = {name: value.detach().cpu() for name, value in model.state_dict().items()}
+    replace_atomically(path, lambda temporary: torch.save(state_dict, temporary))
 
 
 def print_done(results: dict[str, Any], run_dir: Path) -> None:
@@ -259,13 +257,6 @@ def print_done(results: dict[str, Any], run_dir: Path) -> None:
         f"{100 * results['student_best_acc']:.2f}% [test-set selection]); teacher "
         f"{percent(results['teacher_acc'])}; results in {run_dir / 'results.json'}"
     )
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON atomically (temporary file, then rename)."""
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    temporary.replace(path)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -22,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from tadfkd.data import load_split, make_loader
 from tadfkd.distill import evaluate
 from tadfkd.errors import UserError
+from tadfkd.files import write_json
 from tadfkd.models import build_classifier
 from tadfkd.teachers import save_checkpoint
-from tadfkd.train import resolve_device, seed_everything, write_json
+from tadfkd.train import resolve_device, seed_everything
 
 # Command-line overrides that change the trained teacher, and so name its file.
 _VARIANT_KEYS = ("seed", "teacher.arch", "recipe.")
