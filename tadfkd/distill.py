@@ -116,10 +116,9 @@ class Distiller:
         objective.attach(teacher, student)
         self.meter = EpochMeter()
         # Progress, saved by state_dict: completed epochs, completed iterations of the current
-        # epoch, and every finished epoch's test accuracy and metrics.
+        # epoch, and every finished epoch's metrics (its test accuracy included).
         self.epoch = 0
         self.iteration = 0
-        self.accuracies: list[float | None] = []
         self.history: list[dict[str, float | None]] = []
         self.stop_reason: str | None = None
 
@@ -380,7 +379,6 @@ class Distiller:
             if not self.schedule.published_scheduler_offset:
                 self.scheduler.step()
             metrics["time/epoch_s"] = time.perf_counter() - start
-            self.accuracies.append(metrics["acc/student"])
             self.history.append({"epoch": epoch + 1, **metrics})
             self.epoch, self.iteration = epoch + 1, 0
             if on_epoch_end is not None:
@@ -388,6 +386,11 @@ class Distiller:
             if on_checkpoint is not None:
                 on_checkpoint()
         return self.accuracies
+
+    @property
+    def accuracies(self) -> list[float | None]:
+        """Test accuracy (fraction, None without a test set) of every finished epoch."""
+        return [metrics["acc/student"] for metrics in self.history]
 
     @property
     def finished(self) -> bool:
@@ -414,7 +417,6 @@ class Distiller:
             "selection_rate": self.selection_rate,
             "meter_sums": dict(self.meter.sums),
             "meter_counts": dict(self.meter.counts),
-            "accuracies": list(self.accuracies),
             "history": [dict(metrics) for metrics in self.history],
         }
 
@@ -431,5 +433,4 @@ class Distiller:
         for name, total in state["meter_sums"].items():
             self.meter.sums[name] = total.to(self.device) if torch.is_tensor(total) else total
         self.meter.counts.update(state["meter_counts"])
-        self.accuracies = list(state["accuracies"])
         self.history = [dict(metrics) for metrics in state["history"]]
