@@ -17,11 +17,16 @@ from torch import nn
 from tadfkd import losses
 from tadfkd.errors import UserError
 
-STUDENT_LOSSES = {"l1": losses.student_l1, "kl": losses.student_kl}
+STUDENT_LOSSES = {
+    "l1": losses.student_l1,
+    "kl": losses.student_kl,
+    "kl_element_mean": losses.student_kl_element_mean,
+}
 ADVERSARIAL_LOSSES = {
     "js": losses.adversarial_js,
     "l1": losses.adversarial_l1,
     "kl": losses.adversarial_kl,
+    "kl_element_mean": losses.adversarial_kl_element_mean,
 }
 GENERATOR_TERMS = (
     "adversarial",
@@ -31,6 +36,7 @@ GENERATOR_TERMS = (
     "class_prior",
     "activation",
     "info_entropy",
+    "balance",
 )
 
 
@@ -60,7 +66,9 @@ class Objective:
     ``weights`` maps each name of ``GENERATOR_TERMS`` to its weight (missing names weigh 0);
     ``adversarial`` names the discrepancy the generator maximises and ``student_loss`` the one
     the student minimises; ``temperature`` is the softmax temperature of the divergences (JS and
-    KL; the L1 terms compare raw logits).
+    KL; the L1 terms compare raw logits). ``detach_teacher`` stops the adversarial term's
+    gradient at the teacher's logits, as the published ``basic`` branch does (its selection
+    branch lets it reach the generator through the teacher too); the other terms keep theirs.
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class Objective:
         adversarial: str = "js",
         temperature: float = 3.0,
         weights: Mapping[str, float] | None = None,
+        detach_teacher: bool = False,
     ) -> None:
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(GENERATOR_TERMS))
@@ -91,6 +100,7 @@ class Objective:
         self.weights = {term: float(weights.get(term, 0.0)) for term in GENERATOR_TERMS}
         self._student_loss = _tempered(STUDENT_LOSSES[student_loss], student_loss, temperature)
         self._adversarial = _tempered(ADVERSARIAL_LOSSES[adversarial], adversarial, temperature)
+        self.detach_teacher = detach_teacher
 
     def attach(self, teacher: nn.Module, student: nn.Module) -> None:
         """Register whatever forward hooks the objective needs (none for a weighted sum)."""
@@ -115,7 +125,10 @@ class Objective:
         terms: dict[str, torch.Tensor] = {}
         w = self.weights
         if w["adversarial"]:
-            terms["adversarial"] = self._adversarial(batch.student_logits, batch.teacher_logits)
+            teacher_logits = batch.teacher_logits
+            if self.detach_teacher:
+                teacher_logits = teacher_logits.detach()
+            terms["adversarial"] = self._adversarial(batch.student_logits, teacher_logits)
         if w["bn"]:
             terms["bn"] = batch.bn_statistics
         if w["tv"]:
@@ -128,6 +141,8 @@ class Objective:
             terms["activation"] = losses.activation_loss(batch.teacher_features)
         if w["info_entropy"]:
             terms["info_entropy"] = losses.information_entropy(batch.teacher_logits)
+        if w["balance"]:
+            terms["balance"] = losses.class_balance(batch.teacher_logits)
         total = sum(w[name] * value for name, value in terms.items())
         return total, terms
 
@@ -138,7 +153,9 @@ class AttentionTransferObjective(Objective):
 
     Layers are matched by spatial resolution on every student step: for each resolution that
     teacher and student share, the module that finishes last at that resolution (the end of a
-    stage) in each network. This works for every registered architecture without a layer list.
+    stage) in each network, BatchNorm layers excluded, so that a WideResNet's stages are its
+    blocks' outputs as in ZSKT's code, not its final BN. This works for every registered
+    architecture without a layer list.
     """
 
     def __init__(self, *args, attention_weight: float = 250.0, **kwargs) -> None:
@@ -176,7 +193,8 @@ class _StageOutputs:
         self._handles = [
             module.register_forward_hook(self._record)
             for name, module in model.named_modules()
-            if name  # the root's output is the logits
+            # the root's output is the logits; a normalisation layer ends no stage
+            if name and not isinstance(module, nn.modules.batchnorm._BatchNorm)
         ]
 
     def _record(self, _module: nn.Module, _inputs, output) -> None:

@@ -1,7 +1,6 @@
 """The benchmark runs on the CPU in seconds and prints every figure of its table."""
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -32,15 +31,6 @@ def test_small_benchmark_prints_the_whole_table(capsys):
         assert figures[path]["batches_generated"] >= figures[path]["batches_used"] >= 1
         assert 0 < figures[path]["selection_share"] < 100
         assert figures[path]["tflop_per_iter"] > 0
-
-
-def test_the_published_style_path_is_used_only_by_the_benchmark():
-    root = Path(bench.__file__).resolve().parent.parent
-    sources = [*(root / "tadfkd").rglob("*.py"), root / "run.py"]
-    users = [
-        path.name for path in sources if "bench" in path.read_text() and path.name != "bench.py"
-    ]
-    assert users == []
 
 
 @pytest.mark.gpu

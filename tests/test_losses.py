@@ -1,9 +1,11 @@
 """Every loss term against values computed by hand on small tensors."""
 
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tadfkd import losses
@@ -18,24 +20,133 @@ def test_student_l1_is_mean_absolute_difference():
     assert losses.student_l1(s, t).item() == pytest.approx((1 + 2 + 0 + 3) / 4)
 
 
-def test_jensen_shannon_by_hand():
-    s = torch.tensor([[0.0, 0.0]])  # softmax -> (0.5, 0.5)
-    t = torch.tensor([[3.0 * math.log(4.0), 0.0]])  # softmax(t / 3) -> (0.8, 0.2)
-    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.8, 0.2])
-    m = (p + q) / 2
-    expected = 0.5 * ((p * (p / m).log()).sum() + (q * (q / m).log()).sum())
-    assert losses.jensen_shannon(s, t, 3.0).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert losses.adversarial_js(s, t).item() == pytest.approx(1 - expected.item(), rel=1e-5)
+def published_adversarial_js(s: torch.Tensor, t: torch.Tensor, temperature: float = 3.0):
+    """TA-DFKD's published ``JS_divergence``, step by step as its code does it: M from the
+    unclamped softmaxes, three clamps, PyTorch's own ``KLDivLoss()`` with its default
+    reduction ('mean', over all N x K entries), then 1 - clamp(D, 0, 1)."""
+    p = torch.softmax(s / temperature, dim=1)
+    q = torch.softmax(t / temperature, dim=1)
+    m = 0.5 * (p + q)
+    p, q, m = p.clamp(0.01, 0.99), q.clamp(0.01, 0.99), m.clamp(0.01, 0.99)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch warns that 'mean' will change meaning
+        kl = nn.KLDivLoss()
+        divergence = 0.5 * kl(p.log(), m) + 0.5 * kl(q.log(), m)
+    return 1.0 - divergence.clamp(0.0, 1.0)
 
 
-def test_jensen_shannon_clamps_probabilities_and_batch_means():
-    s = torch.tensor([[100.0, 0.0], [0.0, 0.0]])  # (1, 0) clamps to (0.99, 0.01)
-    t = torch.tensor([[0.0, 100.0], [0.0, 0.0]])
-    p, q = torch.tensor([0.99, 0.01]), torch.tensor([0.01, 0.99])
-    m = (p + q) / 2
-    first = 0.5 * ((p * (p / m).log()).sum() + (q * (q / m).log()).sum())
-    # The second sample agrees exactly (JS 0); batch-mean reduction halves the first's value.
-    assert losses.jensen_shannon(s, t, 1.0).item() == pytest.approx(first.item() / 2, rel=1e-5)
+def logit_pairs(num_classes: int, scale: float, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (16, num_classes)
+    s = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    t = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    return s.requires_grad_(), t.requires_grad_()
+
+
+@pytest.mark.parametrize("num_classes", [10, 100, 200])
+@pytest.mark.parametrize("scale", [0.5, 3.0, 30.0])  # soft, moderate and saturated logits
+def test_adversarial_js_value_and_gradients_equal_the_published_formula(num_classes, scale):
+    for seed in range(3):
+        s, t = logit_pairs(num_classes, scale, seed)
+        ours = losses.adversarial_js(s, t, 3.0)
+        s_ref, t_ref = s.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+        reference = published_adversarial_js(s_ref, t_ref, 3.0)
+        assert ours.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-12)
+        ours.backward()
+        reference.backward()
+        for mine, theirs in ((s.grad, s_ref.grad), (t.grad, t_ref.grad)):
+            assert torch.allclose(mine, theirs, rtol=1e-6, atol=1e-15)
+
+
+def test_adversarial_js_clamps_to_no_gradient_where_the_published_value_does():
+    # 200 soft classes: the clamped "divergence" is negative, so the term is 1 with no gradient.
+    s, t = logit_pairs(200, 0.1, seed=0)
+    assert published_adversarial_js(s, t).item() == 1.0
+    value = losses.adversarial_js(s, t, 3.0)
+    value.backward()
+    assert value.item() == 1.0
+    assert not s.grad.any() and not t.grad.any()
+
+
+def test_adversarial_js_averages_over_every_entry_not_the_batch():
+    # One disagreeing pair of 2 classes: D = (KL(M||P) + KL(M||Q)) / 2 summed, then / (N * K).
+    s = torch.tensor([[100.0, 0.0]], dtype=torch.float64)  # softmax (1, 0) clamps to (.99, .01)
+    t = torch.tensor([[0.0, 100.0]], dtype=torch.float64)
+    p = torch.tensor([0.99, 0.01], dtype=torch.float64)
+    q = torch.tensor([0.01, 0.99], dtype=torch.float64)
+    m = torch.tensor([0.5, 0.5], dtype=torch.float64)  # from the unclamped (1, 0) and (0, 1)
+    kl_mp = (m * (m / p).log()).sum()
+    kl_mq = (m * (m / q).log()).sum()
+    expected = 0.5 * (kl_mp + kl_mq) / 2  # N * K = 2 entries
+    assert losses.jensen_shannon(s, t, 1.0).item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+def _quiet_kl_div(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PyTorch warns about reduction='mean'
+        return F.kl_div(*args, **kwargs)
+
+
+# Each baseline term as its public code writes it (float64 here), against ours.
+PUBLISHED_TERMS = {
+    # DAFL's kdloss: F.kl_div(log_softmax(y), softmax(t), size_average=False) / batch size
+    "dafl_kd": (
+        lambda s, t: losses.student_kl(s, t, 1.0),
+        lambda s, t: F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="sum") / s.shape[0],
+    ),
+    # the CMI benchmark's KLDiv(T=1): batchmean times T^2; DFQ's adversarial term is its negative
+    "cmi_adversarial": (
+        lambda s, t: losses.adversarial_kl(s, t, 1.0),
+        lambda s, t: -F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="batchmean"),
+    ),
+    # ZSKT: F.kl_div(log_softmax(s / T), softmax(t / T)) with the default reduction 'mean'
+    "zskt_kd": (
+        lambda s, t: losses.student_kl_element_mean(s, t, 1.0),
+        lambda s, t: _quiet_kl_div(F.log_softmax(s, 1), F.softmax(t, 1)),
+    ),
+    "zskt_adversarial": (
+        lambda s, t: losses.adversarial_kl_element_mean(s, t, 1.0),
+        lambda s, t: -_quiet_kl_div(F.log_softmax(s, 1), F.softmax(t, 1)),
+    ),
+    # DAFL's information entropy: (p * torch.log10(p)).sum() of the batch-mean softmax
+    "dafl_information_entropy": (
+        lambda s, t: losses.information_entropy(t),
+        lambda s, t: (F.softmax(t, 1).mean(0) * torch.log10(F.softmax(t, 1).mean(0))).sum(),
+    ),
+    # the CMI benchmark's balance: the same with the natural logarithm
+    "cmi_balance": (
+        lambda s, t: losses.class_balance(t),
+        lambda s, t: (F.softmax(t, 1).mean(0) * torch.log(F.softmax(t, 1).mean(0))).sum(),
+    ),
+    # DAFL's one-hot loss: cross-entropy against the teacher's own arg-max
+    "one_hot": (
+        lambda s, t: losses.class_prior(t),
+        lambda s, t: F.cross_entropy(t, t.argmax(1)),
+    ),
+    # DFAD: -F.l1_loss(s, t) for the generator, F.l1_loss for the student (means over N x K)
+    "dfad_adversarial": (
+        lambda s, t: losses.adversarial_l1(s, t),
+        lambda s, t: -F.l1_loss(s, t),
+    ),
+}
+
+
+@pytest.mark.parametrize("term", sorted(PUBLISHED_TERMS))
+@pytest.mark.parametrize("num_classes", [10, 100, 200])
+def test_baseline_terms_and_gradients_equal_their_public_code(term, num_classes):
+    ours_fn, published_fn = PUBLISHED_TERMS[term]
+    for scale in (0.5, 3.0, 30.0):
+        s, t = logit_pairs(num_classes, scale, seed=1)
+        s_ref, t_ref = s.detach().clone().requires_grad_(), t.detach().clone().requires_grad_()
+        ours, reference = ours_fn(s, t), published_fn(s_ref, t_ref)
+        assert ours.item() == pytest.approx(reference.item(), rel=1e-6, abs=1e-12)
+        ours.backward()
+        reference.backward()
+        for mine, theirs in ((s.grad, s_ref.grad), (t.grad, t_ref.grad)):
+            if theirs is None:
+                assert mine is None or not mine.any()
+            else:
+                assert torch.allclose(mine, theirs, rtol=1e-6, atol=1e-15)
 
 
 def test_adversarial_l1_and_kl_signs():
@@ -50,8 +161,10 @@ def test_adversarial_l1_and_kl_signs():
 def test_class_prior_information_entropy_activation():
     logits = torch.tensor([[math.log(3.0), 0.0], [0.0, math.log(3.0)]])  # probs (.75,.25),(.25,.75)
     assert losses.class_prior(logits).item() == pytest.approx(-math.log(0.75), rel=1e-6)
-    # The batch-mean softmax is uniform: entropy log 2, loss -log 2.
-    assert losses.information_entropy(logits).item() == pytest.approx(-math.log(2.0), rel=1e-6)
+    # The batch-mean softmax is uniform: entropy log 2; DAFL's code uses log10, the CMI
+    # benchmark's balance term the natural logarithm.
+    assert losses.information_entropy(logits).item() == pytest.approx(-math.log10(2.0), rel=1e-6)
+    assert losses.class_balance(logits).item() == pytest.approx(-math.log(2.0), rel=1e-6)
     assert losses.activation_loss(torch.tensor([[1.0, -3.0]])).item() == pytest.approx(-2.0)
 
 

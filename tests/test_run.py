@@ -119,7 +119,7 @@ def test_published_tinyimagenet_preset_runs_one_epoch_on_the_archive_layout(tmp_
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["student"] == "tiny_resnet18"
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["student"] == "tiny_resnet34"
 
 
 def test_missing_teacher_file_is_one_sentence(tmp_path):
