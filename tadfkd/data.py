@@ -11,16 +11,26 @@ channel with the caller's (the teacher's) mean and std as ``(pixel / 255 - mean)
   files and no network; ``root`` and ``download`` are ignored.
 - ``cifar10`` / ``cifar100``: the official python-pickle batches in torchvision's layout,
   ``root/cifar-10-batches-py`` and ``root/cifar-100-python``, downloaded there when missing.
+- ``fashion_mnist``: Fashion-MNIST's four official IDX files (``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
+  gzipped or not), 28x28 grayscale, 60000 train and 10000 test images, looked for in
+  ``root/FashionMNIST/raw`` (torchvision's layout), ``root/fashion-mnist``, ``root`` and
+  ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist`` package), else
+  downloaded through torchvision into ``root/FashionMNIST/raw`` when ``download`` is on. Files
+  are checked by content (magic numbers, dimensions, length, label range), not by the md5 of one
+  compression: Debian's copies are recompressed.
 - ``tinyimagenet``: the official archive extracted to ``root/tiny-imagenet-200``; its labelled
   validation set serves as the test split (the archive's test images carry no labels). The flat
   ``val/images`` folder is sorted into ``val/<wnid>/`` class folders on first use.
 
 Training augmentation (teacher training only): random crop with zero (black) padding of
-2 px (digits), 4 px (CIFAR) or 8 px (Tiny-ImageNet), plus a horizontal flip except for digits.
+2 px (digits, Fashion-MNIST), 4 px (CIFAR) or 8 px (Tiny-ImageNet), plus a horizontal flip
+except for digits.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import tarfile
@@ -37,7 +47,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -58,6 +68,7 @@ DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
         DatasetInfo("digits", num_classes=10, image_size=16, channels=1),
+        DatasetInfo("fashion_mnist", num_classes=10, image_size=28, channels=1),
         DatasetInfo("cifar10", num_classes=10, image_size=32, channels=3),
         DatasetInfo("cifar100", num_classes=100, image_size=32, channels=3),
         DatasetInfo("tinyimagenet", num_classes=200, image_size=64, channels=3),
@@ -67,6 +78,7 @@ DATASETS: dict[str, DatasetInfo] = {
 # (crop padding in pixels, horizontal flip); digits are not flip-invariant (a mirrored 2 is no 2)
 _TRAIN_AUGMENTATION: dict[str, tuple[int, bool]] = {
     "digits": (2, False),
+    "fashion_mnist": (2, True),
     "cifar10": (4, True),
     "cifar100": (4, True),
     "tinyimagenet": (8, True),
@@ -173,6 +185,9 @@ def load_split(
     train = split == "train"
     if name == "digits":
         return InMemoryImages(*_load_digits(train), transform)
+    if name == "fashion_mnist":
+        images, labels = _load_fashion_mnist(Path(root).expanduser(), train, download)
+        return InMemoryImages(images, labels, transform)
     if name == "tinyimagenet":
         return _load_tiny_imagenet(Path(root).expanduser(), train, transform)
     return InMemoryImages(*_load_cifar(name, Path(root).expanduser(), train, download), transform)
@@ -321,6 +336,102 @@ def _check_cifar_batch(
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels outside 0..{num_classes - 1}")
     return data, labels
+
+
+# -- Fashion-MNIST: the official IDX files ------------------------------------------------------
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_IDX_IMAGES, _IDX_LABELS = 2051, 2049  # magic numbers: uint8 data, 3 resp. 1 dimensions
+_FASHION_MNIST_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def fashion_mnist_folders(root: Path) -> list[Path]:
+    """Where the IDX files are looked for, in order."""
+    return [root / "FashionMNIST" / "raw", root / "fashion-mnist", root, FASHION_MNIST_SYSTEM_DIR]
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    """``folder/stem`` or ``folder/stem.gz``, whichever exists (the plain file first)."""
+    for path in (folder / stem, folder / f"{stem}.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """The uint8 array in an IDX file (gzipped when its name ends in ``.gz``); a ``ValueError``
+    says what is wrong when the header's magic number or dimensions do not fit the data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            data = file.read()
+    except (OSError, EOFError) as error:  # gzip raises BadGzipFile (an OSError) or EOFError
+        raise ValueError(f"cannot be read ({type(error).__name__}: {error})") from error
+    dims = magic & 0xFF
+    header = 4 + 4 * dims
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        raise ValueError(f"does not start with the IDX magic number {magic}")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
+    if len(data) - header != int(np.prod(shape)):
+        raise ValueError(f"holds {len(data) - header} bytes of data, not the {shape} its header says")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _load_fashion_mnist(
+    root: Path, train: bool, download: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST images uint8 (N, 1, 28, 28) and labels int64 (N,) of one split."""
+    image_stem, label_stem = _FASHION_MNIST_FILES[train]
+    for folder in fashion_mnist_folders(root):
+        images_path, labels_path = _find_idx(folder, image_stem), _find_idx(folder, label_stem)
+        if images_path and labels_path:
+            break
+    else:
+        images_path, labels_path = _download_fashion_mnist(root, image_stem, label_stem, download)
+    try:
+        images = read_idx(images_path, _IDX_IMAGES)
+        labels = read_idx(labels_path, _IDX_LABELS).astype(np.int64)
+        if images.shape[1:] != (28, 28):
+            raise ValueError(f"images are {images.shape[1:]}, not 28x28")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if labels.size and labels.max() > 9:
+            raise ValueError(f"labels outside 0..9 (up to {labels.max()})")
+    except ValueError as error:
+        raise UserError(
+            f"Fashion-MNIST file {images_path} or {labels_path} is not valid ({error}); "
+            "replace it with the official file (apt-get install dataset-fashion-mnist, or "
+            "delete it and set dataset.download=true)."
+        ) from error
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels)
+
+
+def _download_fashion_mnist(
+    root: Path, image_stem: str, label_stem: str, download: bool
+) -> tuple[Path, Path]:
+    """Download the four files through torchvision into ``root/FashionMNIST/raw``, or say how
+    to get them."""
+    where = (
+        "install them with `make data` (Debian's dataset-fashion-mnist package, into "
+        f"{FASHION_MNIST_SYSTEM_DIR}) or put the four official IDX files in "
+        f"{root / 'FashionMNIST' / 'raw'}"
+    )
+    looked = ", ".join(str(folder) for folder in fashion_mnist_folders(root))
+    if not download:
+        raise DatasetMissing(
+            f"Fashion-MNIST not found (looked in {looked}) and dataset.download is off; {where}."
+        )
+    try:
+        FashionMNIST(str(root), download=True)
+    except (OSError, RuntimeError) as error:
+        raise DatasetMissing(
+            f"Fashion-MNIST not found (looked in {looked}) and could not be downloaded "
+            f"({type(error).__name__}; no network?); {where}."
+        ) from error
+    raw = root / "FashionMNIST" / "raw"
+    return _find_idx(raw, image_stem), _find_idx(raw, label_stem)
 
 
 def _load_tiny_imagenet(

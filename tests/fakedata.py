@@ -8,6 +8,7 @@ files read with ``encoding="latin1"``. Tiny-ImageNet follows the official archiv
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from pathlib import Path
 
@@ -112,4 +113,33 @@ def write_fake_tinyimagenet(
         annotations.append(f"{file_name}\t{wnid}\t0\t0\t63\t63\n")
     (folder / "val" / "val_annotations.txt").write_text("".join(annotations))
     write_jpeg(folder / "test" / "images" / "test_0.JPEG")
+    return folder
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """``array`` (uint8) as an IDX file: magic 0x0000 08 <dims>, big-endian dims, raw bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(size).to_bytes(4, "big") for size in array.shape
+    )
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as file:
+            file.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def write_fake_fashion_mnist(
+    folder: str | Path, n_train: int = 20, n_test: int = 10, gz: bool = True, seed: int = 0
+) -> Path:
+    """The four official Fashion-MNIST IDX files (random 28x28 images, labels 0..9) in
+    ``folder``, gzipped (as the official and Debian's copies) unless ``gz`` is false."""
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n), gz)
     return folder

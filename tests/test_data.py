@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakedata import write_fake_cifar, write_fake_tinyimagenet
+from fakedata import write_fake_cifar, write_fake_fashion_mnist, write_fake_tinyimagenet, write_idx
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from tadfkd import data
@@ -30,6 +30,15 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(data, "download_and_extract_archive", fail)
+    monkeypatch.setattr(data, "FashionMNIST", fail)
+
+
+@pytest.fixture
+def no_system_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """Debian's folder replaced by an empty one, so that tests see only the files they write."""
+    folder = tmp_path / "system-fashion-mnist"
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", folder)
+    return folder
 
 
 def translations(image: torch.Tensor, padding: int, fill: torch.Tensor) -> list[torch.Tensor]:
@@ -332,6 +341,100 @@ def test_tinyimagenet_lost_validation_image_is_reported(tmp_path: Path) -> None:
         load_split("tinyimagenet", str(tmp_path), "test", IMAGENET_MEAN, IMAGENET_STD)
 
 
+# ---- Fashion-MNIST ------------------------------------------------------------------------
+
+FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("layout", ["FashionMNIST/raw", "fashion-mnist", "."])
+def test_fashion_mnist_reads_the_idx_files_gzipped_or_not_in_each_layout(
+    tmp_path: Path, no_system_fashion_mnist: Path, gz: bool, layout: str
+) -> None:
+    folder = write_fake_fashion_mnist(tmp_path / "data" / layout, n_train=12, n_test=7, gz=gz)
+    train = load_split("fashion_mnist", str(tmp_path / "data"), "train", FMNIST_MEAN, FMNIST_STD)
+    test = load_split("fashion_mnist", str(tmp_path / "data"), "test", FMNIST_MEAN, FMNIST_STD)
+    assert (len(train), len(test)) == (12, 7)
+    image, label = test[3]
+    assert image.shape == (1, 28, 28) and 0 <= label < 10
+    # the pixels and labels written, in order, normalised with the given constants
+    suffix = ".gz" if gz else ""
+    raw = data.read_idx(folder / f"t10k-images-idx3-ubyte{suffix}", 2051)
+    labels = data.read_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", 2049)
+    expected = (torch.from_numpy(raw[3].copy()).float() / 255 - FMNIST_MEAN[0]) / FMNIST_STD[0]
+    assert torch.allclose(image[0], expected) and label == int(labels[3])
+
+
+def test_fashion_mnist_falls_back_to_debians_folder(
+    tmp_path: Path, no_system_fashion_mnist: Path
+) -> None:
+    write_fake_fashion_mnist(no_system_fashion_mnist, n_train=5, n_test=3)
+    test = load_split("fashion_mnist", str(tmp_path / "empty"), "test", FMNIST_MEAN, FMNIST_STD)
+    assert len(test) == 3
+
+
+def test_missing_fashion_mnist_names_both_ways_to_get_it(
+    tmp_path: Path, no_system_fashion_mnist: Path
+) -> None:
+    for download in (False, True):  # with download on, the (offline) download fails
+        with pytest.raises(data.DatasetMissing) as caught:
+            load_split("fashion_mnist", str(tmp_path), "test", (0.5,), (0.5,), download=download)
+        message = str(caught.value)
+        assert "make data" in message and "FashionMNIST/raw" in message
+        assert ("download is off" in message) is not download
+        assert ("could not be downloaded" in message) is download
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("magic", "magic number"),
+        ("truncated", "bytes of data"),
+        ("labels", "labels outside"),
+        ("count", "images but"),
+        ("size", "not 28x28"),
+        ("gzip", "cannot be read"),
+    ],
+)
+def test_damaged_fashion_mnist_files_are_one_sentence(
+    tmp_path: Path, no_system_fashion_mnist: Path, damage: str, reason: str
+) -> None:
+    folder = write_fake_fashion_mnist(tmp_path, n_train=4, n_test=4, gz=False)
+    images, labels = folder / "t10k-images-idx3-ubyte", folder / "t10k-labels-idx1-ubyte"
+    rng = np.random.default_rng(1)
+    if damage == "magic":
+        images.write_bytes(b"\x00\x00\x08\x01" + images.read_bytes()[4:])
+    elif damage == "truncated":
+        images.write_bytes(images.read_bytes()[:-10])
+    elif damage == "labels":
+        write_idx(labels, np.array([0, 1, 10, 2]))
+    elif damage == "count":
+        write_idx(labels, np.array([0, 1, 2]))
+    elif damage == "size":
+        write_idx(images, rng.integers(0, 256, (4, 32, 32)))
+    else:
+        images.unlink()
+        images.with_name(images.name + ".gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match=reason) as caught:
+        load_split("fashion_mnist", str(tmp_path), "test", FMNIST_MEAN, FMNIST_STD)
+    assert "dataset-fashion-mnist" in str(caught.value)
+
+
+@pytest.mark.skipif(
+    not (data.FASHION_MNIST_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason="Debian's dataset-fashion-mnist is not installed (make data)",
+)
+def test_debians_fashion_mnist_is_the_official_dataset() -> None:
+    train = load_split("fashion_mnist", "/nonexistent", "train", FMNIST_MEAN, FMNIST_STD)
+    test = load_split("fashion_mnist", "/nonexistent", "test", FMNIST_MEAN, FMNIST_STD)
+    assert (len(train), len(test)) == (60000, 10000)
+    assert torch.bincount(test.labels).tolist() == [1000] * 10
+    pixels = train.images.float() / 255
+    # the normalisation constants of the dataset option are the training set's
+    assert pixels.mean().item() == pytest.approx(FMNIST_MEAN[0], abs=5e-5)
+    assert pixels.std().item() == pytest.approx(FMNIST_STD[0], abs=5e-5)
+
+
 # ---- names, arguments and loaders ---------------------------------------------------------
 
 
@@ -341,6 +444,7 @@ def test_dataset_table() -> None:
     }
     assert shapes == {
         "digits": (10, 16, 1),
+        "fashion_mnist": (10, 28, 1),
         "cifar10": (10, 32, 3),
         "cifar100": (100, 32, 3),
         "tinyimagenet": (200, 64, 3),
@@ -349,7 +453,7 @@ def test_dataset_table() -> None:
 
 
 def test_unknown_dataset_lists_known_ones() -> None:
-    with pytest.raises(UserError, match="digits, cifar10, cifar100, tinyimagenet"):
+    with pytest.raises(UserError, match="digits, fashion_mnist, cifar10, cifar100, tinyimagenet"):
         load_split("mnist", "data", "train", (0.5,), (0.5,))
 
 
