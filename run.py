@@ -9,8 +9,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from tadfkd.errors import Interrupted, RunStopped, UserError
-from tadfkd.outcome import clear_failure, record_failure
-from tadfkd.train import train
+from tadfkd.job import distil
+from tadfkd.results import clear_failure, echo_traceback, record_failure
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -23,12 +23,13 @@ def main(cfg: DictConfig) -> float | None:
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
     try:
-        results = train(cfg, run_dir)
+        results = distil(cfg, run_dir)
     except Interrupted as stop:  # ends a sweep too; re-running it resumes this job
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except Exception as error:
         if hydra_config.mode == RunMode.MULTIRUN:
+            echo_traceback(error)
             record_failure(run_dir, error, hydra_config.overrides.task)
             return None
         if isinstance(error, UserError):

@@ -21,125 +21,87 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from sklearn.mixture import GaussianMixture
 from torch.utils.flop_counter import FlopCounterMode
 
-from tadfkd.distill import Distiller, EpochMeter, Schedule
-from tadfkd.models import Generator, build_classifier
-from tadfkd.objectives import Objective
-from tadfkd.precision import Precision, prepare_model, resolve_precision
-from tadfkd.selection import GMMSelection
-from tadfkd.train import resolve_device
-from tadfkd.views import Views
+from tadfkd import schema
+from tadfkd.builder import build_distiller
+from tadfkd.distill import Distiller
+from tadfkd.meter import EpochMeter
+from tadfkd.precision import Precision, resolve_precision
+from tadfkd.runtime import resolve_device
+from tadfkd.synthesizer import Scorer
+from tadfkd.teachers import random_teacher
 
 EPOCH_ITERS = 36
-TADFKD_WEIGHTS = {"adversarial": 1.0, "bn": 10.0, "tv": 1.5e-5, "l2": 6e-3}
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# The two settings, as overrides of the run's config: the published CIFAR-10 command, and the
+# digits default (``--small``), both with random-weight networks.
+SETTINGS = {"cifar10": ["experiment=cifar10"], "small": []}
+# What makes the published-style path: fp32, no channels-last, one batch per refill round.
+PUBLISHED_STYLE = [
+    "speed.precision=fp32",
+    "speed.channels_last=false",
+    "speed.refill=single",
+    "speed.static_shapes=false",
+    "speed.fold_teacher_bn=false",
+    "speed.scoring=fp32",
+]
 
 
-@dataclass(frozen=True)
-class Setting:
-    """Networks and rhythm of one benchmarked configuration."""
+class PublishedStyleScorer:
+    """The reference implementation's selection, for timing only (plugged into the
+    synthesizer's ``scorer`` seam): the teacher's logits of the whole test view give the
+    pseudo-labels, then they are recomputed in chunks of 32 and scikit-learn's
+    ``GaussianMixture`` is fitted on the CPU, one batch at a time."""
 
-    teacher: str
-    student: str
-    channels: int
-    image_size: int
-    nz: int
-    width: int
-    batch_size: int
-    student_steps: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_padding: int
-    flip: bool
+    def __init__(self, teacher: torch.nn.Module, threshold: float) -> None:
+        self.teacher = teacher
+        self.threshold = threshold
 
-
-CIFAR10 = Setting(
-    "resnet34", "resnet18", 3, 32, 1000, 128, 1024, 10, CIFAR_MEAN, CIFAR_STD, 4, True
-)
-SMALL = Setting("digits_cnn", "digits_cnn_s", 1, 16, 100, 32, 128, 10, (0.5,), (0.5,), 2, False)
-
-
-class PublishedStyleDistiller(Distiller):
-    """The reference implementation's selection and refill, for timing only (never trained).
-
-    One batch per refill round; the teacher's logits of the whole test view give the
-    pseudo-labels, then the selection recomputes them in chunks of 32 and fits scikit-learn's
-    ``GaussianMixture`` on the CPU, as the published code does.
-    """
-
-    def batches_per_round(self, needed: int) -> int:
-        return 1
-
-    def keep_mask(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            test_view = self.views.test_view(images)
-            labels = self.teacher(test_view).argmax(dim=1)
-            logits = torch.cat([self.teacher(chunk) for chunk in test_view.split(32)])
+    @torch.no_grad()
+    def __call__(self, test_view: torch.Tensor) -> torch.Tensor:
+        labels = self.teacher(test_view).argmax(dim=1)
+        logits = torch.cat([self.teacher(chunk) for chunk in test_view.split(32)])
         losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         losses = losses.cpu().numpy().astype(np.float64)
         span = losses.max() - losses.min()
         if span == 0:  # the reference yields NaN here; keep everything instead
-            return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+            return torch.ones(test_view.shape[0], dtype=torch.bool, device=test_view.device)
         normalised = ((losses - losses.min()) / span).reshape(-1, 1)
         mixture = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4)
         mixture.fit(normalised)
         clean = mixture.predict_proba(normalised)[:, mixture.means_.argmin()]
-        return torch.from_numpy(clean > self.selection.threshold).to(images.device)
+        return torch.from_numpy(clean > self.threshold).to(test_view.device)
 
 
-def build(setting: Setting, device: torch.device, precision: str, published: bool, seed: int):
-    """A ``Distiller`` (or the published-style one) with random-weight networks from ``seed``."""
+def bench_config(overrides: list[str]) -> DictConfig:
+    """The run's config with ``overrides`` (no W&B, no test set needed)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[*overrides, "logger=none"])
+
+
+def build(cfg: DictConfig, device: torch.device, published: bool, seed: int) -> Distiller:
+    """The run's ``Distiller`` (published-style: its ``PUBLISHED_STYLE`` settings and scorer)
+    with random-weight networks from ``seed``."""
     torch.manual_seed(seed)
-    teacher = build_classifier(setting.teacher, 10, setting.channels).eval().requires_grad_(False)
-    student = build_classifier(setting.student, 10, setting.channels)
-    generator = Generator(setting.nz, setting.image_size, setting.channels, setting.width)
+    distiller = build_distiller(cfg, random_teacher(cfg.teacher), device)
     if published:
-        teacher, student, generator = (m.to(device) for m in (teacher, student, generator))
-    else:
-        teacher, student, generator = (
-            prepare_model(m, device) for m in (teacher, student, generator)
-        )
-    student_optimizer = torch.optim.SGD(
-        student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4
-    )
-    kind = PublishedStyleDistiller if published else Distiller
-    return kind(
-        teacher=teacher,
-        student=student,
-        generator=generator,
-        views=Views(setting.mean, setting.std, setting.crop_padding, setting.flip),
-        selection=GMMSelection(),
-        objective=Objective("tadfkd", weights=TADFKD_WEIGHTS),
-        student_optimizer=student_optimizer,
-        generator_optimizer=torch.optim.Adam(generator.parameters(), lr=1e-3),
-        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(student_optimizer, T_max=200),
-        schedule=Schedule(
-            epochs=1,
-            student_steps=setting.student_steps,
-            batch_size=setting.batch_size,
-            nz=setting.nz,
-        ),
-        device=device,
-        precision=Precision("fp32" if published else precision, device),
-    )
+        synthesizer = distiller.synthesizer
+        threshold = cfg.selection.threshold
+        synthesizer.scorer = PublishedStyleScorer(synthesizer.scoring_teacher, threshold)
+    return distiller
 
 
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def iteration(distiller: Distiller) -> None:
-    for _ in range(distiller.schedule.student_steps):
-        distiller.student_step()
-    distiller.generator_step()
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
@@ -168,34 +130,37 @@ class PathStats:
         self.flops_per_iteration = 0.0
         self.flops_per_scored_batch = 0.0
         self.counted_batches = 0.0
-        distiller.keep_mask = self._timed(distiller.keep_mask)
+        self.warmup_seconds = 0.0
+        synthesizer = distiller.synthesizer
+        synthesizer.scorer = self._timed(synthesizer.scorer)
 
-    def _timed(self, keep_mask: Callable[[torch.Tensor], torch.Tensor]):
-        def timed_keep_mask(images: torch.Tensor) -> torch.Tensor:
+    def _timed(self, scorer: Scorer) -> Scorer:
+        def timed_scorer(test_view: torch.Tensor) -> torch.Tensor:
             synchronise(self.device)
             start = time.perf_counter()
-            keep = keep_mask(images)
+            keep = scorer(test_view)
             synchronise(self.device)
             self.selection_seconds += time.perf_counter() - start
             return keep
 
-        return timed_keep_mask
+        return timed_scorer
 
     def count_flops(self) -> None:
         """FLOPs of one iteration, and of generating and scoring one extra batch."""
         distiller = self.distiller
         distiller.meter = EpochMeter()
         with FlopCounterMode(display=False) as counter:
-            iteration(distiller)
+            distiller.iterate()
         self.flops_per_iteration = counter.get_total_flops()
         self.counted_batches = self.batches_generated()
+        synthesizer = distiller.synthesizer
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            distiller.keep_mask(distiller.generate(distiller.schedule.batch_size))
+            synthesizer.keep_mask(synthesizer.generate(distiller.schedule.batch_size))
         self.flops_per_scored_batch = counter.get_total_flops()
 
     def batches_generated(self) -> float:
         """Batches generated in the student steps since the meter was last reset."""
-        return float(self.distiller.meter.sums["selection/generated"]) / (
+        return float(self.distiller.meter.sums[schema.GENERATED]) / (
             self.distiller.schedule.batch_size
         )
 
@@ -208,7 +173,7 @@ class PathStats:
             torch.cuda.reset_peak_memory_stats(self.device)
         synchronise(self.device)
         start = time.perf_counter()
-        iteration(self.distiller)
+        self.distiller.iterate()
         synchronise(self.device)
         self.seconds.append(time.perf_counter() - start)
         if self.device.type == "cuda":
@@ -226,7 +191,7 @@ class PathStats:
             self.flops_per_iteration
             + (batches - self.counted_batches) * self.flops_per_scored_batch
         )
-        used = float(self.distiller.meter.sums["selection/batches_used"]) / iters
+        used = float(self.distiller.meter.sums[schema.BATCHES_USED]) / iters
         return {
             "s_per_iter": per_iteration,
             "s_per_epoch": per_iteration * EPOCH_ITERS,
@@ -261,52 +226,75 @@ def format_value(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
-    parser = argparse.ArgumentParser(
-        prog="python -m tadfkd.bench", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--small", action="store_true", help="digits-sized models, batch 128")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations per path")
-    parser.add_argument("--batch-size", type=int, help="override the setting's batch size")
-    parser.add_argument("--student-steps", type=int, help="override student steps per iteration")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--precision", default="auto", help="fast path: auto, fp32, bf16, fp16")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def compile_path(stats: PathStats) -> None:
+    """``torch.compile`` the path's networks in place, then one warm-up iteration (timed)."""
+    distiller = stats.distiller
+    networks = (distiller.teacher, distiller.inference_teacher, distiller.student)
+    for network in {id(n): n for n in (*networks, distiller.synthesizer.generator)}.values():
+        network.compile()
+    synchronise(stats.device)
+    start = time.perf_counter()
+    distiller.iterate()
+    synchronise(stats.device)
+    stats.warmup_seconds = time.perf_counter() - start
 
-    setting = SMALL if args.small else CIFAR10
-    if args.batch_size:
-        setting = replace(setting, batch_size=args.batch_size)
-    if args.student_steps:
-        setting = replace(setting, student_steps=args.student_steps)
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    matmul_dtype = torch.float32 if precision == "fp32" else Precision(precision).dtype
-    matmul = matmul_rate(device, matmul_dtype)
 
-    paths = {
-        "fast": PathStats(build(setting, device, precision, False, args.seed), device),
-        "published-style": PathStats(build(setting, device, "fp32", True, args.seed), device),
-    }
-    for stats in paths.values():
-        stats.count_flops()  # also the warm-up iteration
-        stats.start_timing()
-    for index in range(args.iters):
-        order = list(paths.values())
-        for stats in order if index % 2 == 0 else order[::-1]:
-            stats.time_iteration()
-    # Measured again after the timed iterations, the higher of the two: load from other jobs
-    # only ever slows it down.
-    matmul = max(matmul, matmul_rate(device, matmul_dtype))
-    figures = {name: stats.figures(matmul) for name, stats in paths.items()}
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
 
+    return int(counters["stats"]["unique_graphs"])
+
+
+def profile(distiller: Distiller, device: torch.device, top: int = 15) -> None:
+    """One iteration under torch's profiler: the top kernels (operators on a CPU) by self
+    time, and the host-side counts per iteration: kernel launches, synchronisations, copies."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    synchronise(device)
+    with torch_profile(activities=activities) as profiler:
+        distiller.iterate()
+        synchronise(device)
+    events = profiler.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of one fast-path iteration, top {top} by {sort}:")
+    print(events.table(sort_by=sort, row_limit=top))
+
+    def count(*fragments: str) -> int:
+        return sum(e.count for e in events if any(f in e.key for f in fragments))
+
+    if device.type == "cuda":
+        print(
+            f"host-side counts per iteration: kernel launches {count('LaunchKernel')}, "
+            f"synchronisations {count('Synchronize')}, copies {count('Memcpy')}"
+        )
+    else:
+        print(f"host-side counts per iteration: operator calls {count('aten::')} (CPU)")
+
+
+def print_table(
+    cfg: DictConfig,
+    device: torch.device,
+    precision: str,
+    matmul: float,
+    matmul_dtype: torch.dtype,
+    iters: int,
+    figures: dict[str, dict[str, float | None]],
+) -> None:
+    """The setting, the measured matmul rate, the figures of both paths and the speed-up."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    trainer, generator = cfg.trainer, cfg.generator
     print(
-        f"device: {name} ({torch.get_num_threads()} CPU threads); fast path precision "
-        f"{precision}; {setting.teacher} -> {setting.student}, batch {setting.batch_size}, "
-        f"{setting.student_steps} student steps + 1 generator step per iteration, generator "
-        f"nz={setting.nz} width {setting.width} at {setting.image_size}px; "
-        f"{args.iters} timed iterations per path after 1 counted warm-up"
+        f"device: {name} ({torch.get_num_threads()} CPU threads, torch {torch.__version__}); "
+        f"fast path precision {precision}; {cfg.teacher.arch} -> {cfg.student.arch}, "
+        f"batch {trainer.batch_size}, {trainer.student_steps} student steps + 1 generator step "
+        f"per iteration, generator nz={generator.nz} width {generator.width} at "
+        f"{cfg.dataset.image_size}px; {iters} timed iterations per path after 1 "
+        "counted warm-up"
     )
     print(
         f"measured matmul rate ({str(matmul_dtype).removeprefix('torch.')}): "
@@ -321,6 +309,70 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         )
     speedup = figures["published-style"]["s_per_iter"] / figures["fast"]["s_per_iter"]
     print(f"speed-up of fast over published-style (time per iteration): {speedup:.3g} x")
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m tadfkd.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--small", action="store_true", help="digits-sized models, batch 128")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per path")
+    parser.add_argument("--batch-size", type=int, help="override the setting's batch size")
+    parser.add_argument("--student-steps", type=int, help="override student steps per iteration")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--precision", default="auto", help="fast path: auto, fp32, bf16, fp16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the fast path (after counting)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one fast-path iteration: top kernels, launches, syncs, copies",
+    )
+    args = parser.parse_args(argv)
+
+    overrides = [*SETTINGS["small" if args.small else "cifar10"], f"runtime.device={args.device}"]
+    if args.batch_size:
+        overrides.append(f"trainer.batch_size={args.batch_size}")
+    if args.student_steps:
+        overrides.append(f"trainer.student_steps={args.student_steps}")
+    fast_cfg = bench_config([*overrides, f"speed.precision={args.precision}"])
+    published_cfg = bench_config([*overrides, *PUBLISHED_STYLE])
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    matmul_dtype = torch.float32 if precision == "fp32" else Precision(precision).dtype
+    matmul = matmul_rate(device, matmul_dtype)
+
+    paths = {
+        "fast": PathStats(build(fast_cfg, device, False, args.seed), device),
+        "published-style": PathStats(build(published_cfg, device, True, args.seed), device),
+    }
+    for stats in paths.values():
+        stats.count_flops()  # also the warm-up iteration
+    if args.compile:
+        compile_path(paths["fast"])
+    for stats in paths.values():
+        stats.start_timing()
+    graphs = compiled_graphs()
+    for index in range(args.iters):
+        order = list(paths.values())
+        for stats in order if index % 2 == 0 else order[::-1]:
+            stats.time_iteration()
+    # Measured again after the timed iterations, the higher of the two: load from other jobs
+    # only ever slows it down.
+    matmul = max(matmul, matmul_rate(device, matmul_dtype))
+    figures = {name: stats.figures(matmul) for name, stats in paths.items()}
+
+    print_table(fast_cfg, device, precision, matmul, matmul_dtype, args.iters, figures)
+    if args.compile:
+        print(
+            f"compile: warm-up (compiling) iteration {paths['fast'].warmup_seconds:.1f} s; "
+            f"graphs compiled during the {args.iters} timed iterations (recompiles): "
+            f"{compiled_graphs() - graphs}"
+        )
+    if args.profile:
+        profile(paths["fast"].distiller, device)
     return figures
 
 

@@ -15,7 +15,6 @@ import io
 import os
 import random
 import signal
-import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from tadfkd.errors import UserError
+from tadfkd.files import publish, write_durably, write_temporary
 
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -81,28 +79,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # -- files --------------------------------------------------------------------------------------
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (a crash after this leaves the whole file)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view) :]
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the renames in ``directory`` durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` as ``run_dir/checkpoint.pt`` atomically; the one before becomes
     ``checkpoint.prev.pt``. A failed write (e.g. disk full) leaves both untouched and is a
@@ -110,11 +86,11 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    latest, temporary = run_dir / LATEST, run_dir / (LATEST + ".tmp")
+    data = MAGIC + hashlib.sha256(payload).digest() + payload
+    latest = run_dir / LATEST
     try:
-        _write_durably(temporary, MAGIC + hashlib.sha256(payload).digest() + payload)
+        temporary = write_temporary(latest, lambda path: write_durably(path, data))
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise UserError(
             f"could not write checkpoint {latest} ({reason}); the previous checkpoint is "
@@ -122,8 +98,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
         ) from None
     if latest.exists():
         os.replace(latest, run_dir / PREVIOUS)
-    os.replace(temporary, latest)
-    _fsync_directory(run_dir)
+    publish(temporary, latest)
     return latest
 
 
@@ -158,34 +133,7 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
     return None
 
 
-# -- run directory and signals ------------------------------------------------------------------
-def ensure_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` and check that files can be written there, or raise a ``UserError``."""
-    probe = run_dir / ".write-test"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_durably(probe, b"")
-        probe.unlink()
-    except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        raise UserError(
-            f"output directory {run_dir} is not writable ({reason}); set hydra.run.dir "
-            "to a directory you can write to."
-        ) from None
-
-
-class WritableRunDir(Callback):
-    """Hydra callback: check the run directory before Hydra writes into it (``hydra.callbacks``),
-    so that an unwritable one is a one-sentence error with exit code 2, not a traceback."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            ensure_writable(Path(str(config.hydra.run.dir)))
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-
-
+# -- signals ------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
     """While inside, SIGTERM and SIGUSR1 call ``request_stop(signal name)`` instead of killing

@@ -23,14 +23,14 @@ channel with the caller's (the teacher's) mean and std as ``(pixel / 255 - mean)
   validation set serves as the test split (the archive's test images carry no labels). The flat
   ``val/images`` folder is sorted into ``val/<wnid>/`` class folders on first use.
 
-Training augmentation (teacher training only): random crop with zero (black) padding of
-2 px (digits, Fashion-MNIST), 4 px (CIFAR) or 8 px (Tiny-ImageNet), plus a horizontal flip
-except for digits.
+Training augmentation (teacher training only) is an ``Augmentation`` given by the caller; each
+dataset's own (crop padding, flip) is ``augmentation`` in ``conf/dataset/<name>.yaml``.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import tarfile
@@ -55,73 +55,49 @@ from tadfkd.errors import DatasetMissing, UserError
 
 
 @dataclass(frozen=True)
-class DatasetInfo:
-    """What a model needs to know about a dataset; ``image_size`` is the side in pixels."""
+class Augmentation:
+    """Random augmentation of real training images (teacher training only): a crop of the
+    original size from the image zero-padded by ``crop_padding`` pixels, a horizontal flip with
+    probability 0.5 when ``flip``, and with probability ``erase`` one random rectangle (2-33% of
+    the image, aspect ratio 0.3-3.3) set to 0 after normalisation (random erasing)."""
 
-    name: str
-    num_classes: int
-    image_size: int
-    channels: int
+    crop_padding: int = 0
+    flip: bool = False
+    erase: float = 0.0
 
-
-DATASETS: dict[str, DatasetInfo] = {
-    info.name: info
-    for info in (
-        DatasetInfo("digits", num_classes=10, image_size=16, channels=1),
-        DatasetInfo("fashion_mnist", num_classes=10, image_size=28, channels=1),
-        DatasetInfo("cifar10", num_classes=10, image_size=32, channels=3),
-        DatasetInfo("cifar100", num_classes=100, image_size=32, channels=3),
-        DatasetInfo("tinyimagenet", num_classes=200, image_size=64, channels=3),
-    )
-}
-
-# (crop padding in pixels, horizontal flip); digits are not flip-invariant (a mirrored 2 is no 2)
-_TRAIN_AUGMENTATION: dict[str, tuple[int, bool]] = {
-    "digits": (2, False),
-    "fashion_mnist": (2, True),
-    "cifar10": (4, True),
-    "cifar100": (4, True),
-    "tinyimagenet": (8, True),
-}
 
 _TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name``; an unknown name is a :class:`UserError`."""
-    if name not in DATASETS:
-        raise UserError(f"Unknown dataset '{name}'; choose one of {', '.join(DATASETS)}.")
-    return DATASETS[name]
-
-
 class ImageTransform:
-    """One image (C, H, W), uint8 in [0, 255] or float in [0, 1], to a normalised float32 image.
+    """One image (C, H, W), uint8 in [0, 255] or float in [0, 1], to a normalised float32 image,
+    augmented by ``augmentation`` first (crop, flip) and last (erasing) when one is given.
 
-    With ``crop_padding`` > 0 it first takes a random crop of the original size from the image
-    padded with black; with ``flip`` it mirrors left-right with probability 0.5. Randomness
-    comes from torch's global generator (seeded per worker by the DataLoader).
+    Randomness comes from torch's global generator (seeded per worker by the DataLoader).
     """
 
     def __init__(
         self,
         mean: Sequence[float],
         std: Sequence[float],
-        crop_padding: int = 0,
-        flip: bool = False,
+        augmentation: Augmentation | None = None,
     ) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.crop_padding = crop_padding
-        self.flip = flip
+        self.augmentation = augmentation or Augmentation()
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if self.crop_padding:
-            image = _random_crop(image, self.crop_padding)
-        if self.flip and torch.rand(()) < 0.5:
+        augmentation = self.augmentation
+        if augmentation.crop_padding:
+            image = _random_crop(image, augmentation.crop_padding)
+        if augmentation.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         pixels = image.float() / 255 if image.dtype == torch.uint8 else image.float()
         # out of place: for float images .float() is the stored tensor itself
-        return (pixels - self.mean) / self.std
+        normalised = (pixels - self.mean) / self.std
+        if augmentation.erase and torch.rand(()) < augmentation.erase:
+            normalised = _erase_rectangle(normalised)
+        return normalised
 
 
 def _random_crop(image: torch.Tensor, padding: int) -> torch.Tensor:
@@ -130,6 +106,25 @@ def _random_crop(image: torch.Tensor, padding: int) -> torch.Tensor:
     top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
     padded = F.pad(image, (padding, padding, padding, padding))
     return padded[:, top : top + height, left : left + width]
+
+
+def _erase_rectangle(image: torch.Tensor) -> torch.Tensor:
+    """``image`` (C, H, W) with one random rectangle of 2-33% of its area set to 0 (random
+    erasing, Zhong et al. 2020, with torchvision's default ranges); up to 10 draws for a
+    rectangle that fits, else unchanged."""
+    height, width = image.shape[-2:]
+    for _ in range(10):
+        area = height * width * float(torch.empty(()).uniform_(0.02, 0.33))
+        log_ratio = torch.empty(()).uniform_(math.log(0.3), math.log(1 / 0.3))
+        ratio = math.exp(float(log_ratio))
+        h, w = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < h < height and 0 < w < width:
+            top = int(torch.randint(0, height - h + 1, ()))
+            left = int(torch.randint(0, width - w + 1, ()))
+            erased = image.clone()
+            erased[:, top : top + h, left : left + w] = 0
+            return erased
+    return image
 
 
 class InMemoryImages(Dataset):
@@ -151,6 +146,11 @@ class InMemoryImages(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def channels(self) -> int:
+        """Channels per image."""
+        return self.images.shape[1]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(self.images[index]), int(self.labels[index])
 
@@ -161,36 +161,28 @@ def load_split(
     split: str,
     mean: Sequence[float],
     std: Sequence[float],
-    augment: bool = False,
+    augmentation: Augmentation | None = None,
     download: bool = True,
 ) -> Dataset:
     """The ``split`` ("train" or "test") of dataset ``name`` stored under the folder ``root``.
 
     Items are (image float32 (C, H, W) normalised with ``mean``/``std``, int label). ``mean``
-    and ``std`` are per channel, in units of [0, 1] pixel intensity. ``augment`` adds the
-    training augmentation (random crop, flip) described in the module docstring. ``download``
-    lets CIFAR be fetched when it is missing; digits need no files and Tiny-ImageNet is never
-    downloaded.
+    and ``std`` are per channel, in units of [0, 1] pixel intensity. ``augmentation`` (teacher
+    training) augments each image as it is read. ``download`` lets CIFAR and Fashion-MNIST be
+    fetched when missing; digits need no files and Tiny-ImageNet is never downloaded.
     """
-    info = dataset_info(name)
+    if name not in LOADERS:
+        raise UserError(f"Unknown dataset '{name}'; choose one of {', '.join(LOADERS)}.")
     if split not in ("train", "test"):
         raise UserError(f"Unknown split '{split}' for dataset {name}; use 'train' or 'test'.")
-    if len(mean) != info.channels or len(std) != info.channels:
+    transform = ImageTransform(mean, std, augmentation)
+    dataset = LOADERS[name](Path(root).expanduser(), split == "train", download, transform)
+    if len(mean) != dataset.channels or len(std) != dataset.channels:
         raise UserError(
             f"Normalisation mean {list(mean)} / std {list(std)} must have one value per channel "
-            f"of {name} ({info.channels}); set the teacher's mean and std accordingly."
+            f"of {name} ({dataset.channels}); set the teacher's mean and std accordingly."
         )
-    crop_padding, flip = _TRAIN_AUGMENTATION[name] if augment else (0, False)
-    transform = ImageTransform(mean, std, crop_padding, flip)
-    train = split == "train"
-    if name == "digits":
-        return InMemoryImages(*_load_digits(train), transform)
-    if name == "fashion_mnist":
-        images, labels = _load_fashion_mnist(Path(root).expanduser(), train, download)
-        return InMemoryImages(images, labels, transform)
-    if name == "tinyimagenet":
-        return _load_tiny_imagenet(Path(root).expanduser(), train, transform)
-    return InMemoryImages(*_load_cifar(name, Path(root).expanduser(), train, download), transform)
+    return dataset
 
 
 def make_loader(
@@ -237,11 +229,12 @@ class _CifarSource:
     title: str
     torchvision_class: type[CIFAR10]
     label_key: str
+    num_classes: int
 
 
 _CIFAR_SOURCES = {
-    "cifar10": _CifarSource("CIFAR-10", CIFAR10, "labels"),
-    "cifar100": _CifarSource("CIFAR-100", CIFAR100, "fine_labels"),
+    "cifar10": _CifarSource("CIFAR-10", CIFAR10, "labels", 10),
+    "cifar100": _CifarSource("CIFAR-100", CIFAR100, "fine_labels", 100),
 }
 
 
@@ -260,7 +253,7 @@ def _load_cifar(
     files = [folder / file_name for file_name, _md5 in (tv.train_list if train else tv.test_list)]
     if not all(path.is_file() for path in files):
         _download_cifar(source, root, download)
-    batches = [_read_cifar_batch(path, source, DATASETS[name].num_classes) for path in files]
+    batches = [_read_cifar_batch(path, source, source.num_classes) for path in files]
     images = np.concatenate([data for data, _labels in batches]).reshape(-1, 3, 32, 32)
     labels = np.concatenate([labels for _data, labels in batches])
     return torch.from_numpy(images), torch.from_numpy(labels)
@@ -375,7 +368,9 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         raise ValueError(f"does not start with the IDX magic number {magic}")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     if len(data) - header != int(np.prod(shape)):
-        raise ValueError(f"holds {len(data) - header} bytes of data, not the {shape} its header says")
+        raise ValueError(
+            f"holds {len(data) - header} bytes of data, not the {shape} its header says"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -502,6 +497,8 @@ class _WnidImageFolder(ImageFolder):
     A stray folder (such as a leftover ``val/images``) thus never becomes a class.
     """
 
+    channels = 3  # every image is read as RGB
+
     def __init__(
         self,
         directory: Path,
@@ -513,3 +510,33 @@ class _WnidImageFolder(ImageFolder):
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         return self.wnids, {wnid: index for index, wnid in enumerate(self.wnids)}
+
+
+def _digits(_root: Path, train: bool, _download: bool, transform: ImageTransform) -> Dataset:
+    return InMemoryImages(*_load_digits(train), transform)
+
+
+def _fashion_mnist(root: Path, train: bool, download: bool, transform: ImageTransform) -> Dataset:
+    return InMemoryImages(*_load_fashion_mnist(root, train, download), transform)
+
+
+def _cifar(name: str) -> Callable[[Path, bool, bool, ImageTransform], Dataset]:
+    def load(root: Path, train: bool, download: bool, transform: ImageTransform) -> Dataset:
+        return InMemoryImages(*_load_cifar(name, root, train, download), transform)
+
+    return load
+
+
+def _tiny_imagenet(root: Path, train: bool, _download: bool, transform: ImageTransform) -> Dataset:
+    return _load_tiny_imagenet(root, train, transform)
+
+
+# dataset name -> reader (root, train split?, download allowed?, transform) -> dataset; what a
+# dataset is (classes, image size, channels, augmentation) lives in conf/dataset/<name>.yaml
+LOADERS: dict[str, Callable[[Path, bool, bool, ImageTransform], Dataset]] = {
+    "digits": _digits,
+    "fashion_mnist": _fashion_mnist,
+    "cifar10": _cifar("cifar10"),
+    "cifar100": _cifar("cifar100"),
+    "tinyimagenet": _tiny_imagenet,
+}

@@ -2,7 +2,8 @@
 
 Methods differ only here (and in their ``selection`` choice); the loop in ``tadfkd.distill`` is
 shared. A method is a config in ``conf/method/`` naming this class with its loss weights; a
-method whose terms are not a weighted sum of the ones below adds one small subclass.
+method whose terms are not a weighted sum of the ones below adds one small subclass. Each
+objective registers the forward hooks its terms need in ``attach`` (``tadfkd.recorders``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from torch import nn
 
 from tadfkd import losses
 from tadfkd.errors import UserError
+from tadfkd.models import classifier_layer, module_path
+from tadfkd.recorders import ForwardHooks, bn_statistics_term, paths_of
 
 STUDENT_LOSSES = {
     "l1": losses.student_l1,
@@ -47,17 +50,13 @@ def _tempered(loss, name: str, temperature: float):
 
 @dataclass
 class GeneratorBatch:
-    """Everything a generator objective may use from one generator step.
-
-    ``images`` is the whole train view (B, C, H, W); the logits and features are those of the
-    samples the selection kept; ``bn_statistics`` is the teacher's BN term on those samples.
-    """
+    """What the loop hands a generator objective from one generator step: the whole train view
+    ``images`` (B, C, H, W) and the logits (N, K) of the samples the selection kept, from the
+    teacher's and the student's forward on them (the teacher's hooks recorded that forward)."""
 
     images: torch.Tensor
     student_logits: torch.Tensor
     teacher_logits: torch.Tensor
-    bn_statistics: torch.Tensor | None
-    teacher_features: torch.Tensor | None
 
 
 class Objective:
@@ -101,17 +100,30 @@ class Objective:
         self._student_loss = _tempered(STUDENT_LOSSES[student_loss], student_loss, temperature)
         self._adversarial = _tempered(ADVERSARIAL_LOSSES[adversarial], adversarial, temperature)
         self.detach_teacher = detach_teacher
+        self._teacher_hooks: ForwardHooks | None = None
+        self._bn_paths: list[str] = []
+        self._classifier_path = ""
 
-    def attach(self, teacher: nn.Module, student: nn.Module) -> None:
-        """Register whatever forward hooks the objective needs (none for a weighted sum)."""
+    def attach(
+        self, teacher: nn.Module, student: nn.Module, inference_teacher: nn.Module | None = None
+    ) -> None:
+        """Register the hooks the terms need. ``teacher`` runs the generator step's forward
+        (the one with gradients): hooks on every BatchNorm2d's input statistics for ``bn``, and
+        on the classifier's input (the penultimate features) for ``activation``.
+        ``inference_teacher`` (default ``teacher``) runs the student steps' no-grad forwards."""
+        hooks = self._teacher_hooks = ForwardHooks(teacher)
+        if self.weights["bn"]:
+            self._bn_paths = paths_of(teacher, nn.BatchNorm2d)
+            for path in self._bn_paths:
+                hooks.add(path, "input", bn_statistics_term, with_grad_only=True)
+        if self.weights["activation"]:
+            self._classifier_path = module_path(teacher, classifier_layer(teacher))
+            hooks.add(self._classifier_path, "input", with_grad_only=True)
 
-    @property
-    def needs_bn_statistics(self) -> bool:
-        return self.weights["bn"] != 0.0
-
-    @property
-    def needs_teacher_features(self) -> bool:
-        return self.weights["activation"] != 0.0
+    def bn_statistics(self) -> torch.Tensor:
+        """The BN-statistics term (DeepInversion), summed over the teacher's BatchNorm2d layers,
+        of its last forward with gradients."""
+        return torch.stack([self._teacher_hooks[path] for path in self._bn_paths]).sum()
 
     def student(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
@@ -130,7 +142,7 @@ class Objective:
                 teacher_logits = teacher_logits.detach()
             terms["adversarial"] = self._adversarial(batch.student_logits, teacher_logits)
         if w["bn"]:
-            terms["bn"] = batch.bn_statistics
+            terms["bn"] = self.bn_statistics()
         if w["tv"]:
             terms["tv"] = losses.total_variation(batch.images)
         if w["l2"]:
@@ -138,7 +150,8 @@ class Objective:
         if w["class_prior"]:
             terms["class_prior"] = losses.class_prior(batch.teacher_logits)
         if w["activation"]:
-            terms["activation"] = losses.activation_loss(batch.teacher_features)
+            features = self._teacher_hooks[self._classifier_path]
+            terms["activation"] = losses.activation_loss(features)
         if w["info_entropy"]:
             terms["info_entropy"] = losses.information_entropy(batch.teacher_logits)
         if w["balance"]:
@@ -161,17 +174,21 @@ class AttentionTransferObjective(Objective):
     def __init__(self, *args, attention_weight: float = 250.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.attention_weight = attention_weight
-        self._recorders: dict[str, _StageOutputs] = {}
+        self._stages: dict[str, ForwardHooks] = {}
 
-    def attach(self, teacher: nn.Module, student: nn.Module) -> None:
-        self._recorders = {"teacher": _StageOutputs(teacher), "student": _StageOutputs(student)}
+    def attach(
+        self, teacher: nn.Module, student: nn.Module, inference_teacher: nn.Module | None = None
+    ) -> None:
+        super().attach(teacher, student, inference_teacher)
+        frozen = teacher if inference_teacher is None else inference_teacher
+        self._stages = {"teacher": stage_ends(frozen), "student": stage_ends(student)}
 
     def student(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, terms = super().student(student_logits, teacher_logits)
-        teacher_maps = self._recorders["teacher"].by_resolution()
-        student_maps = self._recorders["student"].by_resolution()
+        teacher_maps = self._stages["teacher"].take()
+        student_maps = self._stages["student"].take()
         shared = sorted(set(teacher_maps) & set(student_maps), reverse=True)
         if not shared:
             raise UserError(
@@ -185,24 +202,18 @@ class AttentionTransferObjective(Objective):
         return loss + self.attention_weight * attention, terms
 
 
-class _StageOutputs:
-    """Outputs of the last-finishing module at each spatial resolution of a network."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self._outputs: dict[tuple[int, int], torch.Tensor] = {}
-        self._handles = [
-            module.register_forward_hook(self._record)
-            for name, module in model.named_modules()
-            # the root's output is the logits; a normalisation layer ends no stage
-            if name and not isinstance(module, nn.modules.batchnorm._BatchNorm)
-        ]
-
-    def _record(self, _module: nn.Module, _inputs, output) -> None:
-        if torch.is_tensor(output) and output.dim() == 4:
-            # Hooks fire as modules finish, so the last write per size is the stage's end.
-            self._outputs[tuple(output.shape[-2:])] = output
-
-    def by_resolution(self) -> dict[tuple[int, int], torch.Tensor]:
-        """The recorded stage ends of the most recent forward, keyed by (H, W)."""
-        outputs, self._outputs = self._outputs, {}
-        return outputs
+def stage_ends(model: nn.Module) -> ForwardHooks:
+    """Hooks recording, on every forward, the 4-D output of the last module to finish at each
+    spatial resolution (hooks fire as modules finish), keyed by (H, W): the stage ends. The root
+    (whose output is the logits) and normalisation layers (which end no stage) are skipped."""
+    hooks = ForwardHooks(model)
+    for name, module in model.named_modules():
+        if name and not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            hooks.add(
+                name,
+                transform=lambda _module, out: (
+                    out if torch.is_tensor(out) and out.dim() == 4 else None
+                ),
+                key=lambda out: tuple(out.shape[-2:]),
+            )
+    return hooks

@@ -1,10 +1,10 @@
 """Numeric precision and memory layout of the training loop (speed settings, same computation).
 
-``precision=auto`` picks the fastest safe setting: bf16 autocast on CUDA, fp32 on the CPU
+``speed.precision=auto`` picks the fastest safe setting: bf16 autocast on CUDA, fp32 on the CPU
 (where bf16 matmuls are rarely faster). Under autocast the convolutions and linear layers run in
 the low precision; everything that decides or accumulates stays in fp32 or fp64: the loss terms
 upcast their inputs (``tadfkd.losses``), the BN-statistics hooks upcast the layer inputs
-(``tadfkd.hooks``), the mixture fit runs in fp64 (``tadfkd.selection``), and the weights and
+(``tadfkd.recorders``), the mixture fit runs in fp64 (``tadfkd.selection``), and the weights and
 optimiser states are fp32 (autocast never changes them).
 """
 
@@ -25,17 +25,18 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if name not in DTYPES:
-        raise UserError(f"precision={name} is unknown; use auto, fp32, bf16 or fp16.")
+        raise UserError(f"speed.precision={name} is unknown; use auto, fp32, bf16 or fp16.")
     if name == "fp16" and device.type != "cuda":
-        raise UserError("precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU.")
+        raise UserError("speed.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU.")
     return name
 
 
 class Precision:
     """Autocast context for forward passes, and a backward + optimiser step that fits it.
 
-    fp16 scales each loss with one ``GradScaler`` per optimiser (fp16 gradients underflow
-    otherwise); fp32 and bf16 step plainly.
+    fp16 scales each loss with one ``GradScaler`` per optimiser, named by the caller (fp16
+    gradients underflow otherwise), whose states ``state_dict`` carries into checkpoints; fp32
+    and bf16 step plainly.
     """
 
     def __init__(self, name: str = "fp32", device: torch.device | str = "cpu") -> None:
@@ -44,7 +45,7 @@ class Precision:
         self.name = name
         self.device_type = torch.device(device).type
         self.dtype = DTYPES[name]
-        self._scalers: dict[int, torch.amp.GradScaler] = {}
+        self._scalers: dict[str, torch.amp.GradScaler] = {}
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for forward passes: autocast to ``dtype``, or nothing for fp32."""
@@ -52,27 +53,35 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """``loss.backward()`` then ``optimizer.step()`` (loss-scaled under fp16)."""
+    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, name: str) -> None:
+        """``loss.backward()`` then ``optimizer.step()``; under fp16 loss-scaled by the
+        scaler of optimiser ``name`` (e.g. "student")."""
         if self.name != "fp16":
             loss.backward()
             optimizer.step()
             return
-        scaler = self._scalers.setdefault(id(optimizer), torch.amp.GradScaler(self.device_type))
+        scaler = self._scaler(name)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
 
+    def _scaler(self, name: str) -> torch.amp.GradScaler:
+        if name not in self._scalers:
+            self._scalers[name] = torch.amp.GradScaler(self.device_type)
+        return self._scalers[name]
 
-def prepare_model(model: nn.Module, device: torch.device, compile: bool = False) -> nn.Module:
-    """Move ``model`` to ``device``; channels-last on CUDA; optionally ``torch.compile`` it.
+    def state_dict(self) -> dict[str, dict]:
+        """The gradient scalers' states by optimiser name (empty unless fp16)."""
+        return {name: scaler.state_dict() for name, scaler in self._scalers.items()}
 
-    Parameters keep their identity and names (``nn.Module.compile`` compiles in place), so
-    optimisers, hooks and checkpoints see the same module either way.
-    """
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for name, scaler_state in state.items():
+            self._scaler(name).load_state_dict(scaler_state)
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = False):
+    """Move ``model`` to ``device``, channels-last when asked (the faster layout on CUDA)."""
     model = model.to(device)
-    if device.type == "cuda":
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model.compile()
     return model

@@ -28,7 +28,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from tadfkd.errors import UserError
-from tadfkd.outcome import FAILED_FILE, RESULTS_FILE, run_status
+from tadfkd.results import FAILED_FILE, RESULTS_FILE, run_status
 
 # results.json key -> how the report names it
 ACCURACIES = {

@@ -171,7 +171,6 @@ class NoSelection:
     """Keep every generated sample (the published ``basic`` ablation and the baselines)."""
 
     enabled = False
-    threshold = None
     max_batches = 1
 
     def keep_mask(self, teacher_logits: torch.Tensor, chunk_size: int) -> torch.Tensor:

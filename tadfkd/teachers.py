@@ -22,14 +22,13 @@ from torch import nn
 
 from tadfkd.errors import UserError
 from tadfkd.files import replace_atomically, write_json
-from tadfkd.models import ARCHITECTURES, build_classifier, classifier_layer
+from tadfkd.models import ARCHITECTURES, build_classifier, classifier_layer, module_path
 
 RESAVE_HINT = "re-save its weights with torch.save(model.state_dict(), 'teacher.pt')"
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The parameter and buffer tensors stored in the checkpoint at `path`, on the CPU, with
-    any `module.` prefix removed."""
+def check_teacher_file(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path`` if it is a regular file, else a one-sentence ``UserError``."""
     path = Path(path)
     if not path.exists():
         raise UserError(
@@ -40,6 +39,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(
             f"teacher checkpoint {path} is a directory; set teacher.checkpoint to the .pt file"
         )
+    if not path.is_file():  # a FIFO or a device such as /dev/zero would be read forever
+        raise UserError(
+            f"teacher checkpoint {path} is not a regular file; set teacher.checkpoint to the "
+            ".pt file"
+        )
+    return path
+
+
+def teacher_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of the teacher file at ``path`` (checked first): its identity."""
+    return file_sha256(check_teacher_file(path))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The parameter and buffer tensors stored in the checkpoint at `path`, on the CPU, with
+    any `module.` prefix removed."""
+    path = check_teacher_file(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load fails in many ways on a damaged file
@@ -108,7 +124,7 @@ def load_classifier(
     unexpected = [key for key in state_dict if key not in expected]
     if missing or unexpected:
         raise UserError(_architecture_mismatch(path, arch, state_dict, missing, unexpected))
-    head = f"{_module_name(model, classifier_layer(model))}.weight"
+    head = f"{module_path(model, classifier_layer(model))}.weight"
     file_classes = state_dict[head].shape[0]
     if file_classes != num_classes:
         raise UserError(
@@ -131,15 +147,22 @@ def load_classifier(
             f"{tuple(state_dict[key].shape)} in the file but {tuple(expected[key].shape)} in "
             f"the model){_guess(_matching_architectures(state_dict))}"
         )
+    for key, tensor in state_dict.items():
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise UserError(
+                f"teacher checkpoint {path} stores {key} as {tensor.dtype}, not floating point; "
+                f"{RESAVE_HINT}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"teacher checkpoint {path} holds NaN or infinite values in {key}, so it cannot "
+                "teach; use a teacher whose training did not diverge"
+            )
     model.load_state_dict(state_dict, strict=True)
     model.eval()
     if freeze:
         model.requires_grad_(False)
     return model
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
 def _first_conv_name(model: nn.Module) -> str:
@@ -193,7 +216,7 @@ def _same_layout(factory: Callable[..., nn.Module], state_dict: Mapping[str, tor
     expected = model.state_dict()
     if expected.keys() != state_dict.keys():
         return False
-    head = _module_name(model, classifier_layer(model))
+    head = module_path(model, classifier_layer(model))
     free_dim = {f"{head}.weight": 0, f"{head}.bias": 0, f"{_first_conv_name(model)}.weight": 1}
     for key, tensor in expected.items():
         shape, file_shape = list(tensor.shape), list(state_dict[key].shape)
@@ -205,7 +228,7 @@ def _same_layout(factory: Callable[..., nn.Module], state_dict: Mapping[str, tor
     return True
 
 
-def save_checkpoint(
+def save_teacher(
     model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Writes `model`'s state dict (plain CPU tensors) to `path` and `metadata` plus the file's
@@ -219,14 +242,13 @@ def save_checkpoint(
     state_dict = {key: value.detach().cpu().clone() for key, value in model.state_dict().items()}
     # Write then rename, so that an interrupted save never leaves a truncated teacher behind.
     replace_atomically(path, lambda temporary: torch.save(state_dict, temporary))
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    written = {**metadata, "sha256": digest}
+    written = {**metadata, "sha256": file_sha256(path)}
     write_json(path.with_suffix(".json"), written, sort_keys=True)
     return written
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The metadata written beside the checkpoint at `path` by `save_checkpoint`, or None if
+    """The metadata written beside the checkpoint at `path` by `save_teacher`, or None if
     there is no `.json` file beside it."""
     meta_path = Path(path).with_suffix(".json")
     if not meta_path.is_file():
@@ -251,6 +273,16 @@ class Teacher:
     std: tuple[float, ...]
     checkpoint: str
     name: str
+    sha256: str = ""  # of the checkpoint file: the teacher's identity, wherever the file lies
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_teacher(
@@ -284,4 +316,20 @@ def load_teacher(
         std=std_tuple,
         checkpoint=str(checkpoint),
         name=name or Path(checkpoint).stem,
+        sha256=file_sha256(checkpoint),
+    )
+
+
+def random_teacher(node: Mapping[str, Any]) -> Teacher:
+    """The architecture of a teacher option (``arch``, ``num_classes``, ``in_channels``,
+    ``mean``, ``std``) with random weights, frozen: for benchmarks and tests (no file)."""
+    model = build_classifier(node["arch"], int(node["num_classes"]), int(node["in_channels"]))
+    return Teacher(
+        model=model.eval().requires_grad_(False),
+        arch=node["arch"],
+        num_classes=int(node["num_classes"]),
+        mean=tuple(float(value) for value in node["mean"]),
+        std=tuple(float(value) for value in node["std"]),
+        checkpoint="(random weights)",
+        name=f"random_{node['arch']}",
     )

@@ -20,7 +20,6 @@ class NullTracker:
     """Logs nothing (``logger=none``)."""
 
     run_id: str | None = None
-    mode = "none"
 
     def __init__(self, **_tracker_arguments: Any) -> None:
         """Accept (and ignore) the arguments every tracker is built with."""
@@ -89,7 +88,6 @@ class WandbTracker:
                 stacklevel=2,
             )
             self.run = wandb.init(mode="offline", **kwargs)
-        self.mode = "offline" if self.run.settings._offline else mode
         self.run_id = self.run.id
         self._failed = False
 

@@ -8,6 +8,7 @@ weights and reports the same test accuracy.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,14 +19,17 @@ import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
 
-from tadfkd.data import load_split, make_loader
-from tadfkd.distill import evaluate
+from tadfkd.config import validate
+from tadfkd.data import Augmentation, load_split, make_loader
 from tadfkd.errors import UserError
-from tadfkd.files import write_json
+from tadfkd.evaluation import evaluate
+from tadfkd.files import probe_writable, write_json
 from tadfkd.models import build_classifier
-from tadfkd.teachers import save_checkpoint
-from tadfkd.train import resolve_device, seed_everything
+from tadfkd.runtime import resolve_device, seed_everything, set_threads
+from tadfkd.teachers import save_teacher
 
 # Command-line overrides that change the trained teacher, and so name its file.
 _VARIANT_KEYS = ("seed", "teacher.arch", "recipe.")
@@ -55,44 +59,64 @@ def output_path(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
     return checkpoint.with_name("_".join(parts) + checkpoint.suffix)
 
 
-def train_teacher(
-    cfg: DictConfig, run_dir: Path, output: Path | None = None, command: str = ""
-) -> dict:
-    """Train one teacher and save it to ``output`` (default: ``teacher.checkpoint``); returns
-    its metadata (test accuracy as a fraction; ``command``, the command line that trained it,
-    is recorded)."""
-    recipe = cfg.recipe
-    if int(recipe.epochs) < 1 or int(recipe.batch_size) < 1 or not float(recipe.lr) > 0:
-        raise UserError("recipe.epochs, recipe.batch_size and recipe.lr must be positive.")
-    started = time.perf_counter()
-    if cfg.threads:
-        # Reductions split over threads add in another order: fix the count to fix the result.
-        torch.set_num_threads(int(cfg.threads))
-    seed_everything(int(cfg.seed))
-    device = resolve_device(str(cfg.device))
-    teacher = cfg.teacher
+def check_output(path: Path, overwrite: bool) -> None:
+    """Refuse, before any training, an output that exists (unless ``overwrite``) or that cannot
+    be written: a directory, a path under a file, a read-only folder."""
+    if path.is_dir():
+        raise UserError(f"output {path} is a directory; set output=/path/to/teacher.pt.")
+    if path.exists() and not overwrite:
+        raise UserError(
+            f"teacher file {path} exists already; pick a new output=/path.pt, or set "
+            "overwrite=true to replace it."
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe_writable(path.parent)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise UserError(
+            f"output {path} cannot be written ({reason}); set output= to a path in a folder "
+            "you can write to."
+        ) from None
+
+
+def loaders(cfg: DictConfig) -> tuple[DataLoader, DataLoader]:
+    """The real training split (augmented per the dataset and the recipe, shuffled by the
+    seed) and the test split, normalised with the teacher's constants."""
+    teacher, recipe = cfg.teacher, cfg.recipe
+    augmentation = Augmentation(
+        int(cfg.dataset.augmentation.crop_padding),
+        bool(cfg.dataset.augmentation.flip),
+        float(recipe.erase),
+    )
     splits = {
         split: load_split(
             cfg.dataset.name,
-            cfg.dataset.root,
+            cfg.paths.data,
             split,
             mean=teacher.mean,
             std=teacher.std,
-            augment=split == "train" and bool(recipe.augment),
-            download=bool(cfg.dataset.download),
+            augmentation=augmentation if split == "train" and bool(recipe.augment) else None,
+            download=bool(cfg.runtime.download),
         )
         for split in ("train", "test")
     }
-    train_loader = make_loader(
-        splits["train"],
-        int(recipe.batch_size),
-        shuffle=True,
-        num_workers=int(cfg.num_workers),
-        seed=int(cfg.seed),
+    workers = int(cfg.runtime.num_workers)
+    train = make_loader(
+        splits["train"], int(recipe.batch_size), True, num_workers=workers, seed=int(cfg.seed)
     )
-    test_loader = make_loader(splits["test"], 1024, shuffle=False, num_workers=int(cfg.num_workers))
-    model = build_classifier(teacher.arch, int(teacher.num_classes), int(teacher.in_channels))
-    model = model.to(device)
+    return train, make_loader(splits["test"], 1024, shuffle=False, num_workers=workers)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    recipe: DictConfig,
+    device: torch.device,
+) -> float:
+    """SGD with momentum and cosine annealing for ``recipe.epochs`` epochs, a line per epoch;
+    returns the final test accuracy (a fraction)."""
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=float(recipe.lr),
@@ -119,7 +143,27 @@ def train_teacher(
             f"{float(total_loss) / len(train_loader):.4f}, test accuracy {100 * accuracy:.2f}%",
             flush=True,
         )
-    checkpoint = output or Path(teacher.checkpoint)
+    return accuracy
+
+
+def train_teacher(
+    cfg: DictConfig, run_dir: Path, output: Path | None = None, command: str = ""
+) -> dict:
+    """Train one teacher and save it to ``output`` (default: ``teacher.checkpoint``); returns
+    its metadata (test accuracy as a fraction; ``command``, the command line that trained it,
+    is recorded)."""
+    validate(cfg)
+    checkpoint = output or Path(cfg.teacher.checkpoint)
+    check_output(checkpoint, bool(cfg.overwrite))
+    started = time.perf_counter()
+    # Reductions split over threads add in another order: fix the count to fix the result.
+    set_threads(cfg.runtime.threads)
+    seed_everything(int(cfg.seed))
+    device = resolve_device(str(cfg.runtime.device))
+    teacher = cfg.teacher
+    train_loader, test_loader = loaders(cfg)
+    model = build_classifier(teacher.arch, int(teacher.num_classes), int(teacher.in_channels))
+    accuracy = fit(model.to(device), train_loader, test_loader, cfg.recipe, device)
     metadata = {
         "name": checkpoint.stem,
         "arch": teacher.arch,
@@ -128,14 +172,14 @@ def train_teacher(
         "in_channels": int(teacher.in_channels),
         "mean": list(teacher.mean),
         "std": list(teacher.std),
-        "recipe": OmegaConf.to_container(recipe, resolve=True),
+        "recipe": OmegaConf.to_container(cfg.recipe, resolve=True),
         "seed": int(cfg.seed),
         "threads": torch.get_num_threads(),
         "test_acc": accuracy,
         "train_time_s": time.perf_counter() - started,
         "command": command,
     }
-    metadata = save_checkpoint(model.cpu(), checkpoint, metadata)
+    metadata = save_teacher(model.cpu(), checkpoint, metadata)
     write_json(run_dir / "teacher.json", {**metadata, "checkpoint": str(checkpoint)})
     print(f"saved {checkpoint} (test accuracy {100 * accuracy:.2f}%)")
     return metadata

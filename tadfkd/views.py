@@ -27,11 +27,18 @@ class Views:
         self.std = torch.tensor([float(s) for s in std]).view(1, -1, 1, 1)
         self.crop_padding = crop_padding
         self.flip = flip
+        # the constants on each (device, dtype) seen, copied there once rather than every call
+        self._constants: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """Per-channel (x - mean) / std with the teacher's training constants."""
-        mean = self.mean.to(device=images.device, dtype=images.dtype)
-        std = self.std.to(device=images.device, dtype=images.dtype)
+        key = (images.device, images.dtype)
+        if key not in self._constants:
+            self._constants[key] = (
+                self.mean.to(device=images.device, dtype=images.dtype),
+                self.std.to(device=images.device, dtype=images.dtype),
+            )
+        mean, std = self._constants[key]
         return (images - mean) / std
 
     def test_view(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,25 +1,17 @@
-"""Shared fixtures: composing the real config tree, and a CUDA skip marker."""
-
-from pathlib import Path
+"""Shared fixtures: the tiny job config (``debug=tiny``) and a CUDA skip marker. Helpers that
+are not fixtures live in ``helpers.py``."""
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import compose_config
 from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 
-
-def compose_config(overrides: list[str] = (), config_name: str = "config") -> DictConfig:
-    """The config ``run.py`` would see with these command-line overrides (hydra node included)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides), return_hydra_config=True)
-
-
-def options(group: str) -> list[str]:
-    """Every option of a config group, by file name."""
-    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+@pytest.fixture
+def tiny_job() -> DictConfig:
+    """The digits job's own config shrunk by ``debug=tiny`` (seconds on a CPU, no W&B), as
+    ``tadfkd.job.distil`` receives it; tests add what they need with ``OmegaConf.update``."""
+    return compose_config(["debug=tiny", "runtime.device=cpu"], hydra_node=False)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,67 +1,105 @@
 """Every bad input of the README's bad-input table, driven through ``run.py``: it ends before
-any work, in one sentence, with exit code 2 (Hydra's own message and code for an unknown option).
+any training, in one sentence, with exit code 2 (Hydra's own message and code for an unknown
+option), and leaves no checkpoint behind.
 
 The runs fail fast, so they are started together (a few at a time) by one fixture and each test
 reads its own outcome.
 """
 
-import subprocess
-import sys
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config
-from test_resume import environment
+import torch
+from helpers import ROOT, compose_config, run_entry
 
 from tadfkd.checkpoint import LATEST, save_checkpoint
-from tadfkd.train import run_identity
+from tadfkd.config import run_identity
+from tadfkd.models import build_classifier
+from tadfkd.teachers import teacher_sha256
 
+DIGITS_TEACHER = ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt"
 # case id -> (overrides, expected exit code, fragments of the message); {tmp} is a scratch dir
 CASES = {
     "missing teacher file": (["teacher.checkpoint={tmp}/nowhere.pt"], 2, ["does not exist"]),
     "unreadable teacher file": (["teacher.checkpoint={tmp}/garbage.pt"], 2, ["corrupted"]),
+    "teacher file is a FIFO": (["teacher.checkpoint={tmp}/fifo"], 2, ["not a regular file"]),
+    "teacher file is a device": (["teacher.checkpoint=/dev/zero"], 2, ["not a regular file"]),
+    "integer teacher weights": (["teacher.checkpoint={tmp}/ints.pt"], 2, ["not floating point"]),
+    "non-finite teacher weights": (["teacher.checkpoint={tmp}/nan.pt"], 2, ["NaN or infinite"]),
     "unknown option": (["trainer.nonsense=1"], 1, ["Could not override 'trainer.nonsense'"]),
     "zero batch size": (["trainer.batch_size=0"], 2, ["trainer.batch_size=0 must be"]),
     "negative batch size": (["trainer.batch_size=-8"], 2, ["trainer.batch_size=-8 must be"]),
-    "zero student lr": (["optimizer.student.lr=0"], 2, ["optimizer.student.lr=0.0 must be"]),
+    "batch size beyond memory": (["trainer.batch_size=1000000000"], 2, ["out of memory"]),
+    "zero student lr": (["optimizer.student.lr=0"], 2, ["optimizer.student.lr=0 must be"]),
     "negative generator lr": (["optimizer.generator.lr=-1e-3"], 2, ["optimizer.generator.lr"]),
-    "zero epochs": (["trainer.epochs=0"], 2, ["trainer.epochs=0 must be a positive integer"]),
-    "threshold above 1": (["selection.threshold=1.5"], 2, ["selection.threshold=1.5", "(0, 1)"]),
-    "threshold 0": (["selection.threshold=0"], 2, ["selection.threshold=0", "(0, 1)"]),
-    "image size not divisible by 4": (["dataset.image_size=30"], 2, ["not divisible by 4"]),
+    "negative momentum": (["optimizer.student.momentum=-0.5"], 2, ["momentum=-0.5 must be"]),
+    "zero epochs": (["trainer.epochs=0"], 2, ["trainer.epochs=0 must be a whole number"]),
+    "fractional epochs": (["trainer.epochs=1.5"], 2, ["trainer.epochs=1.5 must be a whole"]),
+    "boolean epochs": (["trainer.epochs=true"], 2, ["trainer.epochs=True must be a whole"]),
+    "seed not a number": (["seed=abc"], 2, ["seed='abc' must be a whole number from 0"]),
+    "seed out of range": (["seed=1e20"], 2, ["seed=1e+20 must be a whole number from 0"]),
+    "threshold above 1": (["selection.threshold=1.5"], 2, ["selection.threshold=1.5", "between"]),
+    "threshold 0": (["selection.threshold=0"], 2, ["selection.threshold=0 must be"]),
+    "threshold not a number": (["selection.threshold=abc"], 2, ["selection.threshold='abc'"]),
+    "zero EM iterations": (["selection.max_iter=0"], 2, ["selection.max_iter=0 must be"]),
+    "negative covariance regulariser": (["selection.reg_covar=-1"], 2, ["reg_covar=-1 must be"]),
+    "image size not divisible by 4": (["dataset.image_size=30"], 2, ["positive multiple of 4"]),
+    "image size 0": (["dataset.image_size=0"], 2, ["dataset.image_size=0 must be"]),
+    "negative crop padding": (["dataset.views.crop_padding=-1"], 2, ["crop_padding=-1 must be"]),
+    "zero noise size": (["generator.nz=0"], 2, ["generator.nz=0 must be"]),
+    "negative workers": (["runtime.num_workers=-1"], 2, ["runtime.num_workers=-1 must be"]),
+    "negative image interval": (["runtime.image_every=-1"], 2, ["runtime.image_every=-1"]),
+    "meta device": (["runtime.device=meta"], 2, ["runtime.device=meta", "cannot train"]),
     "teacher/dataset classes": (["dataset=cifar100"], 2, ["10 classes", "100"]),
     "student/teacher classes": (["student.num_classes=5"], 2, ["student", "5 classes"]),
-    "unknown on_nonfinite": (["trainer.on_nonfinite=maybe"], 2, ["trainer.on_nonfinite=maybe"]),
+    "unknown on_nonfinite": (["runtime.on_nonfinite=maybe"], 2, ["runtime.on_nonfinite='maybe'"]),
+    "unknown logger mode": (["logger.mode=onlien"], 2, ["logger.mode='onlien' must be"]),
     "unwritable output dir": (["hydra.run.dir=/dev/null/run"], 2, ["not writable"]),
     "resume without checkpoint": (["resume={tmp}"], 2, ["holds no checkpoint.pt"]),
     "resume with other settings": (["seed=7"], 2, ["other settings", "seed=0 there"]),
+    "resume with another teacher": (
+        ["teacher.checkpoint={tmp}/other_teacher.pt"],
+        2,
+        ["another teacher file: its content differs"],
+    ),
 }
+# cases whose run directory holds a checkpoint of an earlier run (seed 0, the shipped teacher)
+WITH_CHECKPOINT = ("resume with other settings", "resume with another teacher")
 
 
-def start(case: str, tmp: Path) -> subprocess.CompletedProcess:
+def start(case: str, tmp: Path):
     overrides, _, _ = CASES[case]
     overrides = [item.format(tmp=tmp) for item in overrides]
     if not any(item.startswith("hydra.run.dir=") for item in overrides):
         overrides.append(f"hydra.run.dir={tmp / 'run'}")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "logger=none", "device=cpu", *overrides],
-        cwd=ROOT,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    defaults = [] if case == "unknown logger mode" else ["logger=none"]
+    return run_entry(*defaults, "runtime.device=cpu", *overrides, timeout=300)
+
+
+def write_teachers(scratch: dict[str, Path]) -> None:
+    """The teacher files of the cases that need one."""
+    (scratch["unreadable teacher file"] / "garbage.pt").write_bytes(b"not a checkpoint" * 64)
+    os.mkfifo(scratch["teacher file is a FIFO"] / "fifo")
+    weights = build_classifier("digits_cnn", 10, 1).state_dict()
+    ints = {key: value.long() for key, value in weights.items()}
+    torch.save(ints, scratch["integer teacher weights"] / "ints.pt")
+    nan = {key: value.clone() for key, value in weights.items()}
+    nan["classifier.weight"][0, 0] = float("nan")
+    torch.save(nan, scratch["non-finite teacher weights"] / "nan.pt")
+    torch.save(weights, scratch["resume with another teacher"] / "other_teacher.pt")
+    for case in WITH_CHECKPOINT:
+        (scratch[case] / "run").mkdir()
+        cfg = compose_config(["logger=none", "runtime.device=cpu"], hydra_node=False)
+        identity = run_identity(cfg, teacher_sha256(DIGITS_TEACHER))
+        save_checkpoint(scratch[case] / "run", {"identity": identity})
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+def outcomes(tmp_path_factory) -> dict:
     scratch = {case: tmp_path_factory.mktemp("bad") for case in CASES}
-    (scratch["unreadable teacher file"] / "garbage.pt").write_bytes(b"not a checkpoint" * 64)
-    # A checkpoint left by a run with seed=0 (the default); resuming it with seed=7 is refused.
-    (scratch["resume with other settings"] / "run").mkdir()
-    identity = run_identity(compose_config(["logger=none", "device=cpu"]))
-    save_checkpoint(scratch["resume with other settings"] / "run", {"identity": identity})
+    write_teachers(scratch)
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {case: pool.submit(start, case, scratch[case]) for case in CASES}
         return {case: (scratch[case], future.result()) for case, future in futures.items()}
@@ -75,9 +113,11 @@ def test_bad_input_ends_before_any_work_in_one_sentence(case, outcomes):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     message = result.stderr.strip().splitlines()[-1]
     if code == 2:
-        assert message.startswith("error: "), message
+        assert message.startswith("error: ") and message.count("; ") <= 3, message
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr[-2000:]
     assert "epoch 1/" not in result.stdout  # no training happened
-    if case != "resume with other settings":
+    if case in WITH_CHECKPOINT:  # the earlier run's checkpoint is untouched
+        assert (tmp / "run" / LATEST).stat().st_size > 0
+    else:
         assert not (tmp / "run" / LATEST).exists()

@@ -1,4 +1,5 @@
-"""Datasets: digits split, CIFAR and Tiny-ImageNet read from files in the official formats."""
+"""Datasets: digits split, Fashion-MNIST, CIFAR and Tiny-ImageNet read from files in the
+official formats."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from fakedata import write_fake_cifar, write_fake_fashion_mnist, write_fake_tinyimagenet, write_idx
+from helpers import compose_config, options
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from tadfkd import data
-from tadfkd.data import DATASETS, ImageTransform, load_split, make_loader
+from tadfkd.data import Augmentation, ImageTransform, load_split, make_loader
 from tadfkd.errors import UserError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -39,6 +41,12 @@ def no_system_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     folder = tmp_path / "system-fashion-mnist"
     monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", folder)
     return folder
+
+
+def configured(name: str) -> Augmentation:
+    """The teacher-training augmentation of ``conf/dataset/<name>.yaml``."""
+    node = compose_config([f"dataset={name}"]).dataset.augmentation
+    return Augmentation(int(node.crop_padding), bool(node.flip))
 
 
 def translations(image: torch.Tensor, padding: int, fill: torch.Tensor) -> list[torch.Tensor]:
@@ -92,7 +100,9 @@ def test_digits_split_is_stratified() -> None:
 
 def test_digits_augmentation_shifts_but_never_mirrors() -> None:
     plain = load_split("digits", "unused", "train", (0.5,), (0.5,))
-    augmented = load_split("digits", "unused", "train", (0.5,), (0.5,), augment=True)
+    augmented = load_split(
+        "digits", "unused", "train", (0.5,), (0.5,), augmentation=configured("digits")
+    )
     torch.manual_seed(0)
     black = torch.tensor([-1.0])  # (0 - 0.5) / 0.5
     asymmetric = 0
@@ -181,7 +191,9 @@ def test_cifar_reads_python2_pickles(tmp_path: Path) -> None:
 def test_cifar_augmentation_is_a_shift_or_mirrored_shift(tmp_path: Path) -> None:
     write_fake_cifar(tmp_path, "cifar10")
     plain = load_split("cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD)
-    augmented = load_split("cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, augment=True)
+    augmented = load_split(
+        "cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, configured("cifar10")
+    )
     black = -torch.tensor(CIFAR_MEAN) / torch.tensor(CIFAR_STD)
     torch.manual_seed(0)
     outcomes = set()
@@ -323,7 +335,12 @@ def test_tinyimagenet_grayscale_becomes_rgb_and_augments(tmp_path: Path) -> None
     pixels += torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     assert torch.allclose(pixels, pixels[:1].expand(3, -1, -1), atol=1e-5)
     augmented = load_split(
-        "tinyimagenet", str(tmp_path), "train", IMAGENET_MEAN, IMAGENET_STD, augment=True
+        "tinyimagenet",
+        str(tmp_path),
+        "train",
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        configured("tinyimagenet"),
     )
     assert augmented[0][0].shape == (3, 64, 64)
 
@@ -438,18 +455,32 @@ def test_debians_fashion_mnist_is_the_official_dataset() -> None:
 # ---- names, arguments and loaders ---------------------------------------------------------
 
 
-def test_dataset_table() -> None:
-    shapes = {
-        name: (info.num_classes, info.image_size, info.channels) for name, info in DATASETS.items()
-    }
-    assert shapes == {
-        "digits": (10, 16, 1),
-        "fashion_mnist": (10, 28, 1),
-        "cifar10": (10, 32, 3),
-        "cifar100": (100, 32, 3),
-        "tinyimagenet": (200, 64, 3),
-    }
-    assert all(name == info.name for name, info in DATASETS.items())
+def test_every_dataset_option_names_a_reader_and_its_images_fit_it() -> None:
+    # What a dataset is lives in its config option only; the code holds the readers.
+    for option in options("dataset"):
+        node = compose_config([f"dataset={option}"]).dataset
+        assert node.name == option and node.name in data.LOADERS
+        assert node.image_size % 4 == 0 and node.channels in (1, 3) and node.num_classes >= 2
+    digits = load_split("digits", "unused", "test", (0.5,), (0.5,))
+    assert digits[0][0].shape == (1, 16, 16)  # conf/dataset/digits.yaml: 16 px, 1 channel
+
+
+def test_random_erasing_zeroes_one_rectangle_after_normalisation() -> None:
+    torch.manual_seed(0)
+    image = torch.full((1, 28, 28), 200, dtype=torch.uint8)
+    transform = ImageTransform((0.2,), (0.5,), Augmentation(erase=1.0))
+    plain = (200 / 255 - 0.2) / 0.5
+    for _ in range(20):
+        out = transform(image)[0]
+        zero = out == 0
+        assert zero.any() and torch.allclose(out[~zero], torch.tensor(plain))
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        # one filled rectangle of 2-33% of the image
+        assert zero.sum() == len(rows) * len(cols)
+        assert 0.02 * 784 - 28 <= zero.sum() <= 0.33 * 784 + 28
+    assert torch.allclose(
+        ImageTransform((0.2,), (0.5,), Augmentation())(image), torch.tensor(plain)
+    )
 
 
 def test_unknown_dataset_lists_known_ones() -> None:
@@ -490,7 +521,9 @@ def test_loader_order_depends_only_on_the_seed() -> None:
 
 def test_loader_with_workers_augments_deterministically(tmp_path: Path) -> None:
     write_fake_cifar(tmp_path, "cifar10")
-    dataset = load_split("cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, augment=True)
+    dataset = load_split(
+        "cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, configured("cifar10")
+    )
 
     def first_batch(seed: int) -> torch.Tensor:
         return next(iter(make_loader(dataset, 8, True, num_workers=2, seed=seed)))[0]

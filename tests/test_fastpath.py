@@ -4,86 +4,98 @@ Networks are the small benchmark setting (digits-sized, random weights); bf16 au
 the CPU too, so the precision checks need no GPU.
 """
 
-from dataclasses import replace
-
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT, tiny_distiller
 
-import tadfkd.distill
-from tadfkd.bench import SMALL, build
+import tadfkd.synthesizer
+from tadfkd import bench, schema
 from tadfkd.distill import Distiller
 from tadfkd.errors import UserError
-from tadfkd.precision import Precision, prepare_model, resolve_precision
+from tadfkd.inference import fold_batchnorm
+from tadfkd.models import ARCHITECTURES, build_classifier
+from tadfkd.precision import Precision, resolve_precision
 from tadfkd.selection import fill_order
+from tadfkd.synthesizer import Synthesizer
+from tadfkd.teachers import read_state_dict
 
 CPU = torch.device("cpu")
+DIGITS_TEACHER = ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt"
+
+NZ = 100  # the digits default generator's noise size
 
 
-def small(precision: str = "fp32", batch_size: int = 64) -> Distiller:
-    return build(replace(SMALL, batch_size=batch_size), CPU, precision, False, seed=0)
+def small(
+    precision: str = "fp32", batch_size: int = 64, device: str = "cpu", fold: bool = False
+) -> Distiller:
+    """The benchmark's small setting (the digits default, random weights) at ``batch_size``;
+    the teacher's no-grad forwards unfolded unless ``fold`` (tests that compare teachers)."""
+    overrides = [f"speed.precision={precision}", f"trainer.batch_size={batch_size}"]
+    overrides.append(f"speed.fold_teacher_bn={fold}")
+    cfg = bench.bench_config([*overrides, f"runtime.device={device}"])
+    return bench.build(cfg, torch.device(device), published=False, seed=0)
 
 
-def feed_noise(distiller: Distiller, noise: list[torch.Tensor]) -> None:
-    """Make ``distiller.generate`` consume ``noise`` batch by batch instead of drawing it."""
+def feed_noise(synthesizer: Synthesizer, noise: list[torch.Tensor]) -> None:
+    """Make ``synthesizer.generate`` consume ``noise`` batch by batch instead of drawing it."""
     queue = list(noise)
-    distiller.generate = lambda n: distiller.generator(queue.pop(0))
+    synthesizer.generate = lambda n: synthesizer.generator(queue.pop(0))
 
 
 def test_scoring_several_batches_together_keeps_exactly_what_one_at_a_time_keeps(monkeypatch):
     size = 64
     torch.manual_seed(1)
-    noise = [torch.randn(size, SMALL.nz) for _ in range(12)]
+    noise = [torch.randn(size, NZ) for _ in range(12)]
     # The last batch's random subset uses the same draws in both paths.
     monkeypatch.setattr(
-        tadfkd.distill,
+        tadfkd.synthesizer,
         "fill_order",
         lambda keep, n: fill_order(keep, n, generator=torch.Generator().manual_seed(0)),
     )
     batches = {}
     for name in ("one at a time", "together"):
-        distiller = small(batch_size=size)
+        synthesizer = small(batch_size=size).synthesizer
         if name == "one at a time":  # the reference's refill: one batch, then decide
-            distiller.batches_per_round = lambda needed: 1
+            synthesizer.adaptive_rounds = False
         else:
-            distiller.selection_rate = 0.1  # plans ~11 batches in one round: more than needed
-        feed_noise(distiller, noise)
+            synthesizer.selection_rate = 0.1  # plans ~11 batches in one round: more than needed
+        feed_noise(synthesizer, noise)
         torch.manual_seed(2)  # the train views' crop draws
-        batches[name] = distiller.student_batch()
-        used = distiller.meter.sums["selection/batches_used"]
-        generated = distiller.meter.sums["selection/generated"] / size
+        batches[name], counters = synthesizer.student_batch()
+        used = counters[schema.BATCHES_USED]
         batches[name + " used"] = used
-        assert generated >= used
+        assert counters[schema.GENERATED] / size >= used
     assert batches["together used"] == batches["one at a time used"] > 1
     torch.testing.assert_close(batches["together"], batches["one at a time"])
 
 
 def test_the_generator_runs_once_per_batch_so_its_batch_norm_sees_one_batch():
-    distiller = small(batch_size=32)
-    distiller.selection_rate = 0.25
+    synthesizer = small(batch_size=32).synthesizer
+    synthesizer.selection_rate = 0.25
     seen = []
-    distiller.generator.conv_blocks0[0].register_forward_hook(
+    synthesizer.generator.conv_blocks0[0].register_forward_hook(
         lambda module, inputs, output: seen.append(inputs[0].shape[0])
     )
-    distiller.student_batch()
+    synthesizer.student_batch()
     assert len(seen) >= 2 and set(seen) == {32}
 
 
 def test_the_refill_plans_rounds_from_the_last_selection_rate_within_the_bound():
-    distiller = small(batch_size=100)
-    assert distiller.batches_per_round(100) == 1  # no rate known yet
-    distiller.selection_rate = 1.0
-    assert distiller.batches_per_round(100) == 1
-    distiller.selection_rate = 0.4
-    assert distiller.batches_per_round(100) == 3
-    assert distiller.batches_per_round(10) == 1
-    distiller.selection_rate = 0.0
-    assert distiller.batches_per_round(100) == distiller.selection.max_batches
+    synthesizer = small(batch_size=100).synthesizer
+    assert synthesizer.batches_per_round(100) == 1  # no rate known yet
+    synthesizer.selection_rate = 1.0
+    assert synthesizer.batches_per_round(100) == 1
+    synthesizer.selection_rate = 0.4
+    assert synthesizer.batches_per_round(100) == 3
+    assert synthesizer.batches_per_round(10) == 1
+    synthesizer.selection_rate = 0.0
+    assert synthesizer.batches_per_round(100) == synthesizer.selection.max_batches
 
 
 def test_bf16_keeps_the_same_samples_as_fp32():
     # Generation and selection are never autocast, so the kept set cannot depend on precision.
-    fp32, bf16 = small("fp32"), small("bf16")
+    fp32, bf16 = small("fp32").synthesizer, small("bf16").synthesizer
     torch.manual_seed(3)
     with torch.no_grad():
         images = torch.cat([fp32.generate(64) for _ in range(4)])
@@ -95,10 +107,10 @@ def test_bf16_student_step_matches_fp32_within_tolerance():
     fp32, bf16 = small("fp32"), small("bf16")
     torch.manual_seed(4)
     with torch.no_grad():
-        batch = fp32.views.train_view(fp32.generate(64))
+        batch = fp32.synthesizer.views.train_view(fp32.synthesizer.generate(64))
     updates = {}
     for name, distiller in (("fp32", fp32), ("bf16", bf16)):
-        distiller.student_batch = lambda: batch
+        distiller.synthesizer.student_batch = lambda: (batch, {})
         before = [p.detach().clone() for p in distiller.student.parameters()]
         distiller.student_step()
         updates[name] = torch.cat(
@@ -107,7 +119,7 @@ def test_bf16_student_step_matches_fp32_within_tolerance():
                 for p, b in zip(distiller.student.parameters(), before, strict=True)
             ]
         )
-    loss32, loss16 = fp32.meter.sums["loss/student"], bf16.meter.sums["loss/student"]
+    loss32, loss16 = fp32.meter.sums[schema.STUDENT_LOSS], bf16.meter.sums[schema.STUDENT_LOSS]
     assert float(loss16) == pytest.approx(float(loss32), rel=1e-2)
     difference = (updates["bf16"] - updates["fp32"]).norm() / updates["fp32"].norm()
     assert difference < 5e-2
@@ -118,22 +130,26 @@ def test_bf16_generator_step_matches_fp32_within_tolerance():
     fp32, bf16 = small("fp32"), small("bf16")
     for distiller in (fp32, bf16):
         torch.manual_seed(5)  # the same noise and views in both
-        distiller.generator_step()
+        distiller.meter.add(generator_step(distiller))
     for term in ("generator", "adversarial", "bn", "tv", "l2"):
-        value32 = float(fp32.meter.sums[f"loss/{term}"])
-        assert float(bf16.meter.sums[f"loss/{term}"]) == pytest.approx(value32, rel=1e-3)
+        value32 = float(fp32.meter.sums[schema.loss_key(term)])
+        assert float(bf16.meter.sums[schema.loss_key(term)]) == pytest.approx(value32, rel=1e-3)
     grads = {
-        name: torch.cat([p.grad.flatten() for p in d.generator.parameters()])
+        name: torch.cat([p.grad.flatten() for p in d.synthesizer.generator.parameters()])
         for name, d in (("fp32", fp32), ("bf16", bf16))
     }
     assert (grads["bf16"] - grads["fp32"]).norm() / grads["fp32"].norm() < 1e-2
 
 
+def generator_step(distiller: Distiller) -> dict:
+    return distiller.synthesizer.generator_step(distiller.student, distiller.objective)
+
+
 def test_bn_statistics_hooks_record_fp32_under_autocast():
     distiller = small("bf16")
     torch.manual_seed(6)
-    distiller.generator_step()
-    assert distiller.bn_statistics.loss().dtype == torch.float32
+    generator_step(distiller)
+    assert distiller.objective.bn_statistics().dtype == torch.float32
 
 
 def test_precision_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
@@ -142,24 +158,84 @@ def test_precision_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
     assert resolve_precision("bf16", CPU) == "bf16"
     with pytest.raises(UserError, match="fp16 needs a CUDA device"):
         resolve_precision("fp16", CPU)
-    with pytest.raises(UserError, match="precision=fp8 is unknown"):
+    with pytest.raises(UserError, match="speed.precision=fp8 is unknown"):
         resolve_precision("fp8", CPU)
 
 
-def test_prepare_model_keeps_parameter_names_when_compiling():
-    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    keys = list(model.state_dict())
-    assert list(prepare_model(model, CPU, compile=True).state_dict()) == keys
+def test_compiling_keeps_parameter_names_so_checkpoints_load_either_way():
+    plain, compiled = tiny_distiller(), tiny_distiller("speed.compile=true")
+    for name in ("student", "teacher"):
+        assert list(getattr(compiled, name).state_dict()) == list(getattr(plain, name).state_dict())
+    generator = compiled.synthesizer.generator
+    assert list(generator.state_dict()) == list(plain.synthesizer.generator.state_dict())
+    # the optimisers hold the very parameters of the (compiled-in-place) modules
+    student_params = {id(p) for p in compiled.student.parameters()}
+    assert {id(p) for p in compiled.student_optimizer.param_groups[0]["params"]} == student_params
+
+
+def test_folded_teacher_gives_the_logits_of_the_teacher_to_float_rounding():
+    for arch in sorted(ARCHITECTURES):
+        torch.manual_seed(0)
+        teacher = build_classifier(arch, 10, 3).eval()
+        for module in teacher.modules():  # trained-like statistics, not the identity ones
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.5, 0.5)
+        size = 64 if arch.startswith("tiny_") else 32
+        example = torch.randn(2, 3, size, size)
+        folded = fold_batchnorm(teacher, example)
+        assert folded is not teacher, arch
+        remaining = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        # only a pre-activation net keeps the BN layers that follow an addition
+        assert remaining == 0 or arch.startswith("wrn"), arch
+        x = torch.randn(4, 3, size, size)
+        with torch.no_grad():
+            reference, candidate = teacher(x), folded(x)
+        scale = reference.abs().max()
+        assert (candidate - reference).abs().max() <= 1e-5 * scale, arch
+        assert teacher.training is False and any(
+            isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules()
+        ), "the original teacher is not changed"
+
+
+def test_a_trained_teacher_keeps_the_same_samples_folded_or_not():
+    """The fold changes logits by float rounding: on the shipped digits teacher the kept sets of
+    2048 generated samples agree on at least 99.9% (measured: all of them)."""
+    masks = {}
+    for fold in (False, True):
+        synthesizer = small(batch_size=128, fold=fold).synthesizer
+        synthesizer.teacher.load_state_dict(read_state_dict(DIGITS_TEACHER))
+        if fold:
+            synthesizer.scoring_teacher = fold_batchnorm(
+                synthesizer.teacher, torch.randn(2, 1, 16, 16)
+            )
+        torch.manual_seed(8)
+        with torch.no_grad():
+            images = torch.cat([synthesizer.generate(128) for _ in range(16)])
+            masks[fold] = synthesizer.keep_mask(images)
+    assert (masks[True] == masks[False]).float().mean() >= 0.999
+
+
+def test_static_shapes_round_refill_rounds_up_to_powers_of_two():
+    synthesizer = small(batch_size=100).synthesizer
+    synthesizer.bucket_rounds = True
+    synthesizer.selection_rate = 0.4
+    assert synthesizer.batches_per_round(100) == 4  # 3 needed
+    synthesizer.selection_rate = 0.05
+    assert synthesizer.batches_per_round(100) == 32  # 20 needed
+    synthesizer.selection_rate = 1.0
+    assert synthesizer.batches_per_round(100) == 1
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cuda_channels_last_low_precision_steps_match_fp32(precision):
-    cuda = torch.device("cuda")
-    paths = {name: build(SMALL, cuda, name, False, seed=0) for name in ("fp32", precision)}
+    paths = {name: small(name, 128, "cuda") for name in ("fp32", precision)}
     for distiller in paths.values():
         torch.manual_seed(7)
-        distiller.generator_step()
+        distiller.meter.add(generator_step(distiller))
         distiller.student_step()
     for term in ("generator", "student"):
         value32 = float(paths["fp32"].meter.sums[f"loss/{term}"])
@@ -178,5 +254,6 @@ def test_fp16_scales_the_loss_and_steps():
     before = model.weight.detach().clone()
     with precision.autocast():
         loss = F.mse_loss(model(torch.randn(8, 4, device="cuda")), torch.zeros(8, 1, device="cuda"))
-    precision.step(loss, optimizer)
+    precision.step(loss, optimizer, "student")
     assert not torch.equal(before, model.weight)
+    assert set(precision.state_dict()) == {"student"}  # carried into checkpoints

@@ -10,8 +10,8 @@ from torch import nn
 
 from tadfkd import losses
 from tadfkd.errors import UserError
-from tadfkd.hooks import BNStatistics, LayerInputs
 from tadfkd.objectives import GeneratorBatch, Objective
+from tadfkd.recorders import ForwardHooks, bn_statistics_term
 
 
 def test_student_l1_is_mean_absolute_difference():
@@ -189,43 +189,46 @@ def test_bn_statistics_term_by_hand():
     bn = nn.BatchNorm2d(2).eval()
     bn.running_mean.copy_(torch.tensor([1.0, -1.0]))
     bn.running_var.copy_(torch.tensor([2.0, 0.5]))
-    recorder = BNStatistics(nn.Sequential(bn))
     x = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]], [[[4.0, 2.0]], [[3.0, 3.0]]]])  # (2, 2, 1, 2)
-    recorder.enabled = True
-    bn(x)
     mean = torch.tensor([2.0, 2.0])  # channel 0: 0,2,4,2 ; channel 1: 1,1,3,3
     var = torch.tensor([2.0, 1.0])  # biased variances
     expected = (bn.running_var - var).norm() + (bn.running_mean - mean).norm()
-    assert recorder.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+    assert bn_statistics_term(bn, x).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_bn_statistics_ignore_forwards_while_disabled():
-    bn = nn.BatchNorm2d(1).eval()
-    recorder = BNStatistics(bn)
-    bn(torch.randn(4, 1, 2, 2))
-    with pytest.raises(RuntimeError, match="not recorded"):
-        recorder.loss()
-
-
-def test_layer_inputs_records_penultimate_features():
-    head = nn.Linear(3, 2)
-    recorder = LayerInputs(head)
-    x = torch.randn(4, 3)
-    head(x)
-    assert torch.equal(recorder.value, x)
+def test_hooks_by_path_record_inputs_outputs_and_only_forwards_with_gradients_when_asked():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    hooks = ForwardHooks(model)
+    hooks.add("2", record="input")
+    hooks.add("0", transform=lambda _module, out: out.sum(), with_grad_only=True)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        model(x)
+        before_relu = model[0](x)
+    features = torch.relu(before_relu)
+    assert torch.equal(hooks["2"], features)  # the penultimate features
+    with pytest.raises(RuntimeError, match="nothing was recorded at '0'"):
+        hooks["0"]  # the no-grad forwards are not recorded
+    model(x)
+    assert hooks["0"].item() == pytest.approx(before_relu.sum().item(), rel=1e-6, abs=1e-6)
+    assert set(hooks.take()) == {"0", "2"} and hooks.records == {}
 
 
 def test_objective_weights_the_tadfkd_generator_terms():
     objective = Objective(
         "tadfkd", weights={"adversarial": 1.0, "bn": 10.0, "tv": 1.5e-5, "l2": 6e-3}
     )
+    teacher = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 5))
+    teacher.eval().requires_grad_(False)
     images = torch.rand(3, 1, 4, 4)
-    s, t = torch.randn(2, 5), torch.randn(2, 5)
-    batch = GeneratorBatch(images, s, t, bn_statistics=torch.tensor(0.7), teacher_features=None)
-    total, terms = objective.generator(batch)
+    objective.attach(teacher, nn.Identity())
+    t = teacher(images)  # with gradients enabled: the hooks record the BN term
+    s = torch.randn(3, 5)
+    total, terms = objective.generator(GeneratorBatch(images, s, t))
+    bn = bn_statistics_term(teacher[1], teacher[0](images))
     expected = (
         losses.adversarial_js(s, t, 3.0)
-        + 10 * 0.7
+        + 10 * bn
         + 1.5e-5 * losses.total_variation(images)
         + 6e-3 * losses.l2_prior(images)
     )

@@ -4,45 +4,66 @@ import json
 
 import pytest
 import torch
-from conftest import CONF, options
-from hydra import compose, initialize_config_dir
+from helpers import compose_config, options
 from hydra.utils import instantiate
+from torch import nn
 
 from tadfkd import losses
+from tadfkd.job import distil
 from tadfkd.models import build_classifier
-from tadfkd.objectives import GeneratorBatch
-from tadfkd.train import train
+from tadfkd.objectives import GeneratorBatch, Objective
+from tadfkd.recorders import bn_statistics_term
 
 METHODS = options("method")
 
 
 def job_config(overrides):
-    """The composed job config (no hydra node), as train() receives it."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    """The composed job config (no hydra node), as ``distil`` receives it."""
+    return compose_config(overrides, hydra_node=False)
 
 
-def small_batch():
+class TinyTeacher(nn.Module):
+    """conv -> BN -> ReLU -> pool -> linear head: one BN layer and penultimate features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 7, 3, padding=1)
+        self.bn = nn.BatchNorm2d(7)
+        self.fc = nn.Linear(7, 5)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def generator_terms(objective: Objective) -> tuple[torch.Tensor, dict]:
+    """The objective's generator loss on one small batch, with what its hooks need: the
+    tiny teacher's BN input statistics and penultimate features, recorded by its own hooks.
+    Returns the loss and, for the formulas, (batch, BN term, features)."""
     torch.manual_seed(0)
-    return GeneratorBatch(
-        images=torch.rand(4, 1, 6, 6),
-        student_logits=torch.randn(3, 5),
-        teacher_logits=torch.randn(3, 5),
-        bn_statistics=torch.tensor(0.3),
-        teacher_features=torch.randn(3, 7),
-    )
+    teacher = TinyTeacher().eval().requires_grad_(False)
+    objective.attach(teacher, nn.Identity())
+    images = torch.rand(3, 1, 6, 6)
+    batch = GeneratorBatch(images, torch.randn(3, 5), teacher(images))
+    total, _ = objective.generator(batch)
+    with torch.no_grad():
+        bn = bn_statistics_term(teacher.bn, teacher.conv(images))
+        features = teacher.features(images)
+    return total, {"batch": batch, "bn": bn, "features": features}
 
 
-def by_hand(method: str, b: GeneratorBatch) -> torch.Tensor:
-    """Each method's generator loss written out from its paper's formula."""
+def by_hand(method: str, b: GeneratorBatch, bn: torch.Tensor, features: torch.Tensor):
+    """Each method's generator loss written out from its public code's formula."""
     s, t = b.student_logits, b.teacher_logits
     prior, tv, l2 = (
         losses.class_prior(t),
         losses.total_variation(b.images),
         losses.l2_prior(b.images),
     )
-    tadfkd = losses.adversarial_js(s, t, 3.0) + 10 * b.bn_statistics + 1.5e-5 * tv + 6e-3 * l2
-    activation = -b.teacher_features.abs().mean()
+    tadfkd = losses.adversarial_js(s, t, 3.0) + 10 * bn + 1.5e-5 * tv + 6e-3 * l2
+    activation = -features.abs().mean()
     entropy = losses.information_entropy(t)
     return {
         "tadfkd": tadfkd,
@@ -53,20 +74,17 @@ def by_hand(method: str, b: GeneratorBatch) -> torch.Tensor:
         "dafl_cifar10": 0.05 * prior + 0.01 * activation + 5 * entropy,
         "dafl_cifar100": 0.5 * prior + 0.1 * activation + 20 * entropy,
         "dfad": -(s - t).abs().mean(),
-        "dfq": losses.adversarial_kl(s, t, 1.0)
-        + b.bn_statistics
-        + prior
-        + 20 * losses.class_balance(t),
+        "dfq": losses.adversarial_kl(s, t, 1.0) + bn + prior + 20 * losses.class_balance(t),
         "zskt": losses.adversarial_kl_element_mean(s, t, 1.0),
     }[method]
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_generator_objective_matches_the_formula_of_its_paper(method):
+def test_generator_objective_matches_the_formula_of_its_code(method):
     objective = instantiate(job_config([f"method={method}"]).method)
-    batch = small_batch()
-    total, _ = objective.generator(batch)
-    assert total.item() == pytest.approx(by_hand(method, batch).item(), rel=1e-5)
+    total, parts = generator_terms(objective)
+    expected = by_hand(method, parts["batch"], parts["bn"], parts["features"])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -112,7 +130,7 @@ def test_zskt_stages_are_the_ends_of_each_resolution():
     teacher, student = build_classifier("resnet18", 10), build_classifier("resnet18", 10)
     objective.attach(teacher, student)
     student(torch.randn(2, 3, 32, 32))
-    sizes = objective._recorders["student"].by_resolution()
+    sizes = objective._stages["student"].take()
     assert sorted(sizes) == [(4, 4), (8, 8), (16, 16), (32, 32)]
     assert sizes[(4, 4)].shape == (2, 512, 4, 4)  # the output of layer4
 
@@ -127,7 +145,7 @@ def test_zskt_stages_of_a_wide_resnet_are_its_block_outputs_as_in_zskt():
             lambda _m, _i, out, name=name: outputs.__setitem__(name, out)
         )
     teacher(torch.randn(2, 3, 32, 32))
-    stages = objective._recorders["teacher"].by_resolution()
+    stages = objective._stages["teacher"].take()
     assert sorted(stages) == [(8, 8), (16, 16), (32, 32)]
     for size, name in (((32, 32), "block1"), ((16, 16), "block2"), ((8, 8), "block3")):
         assert stages[size] is outputs[name]  # not the final BN after block3
@@ -147,13 +165,8 @@ def tiny_generator_step(method: str) -> dict[str, torch.Tensor | None]:
     generator = torch.nn.Linear(4, 6)
     teacher = torch.nn.Linear(6, 5).requires_grad_(False)
     images = generator(torch.randn(8, 4))
-    batch = GeneratorBatch(
-        images=images.view(8, 1, 2, 3),
-        student_logits=torch.randn(8, 5),
-        teacher_logits=teacher(images),
-        bn_statistics=None,
-        teacher_features=None,
-    )
+    objective.attach(teacher, nn.Identity())
+    batch = GeneratorBatch(images.view(8, 1, 2, 3), torch.randn(8, 5), teacher(images))
     loss, _ = objective.generator(batch)
     if loss.requires_grad:
         loss.backward()
@@ -185,18 +198,7 @@ def test_every_method_composes_and_builds_on_every_published_dataset(experiment)
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_one_digits_epoch_end_to_end(method, tmp_path):
-    cfg = job_config(
-        [
-            f"method={method}",
-            "trainer.epochs=1",
-            "trainer.iters_per_epoch=2",
-            "trainer.student_steps=2",
-            "trainer.batch_size=32",
-            "trainer.image_every=0",
-            "logger=none",
-        ]
-    )
-    results = train(cfg, tmp_path)
+    results = distil(job_config(["debug=tiny", "runtime.device=cpu", f"method={method}"]), tmp_path)
     assert results["method"] == method
     assert 0.0 <= results["student_final_acc"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["method"] == method

@@ -9,7 +9,6 @@ import queue
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config
-from omegaconf import open_dict
-from test_distill import make_distiller
+from helpers import compose_config, environment, start_entry, tiny_distiller
+from omegaconf import OmegaConf
 
+from tadfkd import schema
 from tadfkd.checkpoint import (
     LATEST,
     PREVIOUS,
@@ -29,21 +28,14 @@ from tadfkd.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from tadfkd.config import check_same_run, run_identity
 from tadfkd.errors import NonFiniteLoss, UserError
+from tadfkd.job import distil
 from tadfkd.objectives import Objective
-from tadfkd.selection import NoSelection
 from tadfkd.tracking import WandbTracker
-from tadfkd.train import check_same_run, run_identity, train
 
 # Eight epochs: even on an idle machine (about 0.1 s an epoch) three kills land before the end.
-TINY = [
-    "trainer.epochs=8",
-    "trainer.iters_per_epoch=2",
-    "trainer.student_steps=2",
-    "trainer.batch_size=32",
-    "trainer.image_every=0",
-    "device=cpu",
-]
+TINY = ["debug=tiny", "trainer.epochs=8", "runtime.device=cpu"]
 
 # A stand-in test set for the in-process loop: one batch of 16x16 digits-shaped images.
 TEST_BATCHES = [
@@ -96,14 +88,14 @@ def run_stopped_at(distiller, stop_at: tuple[int, int]):
     """Run ``fit``, requesting a stop once (epoch, iteration) is reached; return the
     checkpoint ``fit`` asks for (distiller state and RNG), as the training job saves it."""
     saved = {}
-    real_generator_step = distiller.generator_step
+    real_iterate = distiller.iterate
 
-    def generator_step():
-        real_generator_step()
+    def iterate():
+        real_iterate()
         if (distiller.epoch, distiller.iteration + 1) == stop_at:
             distiller.request_stop("test")
 
-    distiller.generator_step = generator_step
+    distiller.iterate = iterate
     distiller.fit(
         TEST_BATCHES,
         progress=False,
@@ -113,12 +105,12 @@ def run_stopped_at(distiller, stop_at: tuple[int, int]):
 
 
 def test_a_mid_epoch_stop_resumes_to_the_uninterrupted_weights():
-    reference = make_distiller(NoSelection(), epochs=2)
+    reference = tiny_distiller("method=basic", "trainer.epochs=2")
     reference.fit(TEST_BATCHES, progress=False)
-    stopped = make_distiller(NoSelection(), epochs=2)
+    stopped = tiny_distiller("method=basic", "trainer.epochs=2")
     saved = run_stopped_at(stopped, (1, 1))  # after iteration 1 of epoch 2
     assert not stopped.finished and saved["state"]["iteration"] == 1
-    resumed = make_distiller(NoSelection(), epochs=2)
+    resumed = tiny_distiller("method=basic", "trainer.epochs=2")
     torch.manual_seed(123)  # whatever the RNG was, the checkpoint's state is restored
     resumed.load_state_dict(saved["state"])
     set_rng_state(saved["rng"])
@@ -128,7 +120,7 @@ def test_a_mid_epoch_stop_resumes_to_the_uninterrupted_weights():
         reference.student.state_dict().values(), resumed.student.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b)
-    keys = set(reference.history[1]) - {"time/epoch_s"}
+    keys = set(reference.history[1]) - {schema.EPOCH_SECONDS}
     assert {k: reference.history[1][k] for k in keys} == {k: resumed.history[1][k] for k in keys}
 
 
@@ -143,51 +135,50 @@ def nan_student_loss(distiller):
 
 
 def test_a_nonfinite_loss_stops_naming_the_term_and_the_epoch():
-    distiller = make_distiller(NoSelection())
+    distiller = tiny_distiller("method=basic")
     nan_student_loss(distiller)
-    before = [p.detach().clone() for p in distiller.student.parameters()]
+    saved = []
     with pytest.raises(NonFiniteLoss, match=r"student loss .*term student.* epoch 1, iteration 1"):
-        distiller.fit(TEST_BATCHES, progress=False)
-    assert all(
-        torch.equal(a, b) for a, b in zip(before, distiller.student.parameters(), strict=True)
-    )
+        distiller.fit(TEST_BATCHES, progress=False, on_checkpoint=lambda: saved.append(1))
+    # Checked once, at the epoch's end: the non-finite epoch is neither recorded nor saved.
+    assert distiller.history == [] and saved == []
 
 
 def test_on_nonfinite_skip_skips_and_counts_the_steps():
-    distiller = make_distiller(NoSelection())
-    distiller.schedule.on_nonfinite = "skip"
+    distiller = tiny_distiller("method=basic", "runtime.on_nonfinite=skip")
     nan_student_loss(distiller)
     distiller.fit(TEST_BATCHES, progress=False)
-    assert distiller.history[0]["nonfinite/skipped_student_steps"] == 4.0  # 2 iters x 2 steps
-    assert distiller.history[0]["nonfinite/skipped_generator_steps"] == 0.0
+    history = distiller.history[0]
+    assert history[schema.SKIPPED_STUDENT_STEPS_NONFINITE] == 4.0  # 2 iterations x 2 steps
+    assert history[schema.SKIPPED_GENERATOR_STEPS_NONFINITE] == 0.0
 
 
-def test_resuming_with_other_settings_is_refused_but_speed_settings_may_change():
-    base = run_identity(compose_config(TINY))
-    same = run_identity(compose_config([*TINY, "trainer.progress=false", "logger=none"]))
+def test_resuming_with_other_settings_is_refused_but_runtime_settings_may_change():
+    def identity(*overrides: str, teacher: str = "a" * 64) -> dict:
+        return run_identity(compose_config([*TINY, *overrides], hydra_node=False), teacher)
+
+    base = identity()
+    # Every runtime setting, the logger and where files are may change; so may the path of the
+    # teacher file, as long as its content is the same.
+    same = identity(
+        "runtime.progress=false",
+        "runtime.image_every=3",
+        "runtime.threads=2",
+        "runtime.on_nonfinite=skip",
+        "logger=none",
+        "paths.data=/elsewhere",
+        "teacher.checkpoint=/moved/digits_cnn.pt",
+    )
     check_same_run(base, same, Path("checkpoint.pt"))
-    other = run_identity(compose_config([*TINY, "optimizer.student.lr=0.5"]))
     with pytest.raises(UserError, match="optimizer.student.lr=0.01 there"):
-        check_same_run(base, other, Path("checkpoint.pt"))
+        check_same_run(base, identity("optimizer.student.lr=0.5"), Path("checkpoint.pt"))
+    with pytest.raises(UserError, match="another teacher file: its content differs"):
+        check_same_run(base, identity(teacher="b" * 64), Path("checkpoint.pt"))
 
 
 # -- through run.py -----------------------------------------------------------------------------
-def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
-    # One thread: four engineers share two cores, and oversubscribed threads crawl.
-    env.update(TADFKD_ROOT=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
-    return env
-
-
 def start(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *TINY, *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT,
-        env=env or environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return start_entry(*TINY, *overrides, f"hydra.run.dir={run_dir}", env=env)
 
 
 def lines_of(process: subprocess.Popen) -> queue.Queue:
@@ -213,11 +204,11 @@ def wait_for(lines: queue.Queue, prefix: str) -> bool:
 
 def outcome(run_dir: Path) -> tuple[dict, dict]:
     """results.json without timings, and the final student weights."""
-    results = json.loads((run_dir / "results.json").read_text())
-    for key in ("wall_time_s", "wandb_run_id"):
+    results = json.loads((run_dir / schema.RESULTS_FILE).read_text())
+    for key in (schema.WALL_TIME, "wandb_run_id"):
         results.pop(key)
-    for metrics in results["history"]:
-        metrics.pop("time/epoch_s")
+    for metrics in results[schema.HISTORY]:
+        metrics.pop(schema.EPOCH_SECONDS)
     return results, torch.load(run_dir / "student.pt", weights_only=True)
 
 
@@ -283,7 +274,9 @@ def test_sigterm_checkpoints_exits_and_resumes_the_same_wandb_run(tmp_path, unin
     assert leaks.stdout == b"", f"API key written to {leaks.stdout.decode()}"
 
 
-def test_a_nonfinite_loss_in_training_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_a_nonfinite_loss_in_training_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch, tiny_job
+):
     real = Objective.student
     calls = []
 
@@ -293,11 +286,9 @@ def test_a_nonfinite_loss_in_training_keeps_the_last_good_checkpoint(tmp_path, m
         return (loss * float("nan"), terms) if len(calls) > 4 else (loss, terms)  # epoch 2 on
 
     monkeypatch.setattr(Objective, "student", student)
-    cfg = compose_config([*TINY, "logger=none"])
-    with open_dict(cfg):
-        del cfg["hydra"]  # as run.py's job sees it
+    OmegaConf.update(tiny_job, "trainer.epochs", 3)
     with pytest.raises(NonFiniteLoss, match="epoch 2, iteration 1.*last good checkpoint is kept"):
-        train(cfg, tmp_path)
+        distil(tiny_job, tmp_path)
     assert load_checkpoint(tmp_path)[0]["distiller"]["epoch"] == 1
 
 
@@ -309,6 +300,6 @@ def test_a_wandb_error_while_logging_warns_once_and_training_goes_on():
     tracker = WandbTracker.__new__(WandbTracker)  # no wandb.init: only the logging path
     tracker.run, tracker._failed = BrokenRun(), False
     with pytest.warns(UserWarning, match="W&B log failed.*training goes on") as caught:
-        tracker.log({"acc/student": 0.5}, step=1)
-        tracker.log({"acc/student": 0.6}, step=2)
+        tracker.log({schema.STUDENT_ACC: 0.5}, step=1)
+        tracker.log({schema.STUDENT_ACC: 0.6}, step=2)
     assert len(caught) == 1

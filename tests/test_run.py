@@ -2,74 +2,36 @@
 files in the real on-disk formats, and the one-sentence errors for user mistakes."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from fakedata import write_fake_cifar, write_fake_tinyimagenet
+from helpers import assert_user_error, run_entry, save_random_teacher
 
+from tadfkd import schema
 from tadfkd.models import build_classifier
 
-TINY = [
-    "trainer.epochs=1",
-    "trainer.iters_per_epoch=1",
-    "trainer.student_steps=1",
-    "trainer.batch_size=8",
-    "trainer.eval_batch_size=16",
-    "trainer.num_workers=0",
-    "trainer.image_every=1",
-]
+# one epoch of one iteration of one student step at batch 8, with an image grid
+TINY = ["debug=tiny", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]
+TINY += ["trainer.batch_size=8", "runtime.eval_batch_size=16", "runtime.image_every=1"]
+TINY += ["runtime.num_workers=0"]
 RESULT_KEYS = {
-    "student_final_acc",
-    "student_best_acc",
-    "student_last10_acc",
-    "teacher_acc",
-    "epoch_accs",
-    "dataset",
-    "teacher",
-    "student",
-    "method",
-    "seed",
-    "epochs",
-    "wall_time_s",
+    *schema.ACCURACY_FIELDS,
+    schema.TEACHER_ACC_FIELD,
+    schema.EPOCH_ACCS,
+    schema.HISTORY,
+    schema.WALL_TIME,
+    *schema.LABEL_FIELDS,
 }
 
 
-def run(*overrides: str, entry: str = "run.py", cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
-    env["TADFKD_ROOT"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, str(ROOT / entry), *overrides],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def save_random_teacher(path: Path, arch: str, num_classes: int) -> Path:
-    torch.manual_seed(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(build_classifier(arch, num_classes).state_dict(), path)
-    return path
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: ") and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in message, message
+def run(*overrides: str):
+    return run_entry(*overrides)
 
 
 @pytest.mark.slow
 def test_digits_default_writes_results_wandb_files_and_images(tmp_path):
-    result = run(*TINY, f"hydra.run.dir={tmp_path}")
+    result = run(*TINY, "logger=wandb", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert RESULT_KEYS <= set(results)
@@ -92,9 +54,8 @@ def test_published_cifar10_preset_runs_one_epoch_on_cifar_format_files(tmp_path)
         "experiment=cifar10",
         *TINY,
         f"teacher.checkpoint={teacher}",
-        f"dataset.root={tmp_path / 'data'}",
-        "dataset.download=false",
-        "logger=none",
+        f"paths.data={tmp_path / 'data'}",
+        "runtime.download=false",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -114,8 +75,7 @@ def test_published_tinyimagenet_preset_runs_one_epoch_on_the_archive_layout(tmp_
         *TINY,
         "trainer.batch_size=4",
         f"teacher.checkpoint={teacher}",
-        f"dataset.root={tmp_path / 'data'}",
-        "logger=none",
+        f"paths.data={tmp_path / 'data'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -147,8 +107,8 @@ def test_missing_dataset_is_one_sentence(tmp_path):
     result = run(
         "experiment=cifar10",
         f"teacher.checkpoint={teacher}",
-        f"dataset.root={tmp_path / 'empty'}",
-        "dataset.download=false",
+        f"paths.data={tmp_path / 'empty'}",
+        "runtime.download=false",
         "logger=none",
         f"hydra.run.dir={tmp_path / 'run'}",
     )

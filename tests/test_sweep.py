@@ -4,41 +4,25 @@ recorded and the sweep carries on, and every job of a sweep shares one W&B group
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, compose_config, options
+from helpers import ROOT, compose_config, options, run_entry
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from tadfkd.train import run_group
+from tadfkd.job import run_group
 
-TINY = [
-    "trainer.epochs=2",
-    "trainer.iters_per_epoch=1",
-    "trainer.student_steps=1",
-    "trainer.batch_size=8",
-    "trainer.eval_batch_size=256",
-    "trainer.image_every=0",
-    "trainer.progress=false",
-    "logger=none",
-]
+TINY = ["debug=tiny", "trainer.epochs=2", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]
+TINY += ["trainer.batch_size=8", "runtime.eval_batch_size=256"]
 
 
 def multirun(*overrides, timeout=900):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
-    env.update(TADFKD_ROOT=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), "-m", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_entry("-m", *overrides, timeout=timeout)
+
+
+def report(*args):
+    return run_entry(*args, entry="-m tadfkd.report", timeout=300)
 
 
 @pytest.mark.parametrize("preset", options("sweep"))
@@ -105,14 +89,8 @@ def test_local_submitit_sweep_then_report_matches_the_results(tmp_path):
     assert all("health/agreement" in r["history"][-1] for r in results)
 
     out = tmp_path / "report"
-    report = subprocess.run(
-        [sys.executable, "-m", "tadfkd.report", str(sweep_dir), "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
+    made = report(str(sweep_dir), "--out", str(out))
+    assert made.returncode == 0, made.stderr[-3000:]
     with (out / "report.csv").open() as handle:
         rows = {(row["method"], row["accuracy"]): row for row in csv.DictReader(handle)}
     for method in ("tadfkd", "basic"):
@@ -152,14 +130,8 @@ def test_a_failed_job_is_recorded_and_the_sweep_carries_on(tmp_path):
     assert failure["error_type"] == "UserError" and "Traceback" in failure["traceback"]
     assert str(missing) in failure["error"]
     assert any(str(missing) in override for override in failure["overrides"])
-    report = subprocess.run(
-        [sys.executable, "-m", "tadfkd.report", str(sweep_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
+    made = report(str(sweep_dir))
+    assert made.returncode == 0, made.stderr[-3000:]
     text = (sweep_dir / "report.md").read_text()
     assert "1 failed" in text and "## Failed jobs" in text and "does not exist" in text
     assert OmegaConf.load(sweep_dir / "multirun.yaml")  # Hydra's own record is untouched

@@ -16,7 +16,7 @@ from tadfkd.teachers import (
     load_teacher,
     read_metadata,
     read_state_dict,
-    save_checkpoint,
+    save_teacher,
 )
 
 
@@ -230,12 +230,12 @@ def test_unknown_layout_lists_known_architectures(tmp_path):
     assert_one_sentence(message, path)
 
 
-def test_save_checkpoint_writes_metadata_beside_it(tmp_path):
+def test_save_teacher_writes_metadata_beside_it(tmp_path):
     model = random_model()
     path = tmp_path / "teachers" / "digits" / "wrn.pt"
     assert read_metadata(path) is None
     metadata = {"arch": "wrn16_1", "num_classes": 10, "mean": [0.5], "std": [0.5], "seed": 1}
-    written = save_checkpoint(model, path, {**metadata, "test_acc": 0.97, "recipe": {"lr": 0.1}})
+    written = save_teacher(model, path, {**metadata, "test_acc": 0.97, "recipe": {"lr": 0.1}})
     assert written["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert read_metadata(path) == written
     assert path.with_suffix(".json").is_file()

@@ -1,21 +1,20 @@
 """The teacher zoo: every architecture loads from every published file layout through the real
-`teacher=` options, the teacher job names each sweep job's file, the shipped digits teachers
-match their metadata and the README's table, and a run without a test set trains unevaluated."""
+`teacher=` options, the teacher job names each sweep job's file, the shipped digits and
+Fashion-MNIST teachers match their metadata and the README's tables, and a run without a test
+set trains unevaluated."""
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config, options
+from helpers import ROOT, compose_config, options, run_entry
 from hydra.utils import instantiate
-from test_run import TINY, run
 
+from tadfkd import data
 from tadfkd.data import load_split, make_loader
-from tadfkd.distill import evaluate
+from tadfkd.evaluation import evaluate
 from tadfkd.models import ARCHITECTURES, build_classifier
 from tadfkd.teachers import Teacher, read_metadata
 from tadfkd.train_teacher import output_path
@@ -30,6 +29,11 @@ CMI_ZOO = [
 # Published layouts: TA-DFKD's raw state dict, the CMI / Fast-DFKD zoo's {'state_dict': ...},
 # each as saved from a plain model or from a DataParallel wrapper (`module.` prefix).
 LAYOUTS = ["raw", "raw_module", "cmi", "cmi_module"]
+TINY = ["debug=tiny", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]
+
+
+def run(*overrides: str):
+    return run_entry(*overrides)
 
 
 def option_for(arch: str) -> tuple[str, list[str]]:
@@ -124,7 +128,6 @@ def test_a_file_given_on_the_command_line_is_named_after_itself(tmp_path):
         "trainer.batch_size=16",
         f"teacher.checkpoint={path}",
         "teacher.arch=digits_cnn_w",
-        "logger=none",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -154,9 +157,7 @@ def test_variant_overrides_name_the_file():
 
 
 def test_each_zoo_option_is_the_file_of_its_documented_command():
-    for option in options("teacher"):
-        if not option.startswith("digits_"):
-            continue
+    for option in [*DIGITS_ZOO, *FMNIST_ZOO]:
         first_lines = (ROOT / "conf" / "teacher" / f"{option}.yaml").read_text()
         command = re.search(r"`python -m tadfkd.train_teacher ([^`]+)`", first_lines)
         assert command, option
@@ -167,22 +168,14 @@ def test_each_zoo_option_is_the_file_of_its_documented_command():
 
 @pytest.mark.slow
 def test_sweep_writes_one_file_per_job(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tadfkd.train_teacher",
-            "-m",
-            "teacher.arch=digits_cnn_s,digits_cnn",
-            "seed=0,1",
-            "recipe.epochs=1",
-            f"paths.teachers={tmp_path / 'zoo'}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_entry(
+        "-m",
+        "teacher.arch=digits_cnn_s,digits_cnn",
+        "seed=0,1",
+        "recipe.epochs=1",
+        f"paths.teachers={tmp_path / 'zoo'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        entry="-m tadfkd.train_teacher",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     written = sorted(path.name for path in (tmp_path / "zoo" / "digits").glob("*.pt"))
@@ -197,9 +190,16 @@ def test_sweep_writes_one_file_per_job(tmp_path):
     assert metadata["recipe"]["epochs"] == 1 and 0 <= metadata["test_acc"] <= 1
 
 
-# -- the shipped digits zoo -----------------------------------------------------------------
+# -- the shipped zoos ---------------------------------------------------------------------------
 
 DIGITS_ZOO = [option for option in options("teacher") if option.startswith("digits_")]
+FMNIST_ZOO = [option for option in options("teacher") if option.startswith("fmnist_")]
+# zoo -> (its options, its section of Pretrained_Teachers/README.md, its dataset)
+ZOOS = {
+    "digits": (DIGITS_ZOO, "## The digits zoo", "digits"),
+    "fashion_mnist": (FMNIST_ZOO, "## The Fashion-MNIST zoo", "fashion_mnist"),
+}
+HAVE_FASHION_MNIST = (data.FASHION_MNIST_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
 
 
 def zoo_teacher(option: str):
@@ -213,10 +213,11 @@ def zoo_metadata(option: str) -> dict:
     return metadata
 
 
-def readme_table() -> dict[str, dict[str, str]]:
-    """Rows of the digits-zoo table in Pretrained_Teachers/README.md, by option."""
+def readme_table(heading: str) -> dict[str, dict[str, str]]:
+    """Rows of a zoo's table in Pretrained_Teachers/README.md (the first table under
+    ``heading``), by option."""
     text = (ROOT / "Pretrained_Teachers" / "README.md").read_text()
-    section = text.split("## The digits zoo", 1)[1]
+    section = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in section.splitlines() if line.startswith("|")]
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
@@ -228,22 +229,40 @@ def readme_table() -> dict[str, dict[str, str]]:
     return rows
 
 
+def variant(metadata: dict) -> tuple:
+    recipe = metadata["recipe"]
+    return (
+        metadata["arch"],
+        metadata["seed"],
+        recipe["epochs"],
+        recipe["label_smoothing"],
+        recipe["augment"],
+        recipe.get("erase", 0.0),
+    )
+
+
 def test_digits_zoo_is_varied_and_sweepable():
     assert len(DIGITS_ZOO) >= 6
     metadata = [zoo_metadata(option) for option in DIGITS_ZOO]
-    differences = {
-        (
-            m["arch"],
-            m["seed"],
-            m["recipe"]["epochs"],
-            m["recipe"]["label_smoothing"],
-            m["recipe"]["augment"],
-        )
-        for m in metadata
-    }
-    assert len(differences) == len(DIGITS_ZOO)
+    assert len({variant(m) for m in metadata}) == len(DIGITS_ZOO)
     assert len({m["arch"] for m in metadata}) >= 3
     assert all(0.95 <= m["test_acc"] < 1 for m in metadata)
+
+
+def test_fashion_mnist_zoo_differs_as_real_teachers_do():
+    assert len(FMNIST_ZOO) >= 8
+    metadata = [zoo_metadata(option) for option in FMNIST_ZOO]
+    assert len({variant(m) for m in metadata}) == len(FMNIST_ZOO)
+    assert len({m["arch"] for m in metadata}) >= 4
+    assert {m["dataset"] for m in metadata} == {"fashion_mnist"}
+    recipes = [m["recipe"] for m in metadata]
+    assert any(r["label_smoothing"] > 0 for r in recipes)
+    assert any(not r["augment"] for r in recipes)
+    assert any(r.get("erase", 0) > 0 for r in recipes)  # strong augmentation
+    assert len({r["epochs"] for r in recipes}) >= 2  # short training
+    accuracies = [m["test_acc"] for m in metadata]
+    assert 0.80 <= min(accuracies) and max(accuracies) <= 0.96
+    assert max(accuracies) - min(accuracies) >= 0.03  # they differ
 
 
 @pytest.mark.parametrize("option", DIGITS_ZOO)
@@ -251,6 +270,7 @@ def test_digits_teacher_has_the_accuracy_of_its_metadata(option):
     teacher = instantiate(zoo_teacher(option))
     metadata = zoo_metadata(option)
     assert metadata["arch"] == teacher.arch and metadata["mean"] == list(teacher.mean)
+    assert metadata["sha256"] == teacher.sha256
     test_set = load_split("digits", "", "test", mean=teacher.mean, std=teacher.std)
     accuracy = evaluate(
         teacher.model, make_loader(test_set, 1024, shuffle=False), torch.device("cpu")
@@ -258,18 +278,35 @@ def test_digits_teacher_has_the_accuracy_of_its_metadata(option):
     assert accuracy == pytest.approx(metadata["test_acc"], abs=1e-9)
 
 
-def test_readme_table_matches_the_metadata():
-    rows = readme_table()
-    assert sorted(rows) == sorted(DIGITS_ZOO)
+@pytest.mark.skipif(not HAVE_FASHION_MNIST, reason="Fashion-MNIST is not installed (make data)")
+@pytest.mark.parametrize("option", [o for o in FMNIST_ZOO if "vgg" not in o and "wrn" not in o])
+def test_fashion_mnist_teacher_has_the_accuracy_of_its_metadata(option):
+    # The two slow architectures are left out: a minute each on a CPU.
+    teacher = instantiate(zoo_teacher(option))
+    metadata = zoo_metadata(option)
+    assert metadata["sha256"] == teacher.sha256
+    test_set = load_split("fashion_mnist", "data", "test", mean=teacher.mean, std=teacher.std)
+    accuracy = evaluate(
+        teacher.model, make_loader(test_set, 1000, shuffle=False), torch.device("cpu")
+    )
+    assert accuracy == pytest.approx(metadata["test_acc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("zoo", ZOOS)
+def test_readme_table_matches_the_metadata(zoo):
+    zoo_options, heading, dataset = ZOOS[zoo]
+    rows = readme_table(heading)
+    assert sorted(rows) == sorted(zoo_options)
     for option, row in rows.items():
         metadata = zoo_metadata(option)
+        assert metadata["dataset"] == dataset
         assert row["arch"] == metadata["arch"], option
         assert int(row["seed"]) == metadata["seed"], option
         assert row["test accuracy (%)"] == f"{100 * metadata['test_acc']:.2f}", option
         command = row["command"].strip("`")
         if "command" in metadata:
             assert command == metadata["command"], option
-        assert command.startswith("python -m tadfkd.train_teacher teacher=")
+        assert command.startswith("python -m tadfkd.train_teacher ")
 
 
 # -- a run without a test set ----------------------------------------------------------------
@@ -282,13 +319,11 @@ def cifar_run_without_data(tmp_path: Path, *overrides: str):
     return run(
         "experiment=cifar10",
         *TINY,
-        "trainer.image_every=0",
         "teacher.arch=wrn16_1",
         "student=wrn16_1",
         f"teacher.checkpoint={teacher}",
-        f"dataset.root={tmp_path / 'empty'}",
-        "dataset.download=false",
-        "logger=none",
+        f"paths.data={tmp_path / 'empty'}",
+        "runtime.download=false",
         f"hydra.run.dir={tmp_path / 'run'}",
         *overrides,
     )
@@ -296,11 +331,11 @@ def cifar_run_without_data(tmp_path: Path, *overrides: str):
 
 @pytest.mark.slow
 def test_missing_test_set_trains_unevaluated_when_not_required(tmp_path):
-    result = cifar_run_without_data(tmp_path, "dataset.require_test_set=false")
+    result = cifar_run_without_data(tmp_path, "runtime.require_test_set=false")
     assert result.returncode == 0, result.stderr[-3000:]
     notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1 and "CIFAR-10 not found" in notes[0]
-    assert "dataset.require_test_set=false" in notes[0]
+    assert "runtime.require_test_set=false" in notes[0]
     assert "done: trained without a test set, so no accuracy was measured" in result.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     for key in ("student_final_acc", "student_best_acc", "student_last10_acc", "teacher_acc"):
@@ -309,9 +344,7 @@ def test_missing_test_set_trains_unevaluated_when_not_required(tmp_path):
 
 
 def test_missing_test_set_stays_an_error_by_default(tmp_path):
-    assert all(
-        compose_config([f"dataset={o}"]).dataset.require_test_set for o in options("dataset")
-    )
+    assert compose_config().runtime.require_test_set
     result = cifar_run_without_data(tmp_path)
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]

@@ -16,7 +16,7 @@ from tadfkd.models.resnet_tiny import tiny_resnet18, tiny_resnet34
 from tadfkd.models.vgg import vgg8, vgg11
 from tadfkd.models.wrn import wrn16_1, wrn16_2, wrn40_1, wrn40_2
 
-__all__ = ["ARCHITECTURES", "Generator", "build_classifier", "classifier_layer"]
+__all__ = ["ARCHITECTURES", "Generator", "build_classifier", "classifier_layer", "module_path"]
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet18,
@@ -53,3 +53,8 @@ def classifier_layer(model: nn.Module) -> nn.Linear:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer")
     return linears[-1]
+
+
+def module_path(model: nn.Module, module: nn.Module) -> str:
+    """The path of ``module`` inside ``model`` (as ``named_modules`` gives it)."""
+    return next(name for name, candidate in model.named_modules() if candidate is module)

@@ -1,0 +1,133 @@
+"""Building a distillation run from a composed config: the one place where teacher, student,
+generator, views, selection, objective, optimisers and schedule are wired together (used by the
+job, the benchmark and the tests)."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from tadfkd.data import load_split, make_loader
+from tadfkd.distill import Distiller, Schedule
+from tadfkd.errors import DatasetMissing
+from tadfkd.inference import fold_batchnorm
+from tadfkd.nonfinite import NonFiniteGuard
+from tadfkd.precision import Precision, prepare_model, resolve_precision
+from tadfkd.runtime import build
+from tadfkd.synthesizer import Synthesizer
+from tadfkd.teachers import Teacher
+from tadfkd.views import Views
+
+# speed.scoring -> the autocast dtype of the selection's scoring forward (None: fp32)
+SCORING_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def schedule_of(cfg: DictConfig) -> Schedule:
+    """The ``trainer`` node as a ``Schedule``."""
+    trainer = cfg.trainer
+    return Schedule(
+        epochs=int(trainer.epochs),
+        iters_per_epoch=int(trainer.iters_per_epoch),
+        student_steps=int(trainer.student_steps),
+        batch_size=int(trainer.batch_size),
+        published_scheduler_offset=bool(trainer.published_scheduler_offset),
+    )
+
+
+def on_cuda_if_auto(setting: str | bool, device: torch.device) -> bool:
+    """A ``speed`` switch: ``auto`` is on for CUDA, off elsewhere; true / false as given."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def inference_teacher(cfg: DictConfig, teacher: torch.nn.Module, device: torch.device):
+    """The teacher of the no-grad forwards: with BatchNorm folded (``speed.fold_teacher_bn``),
+    checked on a fixed random batch of the dataset's shape (no global RNG is drawn)."""
+    if not cfg.speed.fold_teacher_bn:
+        return teacher
+    dataset = cfg.dataset
+    shape = (2, int(dataset.channels), int(dataset.image_size), int(dataset.image_size))
+    draw = torch.Generator(device=device).manual_seed(0)
+    example = torch.randn(shape, generator=draw, device=device)
+    if on_cuda_if_auto(cfg.speed.channels_last, device):
+        example = example.contiguous(memory_format=torch.channels_last)
+    return fold_batchnorm(teacher, example)
+
+
+def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> Distiller:
+    """A ``Distiller`` for ``teacher`` (loaded) with everything else built from ``cfg``; the
+    student is initialised before the generator, from the global RNG (seed it first)."""
+    speed = cfg.speed
+    precision = Precision(resolve_precision(str(speed.precision), device), device)
+    channels_last = on_cuda_if_auto(speed.channels_last, device)
+    teacher_model = prepare_model(teacher.model, device, channels_last)
+    scoring_teacher = inference_teacher(cfg, teacher_model, device)
+    student = prepare_model(build(cfg.student), device, channels_last)
+    generator = prepare_model(build(cfg.generator), device, channels_last)
+    if speed.compile:
+        for model in {
+            id(m): m for m in (teacher_model, scoring_teacher, student, generator)
+        }.values():
+            model.compile()  # in place: parameters, hooks and state dicts keep their names
+    schedule = schedule_of(cfg)
+    student_optimizer = build(cfg.optimizer.student)(student.parameters())
+    guard = NonFiniteGuard(str(cfg.runtime.on_nonfinite))
+    synthesizer = Synthesizer(
+        generator=generator,
+        generator_optimizer=build(cfg.optimizer.generator)(generator.parameters()),
+        teacher=teacher_model,
+        views=Views(
+            teacher.mean,
+            teacher.std,
+            int(cfg.dataset.views.crop_padding),
+            bool(cfg.dataset.views.flip),
+        ),
+        selection=build(cfg.selection),
+        batch_size=schedule.batch_size,
+        device=device,
+        precision=precision,
+        guard=guard,
+        scoring_teacher=scoring_teacher,
+        adaptive_rounds=speed.refill == "adaptive",
+        bucket_rounds=on_cuda_if_auto(speed.static_shapes, device),
+        scoring_dtype=SCORING_DTYPES[speed.scoring],
+    )
+    return Distiller(
+        teacher=teacher_model,
+        student=student,
+        synthesizer=synthesizer,
+        objective=build(cfg.method),
+        student_optimizer=student_optimizer,
+        scheduler=build(cfg.optimizer.scheduler)(student_optimizer),
+        schedule=schedule,
+        device=device,
+        precision=precision,
+    )
+
+
+def load_test_set(cfg: DictConfig, teacher: Teacher) -> DataLoader | None:
+    """The test set normalised for ``teacher``, in batches; None (after one note) when it is
+    absent and ``runtime.require_test_set`` is false, else its absence is a ``UserError``."""
+    try:
+        test_set = load_split(
+            cfg.dataset.name,
+            cfg.paths.data,
+            "test",
+            mean=teacher.mean,
+            std=teacher.std,
+            download=bool(cfg.runtime.download),
+        )
+    except DatasetMissing as error:
+        if cfg.runtime.require_test_set:
+            raise
+        print(
+            f"note: {error} Training without evaluation (runtime.require_test_set=false): "
+            "teacher and student accuracies are not measured and are null in results.json."
+        )
+        return None
+    return make_loader(
+        test_set,
+        int(cfg.runtime.eval_batch_size),
+        shuffle=False,
+        num_workers=int(cfg.runtime.num_workers),
+    )

@@ -1,0 +1,256 @@
+"""The distillation job behind ``run.py``: check the config, build the run, resume it if a
+checkpoint is there, train with an epoch reporter, write the results."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from tadfkd import schema
+from tadfkd.builder import build_distiller, load_test_set
+from tadfkd.checkpoint import (
+    LATEST,
+    PREVIOUS,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_on_signals,
+)
+from tadfkd.config import check_same_run, run_identity, validate
+from tadfkd.distill import Distiller
+from tadfkd.errors import Interrupted, NonFiniteLoss, UserError
+from tadfkd.evaluation import evaluate
+from tadfkd.reporter import EpochReporter
+from tadfkd.results import (
+    load_results,
+    percent,
+    print_done,
+    save_results,
+    save_student,
+    summarise,
+)
+from tadfkd.rundir import ensure_writable, lock, unlock
+from tadfkd.runtime import build, resolve_device, seed_everything, set_threads
+from tadfkd.teachers import Teacher, teacher_sha256
+
+
+def name_teacher_after_its_file(cfg: DictConfig) -> None:
+    """Name a teacher given as ``teacher.checkpoint=... teacher.arch=...`` on the command line
+    after its file (unless ``teacher.name=`` is given too): the option's name is another
+    network's."""
+    if not HydraConfig.initialized():
+        return
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task}
+    if {"teacher.checkpoint", "teacher.arch"} <= keys and "teacher.name" not in keys:
+        cfg.teacher.name = Path(cfg.teacher.checkpoint).stem
+
+
+def run_name(cfg: DictConfig) -> str:
+    """Readable run name, e.g. ``tadfkd-resnet18@cifar10_resnet34_9546-s0``."""
+    return f"{cfg.method.name}-{cfg.student.arch}@{cfg.teacher.name}-s{cfg.seed}"
+
+
+def run_group(cfg: DictConfig) -> str | None:
+    """W&B group: ``logger.group`` when set, else the sweep directory's name in a multirun (so
+    that every job of one sweep shares it), else none."""
+    group = OmegaConf.select(cfg, "logger.group")
+    if group:
+        return str(group)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+def run_directory(cfg: DictConfig, run_dir: Path) -> Path:
+    """Where the run's files go: ``resume=DIR`` when given (it must hold a checkpoint), else
+    Hydra's run directory; checked to be writable."""
+    if cfg.get("resume"):
+        run_dir = Path(str(cfg.resume))
+        if not ((run_dir / LATEST).exists() or (run_dir / PREVIOUS).exists()):
+            raise UserError(
+                f"resume={run_dir} holds no {LATEST}; give the run directory to resume."
+            )
+    ensure_writable(run_dir)
+    return run_dir
+
+
+def distil(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Run one distillation job; returns the contents of ``results.json`` (also written)."""
+    started = time.perf_counter()
+    name_teacher_after_its_file(cfg)
+    validate(cfg)
+    device = resolve_device(str(cfg.runtime.device))
+    run_dir = run_directory(cfg, run_dir)
+    lock(run_dir)
+    try:
+        return run(cfg, run_dir, device, started)
+    finally:
+        unlock(run_dir)
+
+
+def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) -> dict[str, Any]:
+    """The job in its locked run directory: resume or start, train, write the results."""
+    # Built before any work: their constructors reject bad settings (e.g. selection.threshold).
+    build(cfg.selection), build(cfg.method)
+    identity = run_identity(cfg, teacher_sha256(cfg.teacher.checkpoint))
+    saved = load_checkpoint(run_dir)
+    if saved is not None:
+        check_same_run(saved[0]["identity"], identity, saved[1])
+        finished = saved[0]["distiller"]["epoch"] >= int(cfg.trainer.epochs)
+        if finished and (run_dir / schema.RESULTS_FILE).exists():
+            results = load_results(run_dir)
+            print(f"the run in {run_dir} is already finished; nothing to do")
+            print_done(results, run_dir)
+            return results
+    set_threads(cfg.runtime.threads)
+    seed_everything(int(cfg.seed))
+    teacher: Teacher = build(cfg.teacher)  # after seeding: building it draws initial weights
+    test_loader = load_test_set(cfg, teacher)
+    distiller = build_distiller(cfg, teacher, device)
+    teacher_acc = (
+        evaluate(distiller.teacher, test_loader, device) if test_loader is not None else None
+    )
+    print(f"teacher {teacher.name} ({teacher.arch}): test accuracy {percent(teacher_acc)}")
+    tracker = build(
+        cfg.logger,
+        _recursive_=False,  # the run's config (full of _target_ keys) is data for the tracker
+        _convert_="all",
+        directory=run_dir,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+        name=run_name(cfg),
+        group=run_group(cfg),
+        tags=[cfg.dataset.name, cfg.teacher.name, cfg.student.arch, cfg.method.name],
+        run_id=saved[0]["wandb_run_id"] if saved is not None else None,
+    )
+    if saved is None:
+        tracker.log({schema.TEACHER_ACC: teacher_acc}, step=0)
+    else:
+        resume(distiller, *saved)
+    try:
+        accuracies = train(cfg, distiller, tracker, identity, run_dir, test_loader)
+        save_student(run_dir, distiller.student)
+        results = {
+            **summarise(accuracies, teacher_acc),
+            schema.EPOCH_ACCS: accuracies,
+            **labels(cfg, teacher, distiller, device),
+            schema.WALL_TIME: time.perf_counter() - started,
+            "wandb_run_id": tracker.run_id,
+            schema.HISTORY: distiller.history,
+        }
+        save_results(run_dir, results)
+        summary_fields = (schema.EPOCH_ACCS, schema.HISTORY)
+        tracker.summary({k: v for k, v in results.items() if k not in summary_fields})
+    finally:
+        tracker.finish()
+    print_done(results, run_dir)
+    return results
+
+
+def labels(
+    cfg: DictConfig, teacher: Teacher, distiller: Distiller, device: torch.device
+) -> dict[str, Any]:
+    """What ``results.json`` says the run was (``schema.LABEL_FIELDS`` and a few more)."""
+    return {
+        "dataset": cfg.dataset.name,
+        "teacher": teacher.name,
+        "teacher_arch": teacher.arch,
+        "teacher_sha256": teacher.sha256,
+        "student": cfg.student.arch,
+        "method": cfg.method.name,
+        "seed": int(cfg.seed),
+        "epochs": distiller.schedule.epochs,
+        "device": str(device),
+    }
+
+
+def resume(distiller: Distiller, state: dict[str, Any], path: Path) -> None:
+    """Continue ``distiller`` from the checkpoint ``state`` read from ``path``."""
+    distiller.load_state_dict(state["distiller"])
+    set_rng_state(state["rng"])
+    schedule = distiller.schedule
+    print(
+        f"resuming from {path}: {distiller.epoch} of {schedule.epochs} epochs and "
+        f"{distiller.iteration} of {schedule.iters_per_epoch} iterations of the next done",
+        flush=True,
+    )
+
+
+def train(
+    cfg: DictConfig,
+    distiller: Distiller,
+    tracker,
+    identity: dict[str, Any],
+    run_dir: Path,
+    test_loader,
+) -> list[float | None]:
+    """``distiller.fit`` with a checkpoint after every epoch and on a stop signal; a stop
+    signal ends in ``Interrupted`` and a non-finite loss in ``NonFiniteLoss``, each saying how
+    to go on. Returns the per-epoch test accuracies."""
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            run_dir,
+            {
+                "identity": identity,
+                "distiller": distiller.state_dict(),
+                "rng": rng_state(),
+                "wandb_run_id": tracker.run_id,
+            },
+        )
+
+    reporter = EpochReporter(
+        tracker,
+        run_dir,
+        distiller.schedule.epochs,
+        int(cfg.runtime.image_every),
+        distiller.synthesizer.generate,
+    )
+    try:
+        with stop_on_signals(distiller.request_stop):
+            accuracies = distiller.fit(
+                test_loader, reporter, bool(cfg.runtime.progress), on_checkpoint=checkpoint
+            )
+    except NonFiniteLoss as error:
+        tracker.log({schema.NONFINITE_STOPPED: 1.0}, step=distiller.epoch + 1)
+        tracker.summary({"stopped": str(error)})
+        raise nonfinite_advice(error, run_dir) from None
+    except RuntimeError as error:  # torch.OutOfMemoryError on CUDA, a RuntimeError on the CPU
+        if not out_of_memory(error):
+            raise
+        raise UserError(
+            f"out of memory at trainer.batch_size={cfg.trainer.batch_size}; lower "
+            "trainer.batch_size (or use a device with more memory)."
+        ) from None
+    if not distiller.finished:
+        schedule = distiller.schedule
+        raise Interrupted(
+            f"{distiller.stop_reason} received; checkpoint saved after {distiller.epoch} of "
+            f"{schedule.epochs} epochs and {distiller.iteration} iterations of the next in "
+            f"{run_dir}; re-run the same command to resume."
+        )
+    return accuracies
+
+
+def nonfinite_advice(error: NonFiniteLoss, run_dir: Path) -> NonFiniteLoss:
+    """``error`` completed with what is kept and how to go on."""
+    kept = (
+        f"the last good checkpoint is kept in {run_dir}"
+        if (run_dir / LATEST).exists()
+        else "no checkpoint was written yet"
+    )
+    return NonFiniteLoss(
+        f"{error}; {kept}; re-run with runtime.on_nonfinite=skip to skip such steps, or "
+        "lower the learning rates in a new run directory."
+    )
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure of torch (CUDA or CPU)."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)

@@ -1,0 +1,91 @@
+"""Where and how a job runs: its device, CPU threads and random seeds, and building objects
+from config nodes. Shared by the distillation job, the teacher job and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+
+from tadfkd.errors import UserError
+
+
+def build(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, passing a ``UserError`` raised while building through as is."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` and ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"runtime.device={name} was asked for but no CUDA device is available; use cpu."
+        )
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(
+            f"runtime.device={name} is not a device name; use auto, cpu or cuda."
+        ) from error
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(
+            f"runtime.device={name} cannot train a network here; use auto, cpu or cuda."
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"runtime.device={name} does not exist: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)."
+        )
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cores_available() -> int:
+    """CPU cores this process may run on (its affinity mask: a SLURM or taskset allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def jobs_side_by_side() -> int:
+    """How many jobs of this process's sweep run at once on this machine: the batch size of
+    hydra's submitit-local launcher in a multirun, else 1 (a single run, the sequential basic
+    launcher, or a cluster job with its own allocation)."""
+    if not HydraConfig.initialized():
+        return 1
+    hydra = HydraConfig.get()
+    launcher = str(hydra.launcher.get("_target_", ""))
+    if hydra.mode != RunMode.MULTIRUN or not launcher.endswith("LocalLauncher"):
+        return 1
+    return max(1, int(hydra.sweeper.get("max_batch_size") or 1))
+
+
+def set_threads(threads: int | str) -> int:
+    """Set torch's CPU threads: ``auto`` gives each job of the jobs running side by side its
+    share of the cores available (at least 1); a number is taken as is. Returns the count.
+
+    On a shared CPU, oversubscribed threads made a digits run 20-60x slower than one thread.
+    """
+    count = max(1, cores_available() // jobs_side_by_side()) if threads == "auto" else int(threads)
+    torch.set_num_threads(count)
+    return count

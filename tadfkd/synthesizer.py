@@ -1,0 +1,213 @@
+"""The synthesizer: the generator and everything between it and the student.
+
+In the CMI / Fast-DFKD family's words it answers two requests: "give me a student batch"
+(``student_batch``: generate, select, refill until a batch of kept samples is full) and "take a
+generator step" (``generator_step``). It owns the generator and its optimiser, the two views of a
+generated batch, the clean-sample selection, the sizing of refill rounds and the selection rate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from tadfkd import schema
+from tadfkd.errors import UserError
+from tadfkd.nonfinite import NonFiniteGuard
+from tadfkd.objectives import GeneratorBatch, Objective
+from tadfkd.precision import Precision
+from tadfkd.selection import GMMSelection, NoSelection, fill_order
+from tadfkd.views import Views
+
+# test views of whole generated batches (N, C, H, W), N a multiple of the batch size -> keep (N,)
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Synthesizer:
+    """Generated samples for the student, and the generator's own training step.
+
+    ``teacher`` is the frozen teacher of the generator step (its BN-statistics hooks and its
+    gradient path); ``scoring_teacher`` (default: ``teacher``) scores samples for the selection,
+    e.g. a copy with BatchNorm folded (``tadfkd.inference``). ``scorer`` (default:
+    ``score``) is the seam through which another selection implementation can be timed or
+    tested. Refill rounds: ``adaptive_rounds=False`` generates one batch per round, as the
+    reference does; ``bucket_rounds`` rounds each round's batch count up to a power of two, so
+    that a GPU sees few distinct shapes. ``scoring_dtype`` (None: fp32) autocasts the scoring
+    forward. ``guard`` checks the generator step's loss terms.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        generator_optimizer: torch.optim.Optimizer,
+        teacher: nn.Module,
+        views: Views,
+        selection: GMMSelection | NoSelection,
+        batch_size: int,
+        device: torch.device,
+        precision: Precision | None = None,
+        guard: NonFiniteGuard | None = None,
+        scoring_teacher: nn.Module | None = None,
+        adaptive_rounds: bool = True,
+        bucket_rounds: bool = False,
+        scoring_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.generator = generator.train()
+        self.optimizer = generator_optimizer
+        self.teacher = teacher
+        self.scoring_teacher = scoring_teacher if scoring_teacher is not None else teacher
+        self.views = views
+        self.selection = selection
+        self.batch_size = batch_size
+        self.device = device
+        self.precision = precision or Precision("fp32", device)
+        self.guard = guard or NonFiniteGuard()
+        self.scorer: Scorer = self.score
+        self.adaptive_rounds = adaptive_rounds
+        self.bucket_rounds = bucket_rounds
+        self.scoring_dtype = scoring_dtype
+        self.nz = generator_input_size(generator)
+        # Kept fraction of the generated samples of the last refill: sizes the next round.
+        self.selection_rate: float | None = None
+
+    def generate(self, n: int) -> torch.Tensor:
+        """``n`` generated images in [0, 1], (n, C, H, W), float32.
+
+        Never autocast: the images decide the selection (see ``score``).
+        """
+        z = torch.randn(n, self.nz, device=self.device)
+        return self.generator(z)
+
+    @torch.no_grad()
+    def score(self, test_views: torch.Tensor) -> torch.Tensor:
+        """Keep mask (N,) of whole generated batches' test views: one teacher forward scores
+        them all, and one mixture is fitted per batch, as if each batch had been selected on its
+        own (the teacher is in eval mode). In fp32 unless ``scoring_dtype`` says otherwise
+        (``speed.scoring``): the min-max normalised losses amplify bf16 rounding, which changes
+        some keep decisions (docs/performance.md has the measured share)."""
+        if self.scoring_dtype is None:
+            logits = self.scoring_teacher(test_views)
+        else:
+            with torch.autocast(self.device.type, dtype=self.scoring_dtype):
+                logits = self.scoring_teacher(test_views)
+        return self.selection.keep_mask(logits, self.batch_size)
+
+    def keep_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """The selection on the test view of generated ``images`` (whole batches); all-true
+        without selection."""
+        if not self.selection.enabled:
+            return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        return self.scorer(self.views.test_view(images))
+
+    def batches_per_round(self, needed: int) -> int:
+        """Generated batches to score together for ``needed`` more kept samples.
+
+        Just enough for ``needed`` at the last refill's selection rate, rounded up (one batch
+        while no rate is known, or always with ``adaptive_rounds=False``), and up to the next
+        power of two with ``bucket_rounds``; a shortfall costs one more, smaller round, a margin
+        would cost unused batches every step. The caller applies ``selection.max_batches``.
+        """
+        if self.selection_rate is None or not self.adaptive_rounds:
+            return 1
+        expected_kept = self.selection_rate * self.batch_size
+        if expected_kept <= 0:
+            return self.selection.max_batches
+        count = max(1, math.ceil(needed / expected_kept))
+        return 1 << (count - 1).bit_length() if self.bucket_rounds else count
+
+    @torch.no_grad()
+    def student_batch(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Train views of kept samples, refilled from fresh batches until ``batch_size`` are
+        kept, and the refill's counters (summed per epoch, ``tadfkd.schema``).
+
+        Batches are generated one by one (the generator's BatchNorm uses per-batch statistics),
+        then scored together in rounds of ``batches_per_round`` batches, with one host
+        synchronisation a round. The student batch is exactly the reference's: every kept
+        sample of batches 1..j-1 and a random subset of batch j's, where j is the first batch
+        that completes it; batches generated beyond j are counted but not used. At most
+        ``selection.max_batches`` batches are generated; if they keep fewer samples the student
+        trains on what was kept (counted as a short student batch), and if they keep none at all
+        the run stops with a clear error.
+        """
+        size, limit = self.batch_size, self.selection.max_batches
+        images, keeps, kept_per_batch = [], [], []
+        while sum(kept_per_batch) < size and len(images) < limit:
+            count = min(self.batches_per_round(size - sum(kept_per_batch)), limit - len(images))
+            batches = [self.generate(size) for _ in range(count)]
+            keep = self.keep_mask(torch.cat(batches))
+            images += batches
+            keeps.append(keep)
+            kept_per_batch += keep.view(count, size).sum(dim=1).tolist()
+            self.selection_rate = sum(kept_per_batch) / (size * len(images))
+        kept = sum(kept_per_batch)
+        running, used = 0, len(images)
+        for index, count in enumerate(kept_per_batch):
+            running += count
+            if running >= size:
+                used = index + 1
+                break
+        counters = {
+            schema.GENERATED: float(size * len(images)),
+            schema.KEPT: float(kept),
+            schema.BATCHES_USED: float(used),
+        }
+        if kept == 0:
+            self.guard.raise_if_nonfinite()  # NaN images keep nothing: name the NaN first
+            raise UserError(
+                f"selection kept no generated sample in {len(images)} batches of {size}, so the "
+                "student has nothing to learn from; lower selection.threshold, raise "
+                "selection.max_batches, or use selection=none."
+            )
+        if kept < size:
+            counters[schema.SHORT_STUDENT_BATCHES] = 1.0
+        index = fill_order(torch.cat(keeps)[: used * size], size)
+        return torch.cat([self.views.train_view(batch) for batch in images[:used]])[index], counters
+
+    def generator_step(self, student: nn.Module, objective: Objective) -> dict[str, Any]:
+        """One generator step on a fresh batch, selected once (no refill): the teacher and the
+        student see the kept train views; ``objective.generator`` weighs the terms. Returns the
+        step's metrics: its loss terms, or the counter of a skipped step."""
+        images = self.generate(self.batch_size)
+        keep = self.keep_mask(images.detach())
+        train_view = self.views.train_view(images)
+        kept = train_view[keep] if self.selection.enabled else train_view
+        if kept.shape[0] < 2:
+            # Batch statistics and divergences need at least two samples; skip and count it.
+            return {schema.SKIPPED_GENERATOR_STEPS: 1.0}
+        student.requires_grad_(False)  # the generator step needs no student weight gradients
+        try:
+            with self.precision.autocast():
+                teacher_logits = self.teacher(kept)
+                student_logits = student(kept)
+            batch = GeneratorBatch(train_view, student_logits, teacher_logits)
+            loss, terms = objective.generator(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            if not self.guard.all_finite("generator", {"generator": loss, **terms}):
+                return {schema.SKIPPED_GENERATOR_STEPS_NONFINITE: 1.0}
+            self.precision.step(loss, self.optimizer, "generator")
+        finally:
+            student.requires_grad_(True)
+        return {schema.GENERATOR_LOSS: loss, **{schema.loss_key(k): v for k, v in terms.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator, its optimiser and the selection rate (tensors and plain values)."""
+        return {
+            "generator": self.generator.state_dict(),
+            "generator_optimizer": self.optimizer.state_dict(),
+            "selection_rate": self.selection_rate,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["generator_optimizer"])
+        self.selection_rate = state["selection_rate"]
+
+
+def generator_input_size(generator: nn.Module) -> int:
+    """The noise size ``nz`` a generator takes: the input size of its first linear layer."""
+    first = next(module for module in generator.modules() if isinstance(module, nn.Linear))
+    return first.in_features

@@ -1,0 +1,142 @@
+"""What the tests share (helpers, not tests): composing the real config, running the entry points
+as a user does, teacher files, and a tiny distiller built by the project's own builder.
+
+Test modules import from here (and from ``fakedata``), never from each other.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from tadfkd.builder import build_distiller
+from tadfkd.distill import Distiller
+from tadfkd.models import build_classifier
+from tadfkd.teachers import random_teacher
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+CPU = torch.device("cpu")
+
+
+def compose_config(
+    overrides: list[str] = (), config_name: str = "config", hydra_node: bool = True
+) -> DictConfig:
+    """The config an entry point would see with these command-line overrides (with the hydra
+    node unless ``hydra_node`` is false: the job's own config, as ``distil`` receives it)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def options(group: str) -> list[str]:
+    """Every option of a config group, by file name (a group's ``base`` excluded)."""
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml") if path.stem != "base")
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """The environment of an entry point run by a test: no W&B or Hydra settings of the caller,
+    the repository as TADFKD_ROOT, unbuffered output, one CPU thread (tests share the cores)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "HYDRA_"))}
+    env.update(TADFKD_ROOT=str(ROOT), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def command(*args: str, entry: str = "run.py") -> list[str]:
+    """``python <entry> args``; ``entry`` is a script of the repository or ``-m module``."""
+    target = entry.split() if entry.startswith("-m") else [str(ROOT / entry)]
+    return [sys.executable, *target, *args]
+
+
+def run_entry(
+    *args: str, entry: str = "run.py", env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run an entry point to its end, as a user would from the repository root."""
+    return subprocess.run(
+        command(*args, entry=entry),
+        cwd=ROOT,
+        env=env or environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_entry(*args: str, entry: str = "run.py", env: dict[str, str] | None = None):
+    """Start an entry point and return the process (stdout and stderr together, as text)."""
+    return subprocess.Popen(
+        command(*args, entry=entry),
+        cwd=ROOT,
+        env=env or environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 2 and one ``error: ...`` sentence on stderr holding every fragment."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def save_random_teacher(path: Path, arch: str, num_classes: int, in_channels: int = 3) -> Path:
+    """A random-weight ``arch`` saved as a raw state dict at ``path``."""
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(build_classifier(arch, num_classes, in_channels).state_dict(), path)
+    return path
+
+
+class KeepEvery:
+    """A selection that keeps every n-th sample of each batch (or none), counting its calls."""
+
+    enabled = True
+
+    def __init__(self, every: int | None, max_batches: int = 32) -> None:
+        self.every = every
+        self.max_batches = max_batches
+        self.calls = 0
+
+    def keep_mask(self, logits: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        self.calls += 1
+        keep = torch.zeros(logits.shape[0] // chunk_size, chunk_size, dtype=torch.bool)
+        if self.every:
+            keep[:, :: self.every] = True
+        return keep.view(-1)
+
+
+def tiny_distiller(
+    *overrides: str, selection=None, teacher_arch: str = "digits_cnn_s", seed: int = 0
+) -> Distiller:
+    """The digits job's distiller built by ``build_distiller`` on the CPU, shrunk (generator
+    width 8, nz 8; batch 16; 2 iterations of 2 student steps) with a random ``teacher_arch``
+    teacher; ``selection`` replaces the configured one."""
+    cfg = compose_config(
+        [
+            "generator.width=8",
+            "generator.nz=8",
+            "trainer.batch_size=16",
+            "trainer.iters_per_epoch=2",
+            "trainer.student_steps=2",
+            "trainer.epochs=1",
+            "runtime.device=cpu",
+            f"teacher.arch={teacher_arch}",
+            *overrides,
+        ],
+        hydra_node=False,
+    )
+    torch.manual_seed(seed)
+    distiller = build_distiller(cfg, random_teacher(cfg.teacher), CPU)
+    if selection is not None:
+        distiller.synthesizer.selection = selection
+    return distiller
