@@ -4,6 +4,8 @@ job, the benchmark and the tests)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -18,6 +20,8 @@ from tadfkd.runtime import build
 from tadfkd.synthesizer import Synthesizer
 from tadfkd.teachers import Teacher
 from tadfkd.views import Views
+
+log = logging.getLogger(__name__)
 
 # speed.scoring -> the autocast dtype of the selection's scoring forward (None: fp32)
 SCORING_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -120,7 +124,7 @@ def load_test_set(cfg: DictConfig, teacher: Teacher) -> DataLoader | None:
     except DatasetMissing as error:
         if cfg.runtime.require_test_set:
             raise
-        print(
+        log.info(
             f"note: {error} Training without evaluation (runtime.require_test_set=false): "
             "teacher and student accuracies are not measured and are null in results.json."
         )

@@ -138,6 +138,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "logger.mode", one_of("offline", "online", "disabled"), "offline, online or disabled", True
     ),
+    Rule("logger.log_model", boolean, "true or false", optional=True),
     Rule("recipe.epochs", whole(1), POSITIVE, optional=True),
     Rule("recipe.batch_size", whole(1), POSITIVE, optional=True),
     Rule("recipe.lr", number(0, open_low=True), "a positive number", optional=True),

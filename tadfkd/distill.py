@@ -96,6 +96,11 @@ class Distiller:
             self.student_step()
         self.meter.add(self.synthesizer.generator_step(self.student, self.objective))
 
+    @torch.no_grad()
+    def teacher_classes(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's class (N,) of generated ``images`` (N, C, H, W) in [0, 1]."""
+        return self.inference_teacher(self.synthesizer.views.test_view(images)).argmax(dim=1)
+
     # -- epochs ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int, progress: bool = True) -> dict[str, float] | None:
         """The iterations of one epoch not yet done; returns the epoch's metrics (means of the

@@ -3,6 +3,7 @@ checkpoint is there, train with an epoch reporter, write the results."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from tadfkd.checkpoint import (
     set_rng_state,
     stop_on_signals,
 )
-from tadfkd.config import check_same_run, run_identity, validate
+from tadfkd.config import RUNTIME_NODES, check_same_run, run_identity, validate
 from tadfkd.distill import Distiller
-from tadfkd.errors import Interrupted, NonFiniteLoss, UserError
+from tadfkd.errors import Interrupted, NonFiniteLoss, UserError, exit_code
 from tadfkd.evaluation import evaluate
 from tadfkd.reporter import EpochReporter
 from tadfkd.results import (
@@ -39,6 +40,9 @@ from tadfkd.results import (
 from tadfkd.rundir import ensure_writable, lock, unlock
 from tadfkd.runtime import build, resolve_device, seed_everything, set_threads
 from tadfkd.teachers import Teacher, teacher_sha256
+from tadfkd.tracking import dashboard_config
+
+log = logging.getLogger(__name__)
 
 
 def name_teacher_after_its_file(cfg: DictConfig) -> None:
@@ -52,9 +56,35 @@ def name_teacher_after_its_file(cfg: DictConfig) -> None:
         cfg.teacher.name = Path(cfg.teacher.checkpoint).stem
 
 
+def command_line_overrides() -> list[str]:
+    """The run's overrides as given on the command line (none outside Hydra)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+# Top-level keys a run name leaves out: already in it, or where and how the run goes.
+UNNAMED_KEYS = (
+    *RUNTIME_NODES,
+    "method",
+    "student",
+    "teacher",
+    "seed",
+    "debug",
+    "experiment",
+    "sweep",
+)
+
+
 def run_name(cfg: DictConfig) -> str:
-    """Readable run name, e.g. ``tadfkd-resnet18@cifar10_resnet34_9546-s0``."""
-    return f"{cfg.method.name}-{cfg.student.arch}@{cfg.teacher.name}-s{cfg.seed}"
+    """Readable run name, e.g. ``tadfkd-resnet18@cifar10_resnet34_9546-s0``, followed by the
+    command line's other settings of what is computed (e.g. ``selection.threshold=0.4``), so
+    that the jobs of one sweep have different names."""
+    name = f"{cfg.method.name}-{cfg.student.arch}@{cfg.teacher.name}-s{cfg.seed}"
+    others = [
+        override
+        for override in command_line_overrides()
+        if override.lstrip("+~").split("=")[0].split(".")[0].split("/")[0] not in UNNAMED_KEYS
+    ]
+    return " ".join([name, *others])
 
 
 def run_group(cfg: DictConfig) -> str | None:
@@ -106,10 +136,10 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) ->
         finished = saved[0]["distiller"]["epoch"] >= int(cfg.trainer.epochs)
         if finished and (run_dir / schema.RESULTS_FILE).exists():
             results = load_results(run_dir)
-            print(f"the run in {run_dir} is already finished; nothing to do")
+            log.info(f"the run in {run_dir} is already finished; nothing to do")
             print_done(results, run_dir)
             return results
-    set_threads(cfg.runtime.threads)
+    threads = set_threads(cfg.runtime.threads)
     seed_everything(int(cfg.seed))
     teacher: Teacher = build(cfg.teacher)  # after seeding: building it draws initial weights
     test_loader = load_test_set(cfg, teacher)
@@ -117,13 +147,21 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) ->
     teacher_acc = (
         evaluate(distiller.teacher, test_loader, device) if test_loader is not None else None
     )
-    print(f"teacher {teacher.name} ({teacher.arch}): test accuracy {percent(teacher_acc)}")
+    log.info(f"teacher {teacher.name} ({teacher.arch}): test accuracy {percent(teacher_acc)}")
+    # what a dashboard user filters on: the values "auto" resolved to on this machine
+    resolved = {
+        "runtime.device": str(device),
+        "runtime.threads": threads,
+        "speed.precision": distiller.precision.name,
+    }
     tracker = build(
         cfg.logger,
         _recursive_=False,  # the run's config (full of _target_ keys) is data for the tracker
         _convert_="all",
         directory=run_dir,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
+        run_config=dashboard_config(
+            OmegaConf.to_container(cfg, resolve=True), resolved, command_line_overrides(), run_dir
+        ),
         name=run_name(cfg),
         group=run_group(cfg),
         tags=[cfg.dataset.name, cfg.teacher.name, cfg.student.arch, cfg.method.name],
@@ -133,9 +171,10 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) ->
         tracker.log({schema.TEACHER_ACC: teacher_acc}, step=0)
     else:
         resume(distiller, *saved)
+    tracker.summary({schema.TEACHER_ACC_FIELD: teacher_acc})
     try:
         accuracies = train(cfg, distiller, tracker, identity, run_dir, test_loader)
-        save_student(run_dir, distiller.student)
+        student_file = save_student(run_dir, distiller.student)
         results = {
             **summarise(accuracies, teacher_acc),
             schema.EPOCH_ACCS: accuracies,
@@ -147,8 +186,13 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) ->
         save_results(run_dir, results)
         summary_fields = (schema.EPOCH_ACCS, schema.HISTORY)
         tracker.summary({k: v for k, v in results.items() if k not in summary_fields})
-    finally:
-        tracker.finish()
+        tracker.log_model(student_file, model_metadata(results, identity, tracker, run_dir))
+    except BaseException as error:
+        # the dashboard shows a stopped job as not finished: failed, or preempted by a signal
+        preempted = isinstance(error, Interrupted)
+        tracker.finish(exit_code=exit_code(error), preempted=preempted)
+        raise
+    tracker.finish()
     print_done(results, run_dir)
     return results
 
@@ -170,15 +214,30 @@ def labels(
     }
 
 
+def model_metadata(
+    results: dict[str, Any], identity: dict[str, Any], tracker, run_dir: Path
+) -> dict[str, Any]:
+    """What the W&B model artifact of ``student.pt`` says it is: the run's labels (the teacher's
+    name, architecture and sha256 among them) and accuracies, W&B run, run directory and the
+    settings that define the run (``config.run_identity``)."""
+    shown = (*schema.LABEL_FIELDS, "teacher_sha256", *schema.ACCURACY_FIELDS)
+    return {
+        **{key: results[key] for key in shown},
+        schema.TEACHER_ACC_FIELD: results[schema.TEACHER_ACC_FIELD],
+        "wandb_run_id": tracker.run_id,
+        "run_dir": str(run_dir),
+        "identity": identity,
+    }
+
+
 def resume(distiller: Distiller, state: dict[str, Any], path: Path) -> None:
     """Continue ``distiller`` from the checkpoint ``state`` read from ``path``."""
     distiller.load_state_dict(state["distiller"])
     set_rng_state(state["rng"])
     schedule = distiller.schedule
-    print(
+    log.info(
         f"resuming from {path}: {distiller.epoch} of {schedule.epochs} epochs and "
-        f"{distiller.iteration} of {schedule.iters_per_epoch} iterations of the next done",
-        flush=True,
+        f"{distiller.iteration} of {schedule.iters_per_epoch} iterations of the next done"
     )
 
 
@@ -211,6 +270,7 @@ def train(
         distiller.schedule.epochs,
         int(cfg.runtime.image_every),
         distiller.synthesizer.generate,
+        distiller.teacher_classes,
     )
     try:
         with stop_on_signals(distiller.request_stop):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -25,6 +26,8 @@ from tadfkd.files import replace_atomically, write_json
 FAILED_FILE = schema.FAILED_FILE
 RESULTS_FILE = schema.RESULTS_FILE
 STUDENT_FILE = "student.pt"
+
+log = logging.getLogger(__name__)
 
 
 def summarise(accuracies: Sequence[float | None], teacher_acc: float | None) -> dict[str, Any]:
@@ -78,15 +81,16 @@ def load_results(run_dir: Path) -> dict[str, Any]:
 
 
 def print_done(results: dict[str, Any], run_dir: Path) -> None:
-    """The closing line of a run: its accuracies and where ``results.json`` is."""
+    """The closing line of a run (console and ``run.log``): its accuracies and where
+    ``results.json`` is."""
     where = run_dir / RESULTS_FILE
     if results[schema.FINAL_ACC] is None:
-        print(
+        log.info(
             "done: trained without a test set, so no accuracy was measured (null in "
             f"results.json); results in {where}"
         )
         return
-    print(
+    log.info(
         f"done: student final test accuracy {100 * results[schema.FINAL_ACC]:.2f}% "
         f"({schema.last_k_label(len(results[schema.EPOCH_ACCS]))} "
         f"{100 * results[schema.LAST_K_ACC]:.2f}%, best epoch "

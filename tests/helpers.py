@@ -6,6 +6,7 @@ Test modules import from here (and from ``fakedata``), never from each other.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -77,6 +78,24 @@ def start_entry(*args: str, entry: str = "run.py", env: dict[str, str] | None = 
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def read_wandb_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The one offline W&B run under ``run_dir`` as wandb's own reader (``wandb leet inspect``)
+    shows it: its state (state, exit_code, name, config, summary, tags, ...) and its records
+    (``{"type": "metric" | "history" | "artifact" | "preempting" | "exit" | ..., ...}``)."""
+    [log] = (Path(run_dir) / "wandb").glob("offline-run-*/run-*.wandb")
+    inspect = [sys.executable, "-m", "wandb", "leet", "inspect", "--json"]
+
+    def read(*flags: str) -> str:
+        result = subprocess.run(
+            [*inspect, *flags, str(log)], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    records = [json.loads(line) for line in read().splitlines() if line.strip()]
+    return json.loads(read("--summary")), records
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
