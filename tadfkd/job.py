@@ -4,6 +4,7 @@ checkpoint is there, train with an epoch reporter, write the results."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -88,14 +89,15 @@ def run_name(cfg: DictConfig) -> str:
 
 
 def run_group(cfg: DictConfig) -> str | None:
-    """W&B group: ``logger.group`` when set, else the sweep directory's name in a multirun (so
-    that every job of one sweep shares it), else none."""
+    """W&B group: ``logger.group`` when set, else the sweep's name, which every job of one sweep
+    shares (``python -m tadfkd.report entity/project/<group>`` reads them): the sweep
+    directory's name in a multirun, the sweep's id in a W&B agent's job; else none."""
     group = OmegaConf.select(cfg, "logger.group")
     if group:
         return str(group)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().sweep.dir).name
-    return None
+    return os.environ.get("WANDB_SWEEP_ID") or None  # set by `wandb agent` for its jobs
 
 
 def run_directory(cfg: DictConfig, run_dir: Path) -> Path:
