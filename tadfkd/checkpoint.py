@@ -3,8 +3,10 @@
 A checkpoint file is ``MAGIC + sha256(payload) + payload``, where ``payload`` is ``torch.save``
 of a dict of tensors and plain Python values, so that ``torch.load(weights_only=True)`` reads it
 (RNG states are stored as tensors and lists for that reason). The run directory keeps the last
-two: ``checkpoint.pt`` and ``checkpoint.prev.pt``. A file whose digest does not match (a write
-cut short, a damaged disk) is skipped with a warning and the older one is used.
+two: ``checkpoint.pt`` and ``checkpoint.prev.pt``. A file that does not load (a digest that does
+not match after a write cut short or a damaged disk, objects other than tensors and plain values,
+keys missing) is skipped with a warning and the older one is used; when none loads, the run stops
+rather than start over and overwrite them.
 """
 
 from __future__ import annotations
@@ -13,17 +15,18 @@ import contextlib
 import hashlib
 import io
 import os
+import pickle
 import random
 import signal
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tadfkd.errors import UserError
+from tadfkd.errors import SignalReceived, UserError
 from tadfkd.files import publish, write_durably, write_temporary
 
 LATEST = "checkpoint.pt"
@@ -34,6 +37,9 @@ STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # what SLURM sends ahead of preemption or
 
 
 # -- random number generators -----------------------------------------------------------------
+RNG_KEYS = ("python", "numpy", "torch", "cuda")  # the keys of ``rng_state()``
+
+
 def rng_state() -> dict[str, Any]:
     """Every global RNG state (python, numpy, torch CPU and CUDA) as tensors and plain values."""
     version, internal, gauss = random.getstate()
@@ -115,35 +121,79 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path] | None:
-    """The newest intact checkpoint in ``run_dir`` and its path, or None when there is none.
+def missing_keys(state: Any, required: Mapping[str, Collection[str]]) -> list[str]:
+    """The keys of ``required`` absent from ``state``, as ``key`` or ``key.inner``: each key
+    maps to the keys its value (then a dict) must hold, or to nothing."""
+    if not isinstance(state, dict):
+        return list(required)
+    missing = []
+    for key, inner in required.items():
+        if key not in state:
+            missing.append(key)
+        elif inner:
+            value = state[key]
+            held = value if isinstance(value, dict) else {}
+            missing += [f"{key}.{name}" for name in inner if name not in held]
+    return missing
 
-    A damaged newest file is reported with a warning and the previous one is used.
+
+def why_unusable(error: Exception) -> str:
+    """What is wrong with a checkpoint file that raised ``error`` while loading, in a few words."""
+    if isinstance(error, pickle.UnpicklingError):  # torch's message would advise unsafe loading
+        return "it holds objects other than tensors and plain values, which are never loaded"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def load_checkpoint(
+    run_dir: Path, required: Mapping[str, Collection[str]] | None = None
+) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint in ``run_dir`` that loads and holds the ``required`` keys (see
+    ``missing_keys``), with its path; None when there is no checkpoint file.
+
+    A newest file that does not load is reported with a warning and the previous one is used;
+    when checkpoint files exist but none loads, a ``UserError`` names them: the run's history is
+    never discarded without being told to.
     """
+    unusable = []
     for name in (LATEST, PREVIOUS):
         path = run_dir / name
         if not path.exists():
             continue
         try:
-            return read_checkpoint(path), path
-        except (ValueError, RuntimeError, OSError, EOFError) as error:
+            state = read_checkpoint(path)
+            missing = missing_keys(state, required or {})
+            if missing:
+                raise ValueError(f"missing {', '.join(missing)}")
+            return state, path
+        except Exception as error:  # any failure to load is damage: try the older file
+            then = "; trying the previous one" if name == LATEST else ""
             warnings.warn(
-                f"checkpoint {path} is unusable ({error}); trying an older one", stacklevel=2
+                f"checkpoint {path} is unusable ({why_unusable(error)}){then}", stacklevel=2
             )
-    return None
+            unusable.append(path)
+    if not unusable:
+        return None
+    files, verb, them = (
+        (f"{unusable[0]} and {unusable[1]}", "are both", "them")
+        if len(unusable) == 2
+        else (str(unusable[0]), "is", "it")
+    )
+    raise UserError(
+        f"checkpoint {files} {verb} unusable (see the warnings above), so the run cannot "
+        f"resume; move {them} away to start the run over from epoch 0."
+    )
 
 
 # -- signals ------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
-    """While inside, SIGTERM and SIGUSR1 call ``request_stop(signal name)`` instead of killing
-    the process (the loop then finishes its iteration and checkpoints). Outside the main thread,
-    where Python cannot install handlers, signals keep their default effect."""
+def stop_on_signals(react: Callable[[str], None]) -> Iterator[None]:
+    """While inside, SIGTERM and SIGUSR1 call ``react(signal name)`` instead of killing the
+    process: in the training loop, a request to finish the iteration and checkpoint; around it,
+    ``raise_signal_received``. Outside the main thread, where Python cannot install handlers,
+    signals keep their default effect."""
 
     def handler(number: int, _frame: Any) -> None:
-        name = signal.Signals(number).name
-        print(f"{name} received: finishing the current iteration, then checkpointing", flush=True)
-        request_stop(name)
+        react(signal.Signals(number).name)
 
     previous: dict[int, Any] = {}
     try:
@@ -158,3 +208,9 @@ def stop_on_signals(request_stop: Callable[[str], None]) -> Iterator[None]:
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+def raise_signal_received(name: str) -> None:
+    """The reaction to a stop signal outside the training loop, where nothing is in flight to
+    finish or save: stop at once (``SignalReceived``, which the job turns into ``Interrupted``)."""
+    raise SignalReceived(name)

@@ -40,6 +40,22 @@ class Schedule:
 class Distiller:
     """Trains ``student`` to imitate ``teacher`` on the ``synthesizer``'s samples, no real data."""
 
+    # What ``load_state_dict`` reads from a ``state_dict()`` (``grad_scalers`` is optional: older
+    # checkpoints lack it); a checkpoint without one of these is damaged.
+    STATE_KEYS = (
+        "student",
+        "student_optimizer",
+        "scheduler",
+        "generator",
+        "generator_optimizer",
+        "selection_rate",
+        "epoch",
+        "iteration",
+        "meter_sums",
+        "meter_counts",
+        "history",
+    )
+
     def __init__(
         self,
         teacher: nn.Module,

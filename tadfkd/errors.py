@@ -33,6 +33,13 @@ class NonFiniteLoss(RunStopped):
     exit_code = 4
 
 
+class SignalReceived(BaseException):
+    """A stop signal (SIGTERM, SIGUSR1) arrived outside the training loop, where nothing is in
+    flight: raised by the signal handler and, like ``KeyboardInterrupt``, not an ``Exception``,
+    so that no ``except Exception`` on the way (e.g. around a file being read) swallows it.
+    The job turns it into ``Interrupted``."""
+
+
 def exit_code(error: BaseException) -> int:
     """The exit code ``run.py`` ends with after ``error``: a stopped run's own (3: a stop signal,
     4: a non-finite loss), 2 for a user's mistake, 1 for anything else."""

@@ -19,7 +19,9 @@ from tadfkd.builder import build_distiller, load_test_set
 from tadfkd.checkpoint import (
     LATEST,
     PREVIOUS,
+    RNG_KEYS,
     load_checkpoint,
+    raise_signal_received,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -27,7 +29,7 @@ from tadfkd.checkpoint import (
 )
 from tadfkd.config import RUNTIME_NODES, check_same_run, run_identity, validate
 from tadfkd.distill import Distiller
-from tadfkd.errors import Interrupted, NonFiniteLoss, UserError, exit_code
+from tadfkd.errors import Interrupted, NonFiniteLoss, SignalReceived, UserError, exit_code
 from tadfkd.evaluation import evaluate
 from tadfkd.reporter import EpochReporter
 from tadfkd.results import (
@@ -44,6 +46,16 @@ from tadfkd.teachers import Teacher, teacher_sha256
 from tadfkd.tracking import dashboard_config
 
 log = logging.getLogger(__name__)
+
+
+# What a checkpoint of the job holds (see ``train``), checked when it is loaded: a file without
+# one of these is as damaged as one cut short.
+CHECKPOINT_KEYS = {
+    "identity": (),
+    "distiller": Distiller.STATE_KEYS,
+    "rng": RNG_KEYS,
+    "wandb_run_id": (),
+}
 
 
 def name_teacher_after_its_file(cfg: DictConfig) -> None:
@@ -114,17 +126,34 @@ def run_directory(cfg: DictConfig, run_dir: Path) -> Path:
 
 
 def distil(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run one distillation job; returns the contents of ``results.json`` (also written)."""
+    """Run one distillation job; returns the contents of ``results.json`` (also written).
+
+    A stop signal before training (e.g. while the teacher is evaluated) or after it ends in
+    ``Interrupted`` at once; during training the loop finishes its iteration and checkpoints.
+    """
     started = time.perf_counter()
-    name_teacher_after_its_file(cfg)
-    validate(cfg)
-    device = resolve_device(str(cfg.runtime.device))
-    run_dir = run_directory(cfg, run_dir)
-    lock(run_dir)
     try:
-        return run(cfg, run_dir, device, started)
-    finally:
-        unlock(run_dir)
+        with stop_on_signals(raise_signal_received):  # before any work
+            name_teacher_after_its_file(cfg)
+            validate(cfg)
+            device = resolve_device(str(cfg.runtime.device))
+            run_dir = run_directory(cfg, run_dir)
+            lock(run_dir)
+            try:
+                return run(cfg, run_dir, device, started)
+            finally:
+                unlock(run_dir)
+    except SignalReceived as received:
+        raise stopped_outside_training(str(received), run_dir) from None
+
+
+def stopped_outside_training(signal_name: str, run_dir: Path) -> Interrupted:
+    """What a stop signal outside the training loop leaves, and how to go on."""
+    if (run_dir / LATEST).exists() or (run_dir / PREVIOUS).exists():
+        kept = f"the last checkpoint in {run_dir} is kept; re-run the same command to resume"
+    else:
+        kept = "nothing was checkpointed yet; re-run the same command to start the run"
+    return Interrupted(f"{signal_name} received outside the training loop; {kept}.")
 
 
 def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) -> dict[str, Any]:
@@ -132,7 +161,7 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) ->
     # Built before any work: their constructors reject bad settings (e.g. selection.threshold).
     build(cfg.selection), build(cfg.method)
     identity = run_identity(cfg, teacher_sha256(cfg.teacher.checkpoint))
-    saved = load_checkpoint(run_dir)
+    saved = load_checkpoint(run_dir, CHECKPOINT_KEYS)
     if saved is not None:
         check_same_run(saved[0]["identity"], identity, saved[1])
         finished = saved[0]["distiller"]["epoch"] >= int(cfg.trainer.epochs)
@@ -255,7 +284,7 @@ def train(
     signal ends in ``Interrupted`` and a non-finite loss in ``NonFiniteLoss``, each saying how
     to go on. Returns the per-epoch test accuracies."""
 
-    def checkpoint() -> None:
+    def checkpoint() -> None:  # the keys of CHECKPOINT_KEYS
         save_checkpoint(
             run_dir,
             {
@@ -266,6 +295,13 @@ def train(
             },
         )
 
+    def finish_iteration_then_stop(signal_name: str) -> None:
+        print(
+            f"{signal_name} received: finishing the current iteration, then checkpointing",
+            flush=True,
+        )
+        distiller.request_stop(signal_name)
+
     reporter = EpochReporter(
         tracker,
         run_dir,
@@ -275,7 +311,7 @@ def train(
         distiller.teacher_classes,
     )
     try:
-        with stop_on_signals(distiller.request_stop):
+        with stop_on_signals(finish_iteration_then_stop):
             accuracies = distiller.fit(
                 test_loader, reporter, bool(cfg.runtime.progress), on_checkpoint=checkpoint
             )

@@ -6,17 +6,19 @@ The runs fail fast, so they are started together (a few at a time) by one fixtur
 reads its own outcome.
 """
 
+import fcntl
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, compose_config, run_entry
+from helpers import ROOT, compose_config, run_entry, tiny_distiller
 
-from tadfkd.checkpoint import LATEST, save_checkpoint
+from tadfkd.checkpoint import LATEST, PREVIOUS, rng_state, save_checkpoint
 from tadfkd.config import run_identity
 from tadfkd.models import build_classifier
+from tadfkd.rundir import LOCK_FILE
 from tadfkd.teachers import teacher_sha256
 
 DIGITS_TEACHER = ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt"
@@ -48,6 +50,11 @@ CASES = {
     "image size not divisible by 4": (["dataset.image_size=30"], 2, ["positive multiple of 4"]),
     "image size 0": (["dataset.image_size=0"], 2, ["dataset.image_size=0 must be"]),
     "negative crop padding": (["dataset.views.crop_padding=-1"], 2, ["crop_padding=-1 must be"]),
+    "negative augmentation padding": (
+        ["dataset.augmentation.crop_padding=-1"],
+        2,
+        ["dataset.augmentation.crop_padding=-1 must be"],
+    ),
     "zero noise size": (["generator.nz=0"], 2, ["generator.nz=0 must be"]),
     "negative workers": (["runtime.num_workers=-1"], 2, ["runtime.num_workers=-1 must be"]),
     "negative image interval": (["runtime.image_every=-1"], 2, ["runtime.image_every=-1"]),
@@ -57,6 +64,7 @@ CASES = {
     "unknown on_nonfinite": (["runtime.on_nonfinite=maybe"], 2, ["runtime.on_nonfinite='maybe'"]),
     "unknown logger mode": (["logger.mode=onlien"], 2, ["logger.mode='onlien' must be"]),
     "unwritable output dir": (["hydra.run.dir=/dev/null/run"], 2, ["not writable"]),
+    "run directory in use": ([], 2, ["/run is in use by another run (process {pid})"]),
     "resume without checkpoint": (["resume={tmp}"], 2, ["holds no checkpoint.pt"]),
     "resume with other settings": (["seed=7"], 2, ["other settings", "seed=0 there"]),
     "resume with another teacher": (
@@ -64,9 +72,18 @@ CASES = {
         2,
         ["another teacher file: its content differs"],
     ),
+    "checkpoints both unusable": (
+        [],
+        2,
+        [f"{LATEST} and ", f"{PREVIOUS} are both unusable", "move them away to start the run"],
+    ),
 }
 # cases whose run directory holds a checkpoint of an earlier run (seed 0, the shipped teacher)
-WITH_CHECKPOINT = ("resume with other settings", "resume with another teacher")
+WITH_CHECKPOINT = (
+    "resume with other settings",
+    "resume with another teacher",
+    "checkpoints both unusable",
+)
 
 
 def start(case: str, tmp: Path):
@@ -79,7 +96,7 @@ def start(case: str, tmp: Path):
 
 
 def write_teachers(scratch: dict[str, Path]) -> None:
-    """The teacher files of the cases that need one."""
+    """The files the cases need: teacher files, and the checkpoints of earlier runs."""
     (scratch["unreadable teacher file"] / "garbage.pt").write_bytes(b"not a checkpoint" * 64)
     os.mkfifo(scratch["teacher file is a FIFO"] / "fifo")
     weights = build_classifier("digits_cnn", 10, 1).state_dict()
@@ -89,24 +106,63 @@ def write_teachers(scratch: dict[str, Path]) -> None:
     nan["classifier.weight"][0, 0] = float("nan")
     torch.save(nan, scratch["non-finite teacher weights"] / "nan.pt")
     torch.save(weights, scratch["resume with another teacher"] / "other_teacher.pt")
+    cfg = compose_config(["logger=none", "runtime.device=cpu"], hydra_node=False)
+    state = {
+        "identity": run_identity(cfg, teacher_sha256(DIGITS_TEACHER)),
+        "distiller": tiny_distiller().state_dict(),
+        "rng": rng_state(),
+        "wandb_run_id": None,
+    }
     for case in WITH_CHECKPOINT:
         (scratch[case] / "run").mkdir()
-        cfg = compose_config(["logger=none", "runtime.device=cpu"], hydra_node=False)
-        identity = run_identity(cfg, teacher_sha256(DIGITS_TEACHER))
-        save_checkpoint(scratch[case] / "run", {"identity": identity})
+        save_checkpoint(scratch[case] / "run", state)
+    damaged = scratch["checkpoints both unusable"] / "run"
+    save_checkpoint(damaged, state)  # the first one becomes checkpoint.prev.pt
+    for name in (LATEST, PREVIOUS):
+        (damaged / name).write_bytes((damaged / name).read_bytes()[:-10])  # writes cut short
+
+
+def hold_lock(run_dir: Path) -> int:
+    """Lock ``run_dir`` as a live run does (this test process stands for it); returns the
+    lock's descriptor (closing it releases the lock)."""
+    run_dir.mkdir()
+    descriptor = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    return descriptor
+
+
+def checkpoints(run_dir: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in run_dir.glob("checkpoint*.pt")}
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict:
-    scratch = {case: tmp_path_factory.mktemp("bad") for case in CASES}
-    write_teachers(scratch)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {case: pool.submit(start, case, scratch[case]) for case in CASES}
-        return {case: (scratch[case], future.result()) for case, future in futures.items()}
+def scratch(tmp_path_factory) -> dict[str, Path]:
+    """Each case's scratch folder, with the files it needs."""
+    folders = {case: tmp_path_factory.mktemp("bad") for case in CASES}
+    write_teachers(folders)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def checkpoints_before(scratch) -> dict[str, dict[str, bytes]]:
+    """The checkpoint files that each ``WITH_CHECKPOINT`` case finds in its run directory."""
+    return {case: checkpoints(scratch[case] / "run") for case in WITH_CHECKPOINT}
+
+
+@pytest.fixture(scope="module")
+def outcomes(scratch, checkpoints_before) -> dict:
+    lock = hold_lock(scratch["run directory in use"] / "run")
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = {case: pool.submit(start, case, scratch[case]) for case in CASES}
+            return {case: (scratch[case], future.result()) for case, future in futures.items()}
+    finally:
+        os.close(lock)
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_ends_before_any_work_in_one_sentence(case, outcomes):
+def test_bad_input_ends_before_any_work_in_one_sentence(case, outcomes, checkpoints_before):
     _, code, fragments = CASES[case]
     tmp, result = outcomes[case]
     assert result.returncode == code, result.stderr[-2000:]
@@ -115,9 +171,10 @@ def test_bad_input_ends_before_any_work_in_one_sentence(case, outcomes):
     if code == 2:
         assert message.startswith("error: ") and message.count("; ") <= 3, message
     for fragment in fragments:
+        fragment = fragment.format(pid=os.getpid())
         assert fragment in result.stderr, result.stderr[-2000:]
     assert "epoch 1/" not in result.stdout  # no training happened
-    if case in WITH_CHECKPOINT:  # the earlier run's checkpoint is untouched
-        assert (tmp / "run" / LATEST).stat().st_size > 0
+    if case in WITH_CHECKPOINT:  # the earlier run's checkpoints are untouched
+        assert checkpoints(tmp / "run") == checkpoints_before[case]
     else:
         assert not (tmp / "run" / LATEST).exists()

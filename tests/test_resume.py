@@ -7,6 +7,8 @@ import json
 import os
 import queue
 import random
+import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -16,22 +18,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose_config, environment, start_entry, tiny_distiller
+from helpers import (
+    assert_user_error,
+    compose_config,
+    environment,
+    run_entry,
+    start_entry,
+    tiny_distiller,
+)
 from omegaconf import OmegaConf
 
-from tadfkd import schema
+from tadfkd import job, schema
 from tadfkd.checkpoint import (
     LATEST,
     PREVIOUS,
+    RNG_KEYS,
     load_checkpoint,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from tadfkd.config import check_same_run, run_identity
-from tadfkd.errors import NonFiniteLoss, UserError
-from tadfkd.job import distil
+from tadfkd.errors import Interrupted, NonFiniteLoss, UserError
+from tadfkd.job import CHECKPOINT_KEYS, distil
 from tadfkd.objectives import Objective
+from tadfkd.results import STUDENT_FILE
 from tadfkd.tracking import WandbTracker
 
 # Eight epochs: even on an idle machine (about 0.1 s an epoch) three kills land before the end.
@@ -64,8 +76,80 @@ def test_a_damaged_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
     data = bytearray(latest.read_bytes())
     data[-5] ^= 0xFF  # a flipped byte: same length, wrong digest
     (tmp_path / PREVIOUS).write_bytes(bytes(data))
-    with pytest.warns(UserWarning):
-        assert load_checkpoint(tmp_path) is None
+    damaged = {name: (tmp_path / name).read_bytes() for name in (LATEST, PREVIOUS)}
+    # Neither loads: the run stops, naming both, rather than start over and overwrite them.
+    with pytest.warns(UserWarning), pytest.raises(UserError) as refused:
+        load_checkpoint(tmp_path)
+    message = str(refused.value)
+    assert f"{tmp_path / LATEST} and {tmp_path / PREVIOUS} are both unusable" in message
+    assert "move them away to start the run over" in message
+    assert {name: (tmp_path / name).read_bytes() for name in damaged} == damaged
+
+
+def test_no_checkpoint_file_is_a_fresh_start(tmp_path):
+    assert load_checkpoint(tmp_path, CHECKPOINT_KEYS) is None
+
+
+class RunsCode:
+    """Unpickled without ``weights_only``, this would run code: create the folder ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def job_checkpoint(epoch: int) -> dict:
+    """A checkpoint as the job writes it (every key of ``CHECKPOINT_KEYS``)."""
+    distiller = tiny_distiller()
+    distiller.epoch = epoch
+    identity = {"seed": 0, "teacher.sha256": "a" * 64}
+    return {
+        "identity": identity,
+        "distiller": distiller.state_dict(),
+        "rng": rng_state(),
+        "wandb_run_id": None,
+    }
+
+
+def test_the_job_checks_every_key_it_reads_from_a_checkpoint():
+    saved = job_checkpoint(1)
+    assert set(CHECKPOINT_KEYS) == set(saved)
+    assert set(CHECKPOINT_KEYS["distiller"]) == set(saved["distiller"]) - {"grad_scalers"}
+    assert set(RNG_KEYS) == set(saved["rng"])
+
+
+def damage(run_dir: Path, how: str, marker: Path) -> None:
+    """Replace ``run_dir``'s newest checkpoint by a file with a valid digest that does not load
+    (``how``: it carries pickle code, or it lacks a key the job reads)."""
+    state = read_checkpoint(run_dir / LATEST)
+    if how == "pickle code":
+        state["wandb_run_id"] = RunsCode(marker)
+    else:
+        del state["distiller"]["student_optimizer"]
+    scratch = run_dir / "scratch"
+    scratch.mkdir()
+    save_checkpoint(scratch, state)  # the real format: magic, sha256, payload
+    os.replace(scratch / LATEST, run_dir / LATEST)
+    scratch.rmdir()
+
+
+WHY = {
+    "pickle code": "objects other than tensors and plain values",
+    "missing key": "missing distiller.student_optimizer",
+}
+
+
+@pytest.mark.parametrize("how", WHY)
+def test_a_digest_valid_checkpoint_that_does_not_load_is_skipped(tmp_path, how):
+    save_checkpoint(tmp_path, job_checkpoint(1))
+    save_checkpoint(tmp_path, job_checkpoint(2))
+    damage(tmp_path, how, tmp_path / "code-ran")
+    with pytest.warns(UserWarning, match=f"{LATEST} is unusable \\(.*{WHY[how]}.*previous one"):
+        state, path = load_checkpoint(tmp_path, CHECKPOINT_KEYS)
+    assert path == tmp_path / PREVIOUS and state["distiller"]["epoch"] == 1
+    assert not (tmp_path / "code-ran").exists()
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -82,6 +166,47 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, m
     monkeypatch.undo()
     assert load_checkpoint(tmp_path)[0] == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST]
+
+
+@pytest.mark.parametrize("name", [STUDENT_FILE, schema.RESULTS_FILE])
+def test_disk_full_while_writing_the_results_keeps_the_checkpoint_to_write_them(
+    tmp_path, monkeypatch, tiny_job, name
+):
+    real_save, real_write = torch.save, os.write
+
+    def full(path) -> bool:  # only the writes of ``name``'s temporary file fail
+        return Path(path).name == f"{name}.tmp"
+
+    def save(obj, file, *args, **kwargs):  # torch writes student.pt through its own C++ writer
+        if isinstance(file, str | os.PathLike) and full(file):
+            Path(file).write_bytes(b"PK" * 32)  # a first part, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, file, *args, **kwargs)
+
+    def write(descriptor, data):
+        if full(os.readlink(f"/proc/self/fd/{descriptor}")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(UserError) as refused:
+        distil(tiny_job, tmp_path)
+    monkeypatch.undo()
+    assert str(refused.value) == (
+        f"could not write {tmp_path / name} (No space left on device); the run's checkpoint is "
+        "intact, so free some space and re-run the same command to write it."
+    )
+    assert not (tmp_path / name).exists()
+    assert not list(tmp_path.glob(f".{name}.*")), "a temporary file was left behind"
+    saved = load_checkpoint(tmp_path, CHECKPOINT_KEYS)[0]["distiller"]
+    assert saved["epoch"] == 1  # the finished run's checkpoint
+    results = distil(tiny_job, tmp_path)  # the re-run writes both, training nothing again
+    assert json.loads((tmp_path / schema.RESULTS_FILE).read_text()) == results
+    assert results[schema.EPOCH_ACCS] == [m[schema.STUDENT_ACC] for m in saved["history"]]
+    student = torch.load(tmp_path / STUDENT_FILE, weights_only=True)
+    assert student.keys() == saved["student"].keys()
+    assert all(torch.equal(student[key], saved["student"][key]) for key in student)
 
 
 def run_stopped_at(distiller, stop_at: tuple[int, int]):
@@ -219,12 +344,19 @@ def assert_same_outcome(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[dict, dict]:
+def finished_run(tmp_path_factory) -> Path:
+    """The directory of an uninterrupted run: results, student and two checkpoints (epochs 7
+    and 8). Tests copy it before changing anything."""
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     process = start(run_dir, "logger=none")
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
-    return outcome(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished_run) -> tuple[dict, dict]:
+    return outcome(finished_run)
 
 
 @pytest.mark.slow
@@ -274,6 +406,89 @@ def test_sigterm_checkpoints_exits_and_resumes_the_same_wandb_run(tmp_path, unin
     assert leaks.stdout == b"", f"API key written to {leaks.stdout.decode()}"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("how", WHY)
+def test_a_latest_checkpoint_that_does_not_load_resumes_from_the_previous(
+    tmp_path, finished_run, uninterrupted, how
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    damage(run_dir, how, tmp_path / "code-ran")
+    process = start(run_dir, "logger=none")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-3000:]
+    assert "Traceback" not in output
+    assert re.search(f"checkpoint {run_dir / LATEST} is unusable \\(.*{WHY[how]}", output)
+    assert f"resuming from {run_dir / PREVIOUS}: 7 of 8 epochs" in output
+    assert not (tmp_path / "code-ran").exists()
+    assert_same_outcome(outcome(run_dir), uninterrupted)  # nothing lost: epoch 8 done again
+
+
+@pytest.mark.slow
+def test_a_run_whose_checkpoints_both_fail_to_load_stops_and_keeps_them(tmp_path, finished_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    damage(run_dir, "pickle code", tmp_path / "code-ran")
+    previous = run_dir / PREVIOUS
+    previous.write_bytes(previous.read_bytes()[:-10])  # a write cut short
+    kept = [run_dir / LATEST, previous, run_dir / schema.RESULTS_FILE, run_dir / STUDENT_FILE]
+    before = [path.read_bytes() for path in kept]
+    result = run_entry(*TINY, f"hydra.run.dir={run_dir}", timeout=300)
+    assert_user_error(
+        result,
+        f"checkpoint {run_dir / LATEST} and {previous} are both unusable",
+        "move them away to start the run over",
+    )
+    assert "teacher " not in result.stdout and "epoch " not in result.stdout  # no work done
+    assert [path.read_bytes() for path in kept] == before
+
+
+@pytest.mark.slow
+def test_a_moved_copy_of_the_teacher_file_resumes(tmp_path, uninterrupted):
+    shipped = Path(compose_config(TINY, hydra_node=False).teacher.checkpoint)
+    first = tmp_path / "first" / shipped.name
+    first.parent.mkdir()
+    shutil.copy(shipped, first)
+    run_dir = tmp_path / "run"
+    process = start(run_dir, "logger=none", f"teacher.checkpoint={first}")
+    lines = lines_of(process)
+    assert wait_for(lines, "epoch 1/")
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    assert process.returncode == 3, "".join(iter(lines.get, None))[-3000:]
+    moved = tmp_path / "elsewhere" / "same_teacher_renamed.pt"  # same content, other path
+    moved.parent.mkdir()
+    first.rename(moved)
+    finish = start(run_dir, "logger=none", f"teacher.checkpoint={moved}")
+    output, _ = finish.communicate(timeout=300)
+    assert finish.returncode == 0, output[-3000:]
+    assert f"resuming from {run_dir / LATEST}" in output
+    assert_same_outcome(outcome(run_dir), uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_teacher_is_evaluated_exits_3_with_a_message(tmp_path):
+    # One image at a time, the teacher's evaluation takes seconds: the signal lands in it.
+    process = start(tmp_path, "logger=none", "runtime.eval_batch_size=1")
+    lines = lines_of(process)
+    job_starts = tmp_path / ".hydra" / "overrides.yaml"  # Hydra's last write before the job
+    deadline = time.monotonic() + 120
+    while not job_starts.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    output = "".join(iter(lines.get, None))
+    assert process.returncode == 3, output[-3000:]
+    assert output.strip().splitlines()[-1] == (
+        "stopped: SIGTERM received outside the training loop; nothing was checkpointed yet; "
+        "re-run the same command to start the run."
+    )
+    assert "Traceback" not in output
+    assert "teacher " not in output  # stopped during the evaluation, not after it
+    assert not (tmp_path / LATEST).exists()
+
+
 def test_a_nonfinite_loss_in_training_keeps_the_last_good_checkpoint(
     tmp_path, monkeypatch, tiny_job
 ):
@@ -290,6 +505,45 @@ def test_a_nonfinite_loss_in_training_keeps_the_last_good_checkpoint(
     with pytest.raises(NonFiniteLoss, match="epoch 2, iteration 1.*last good checkpoint is kept"):
         distil(tiny_job, tmp_path)
     assert load_checkpoint(tmp_path)[0]["distiller"]["epoch"] == 1
+
+
+def sigterm_while_the_teacher_is_evaluated(monkeypatch) -> None:
+    """The job's teacher evaluation sends this process a SIGTERM first."""
+    real = job.evaluate
+
+    def evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "evaluate", evaluate)
+
+
+def test_sigterm_before_training_stops_and_says_nothing_was_checkpointed(
+    tmp_path, monkeypatch, tiny_job
+):
+    before = signal.getsignal(signal.SIGTERM)
+    sigterm_while_the_teacher_is_evaluated(monkeypatch)
+    with pytest.raises(Interrupted) as stopped:
+        distil(tiny_job, tmp_path)
+    assert str(stopped.value) == (
+        "SIGTERM received outside the training loop; nothing was checkpointed yet; re-run the "
+        "same command to start the run."
+    )
+    assert not (tmp_path / LATEST).exists()
+    assert signal.getsignal(signal.SIGTERM) == before  # the job's handlers are gone
+
+
+def test_sigterm_before_a_resumed_run_trains_keeps_its_checkpoint(tmp_path, monkeypatch, tiny_job):
+    distil(tiny_job, tmp_path)
+    (tmp_path / schema.RESULTS_FILE).unlink()  # so that the re-run evaluates the teacher again
+    checkpoint = (tmp_path / LATEST).read_bytes()
+    sigterm_while_the_teacher_is_evaluated(monkeypatch)
+    with pytest.raises(Interrupted, match="SIGTERM received outside the training loop") as stop:
+        distil(tiny_job, tmp_path)
+    assert f"the last checkpoint in {tmp_path} is kept; re-run the same command to resume" in str(
+        stop.value
+    )
+    assert (tmp_path / LATEST).read_bytes() == checkpoint
 
 
 def test_a_wandb_error_while_logging_warns_once_and_training_goes_on():
