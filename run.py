@@ -29,7 +29,12 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(stop.exit_code)
     except Exception as error:
         if hydra_config.mode == RunMode.MULTIRUN:
-            echo_traceback(error)
+            # A user mistake reads as in a single run; a bug shows its traceback. Either way
+            # failed.json records it and the sweep carries on.
+            if isinstance(error, UserError | RunStopped):
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            else:
+                echo_traceback(error)
             record_failure(run_dir, error, hydra_config.overrides.task)
             return None
         if isinstance(error, UserError):

@@ -4,7 +4,7 @@
 distillation job (``python run.py``) and the teacher job; ``validate`` turns any violation into
 one sentence (a ``UserError``, exit code 2) before any work is done. ``run_identity`` is what a
 checkpoint must match to be resumed: every setting except the nodes that only say where and how
-the job runs (``RUNTIME_NODES``), with the teacher identified by the content of its file.
+the job runs or reports (``RUNTIME_NODES``), with the teacher identified by the content of its file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tadfkd.errors import UserError
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
 # Top-level nodes that never change what a run computes (so a run may resume with others).
-RUNTIME_NODES = ("runtime", "logger", "paths", "hydra", "resume")
+RUNTIME_NODES = ("runtime", "logger", "paths", "hydra", "resume", "report", "plan")
 # Paths that locate an input rather than define it: the teacher is identified by its sha256.
 LOCATION_KEYS = ("teacher.checkpoint",)
 

@@ -43,6 +43,8 @@ class SignalReceived(BaseException):
 def exit_code(error: BaseException) -> int:
     """The exit code ``run.py`` ends with after ``error``: a stopped run's own (3: a stop signal,
     4: a non-finite loss), 2 for a user's mistake, 1 for anything else."""
+    if isinstance(error, SignalReceived):
+        return Interrupted.exit_code
     if isinstance(error, RunStopped):
         return error.exit_code
     return 2 if isinstance(error, UserError) else 1

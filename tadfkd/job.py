@@ -41,12 +41,11 @@ from tadfkd.results import (
     summarise,
 )
 from tadfkd.rundir import ensure_writable, lock, unlock
-from tadfkd.runtime import build, resolve_device, seed_everything, set_threads
+from tadfkd.runtime import build, resolve_device, seed_everything, set_threads, source_commit
 from tadfkd.teachers import Teacher, teacher_sha256
 from tadfkd.tracking import dashboard_config
 
 log = logging.getLogger(__name__)
-
 
 # What a checkpoint of the job holds (see ``train``), checked when it is loaded: a file without
 # one of these is as damaged as one cut short.
@@ -220,7 +219,7 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) ->
         tracker.log_model(student_file, model_metadata(results, identity, tracker, run_dir))
     except BaseException as error:
         # the dashboard shows a stopped job as not finished: failed, or preempted by a signal
-        preempted = isinstance(error, Interrupted)
+        preempted = isinstance(error, Interrupted | SignalReceived)
         tracker.finish(exit_code=exit_code(error), preempted=preempted)
         raise
     tracker.finish()
@@ -242,6 +241,7 @@ def labels(
         "seed": int(cfg.seed),
         "epochs": distiller.schedule.epochs,
         "device": str(device),
+        "commit": source_commit(),
     }
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -89,3 +91,27 @@ def set_threads(threads: int | str) -> int:
     count = max(1, cores_available() // jobs_side_by_side()) if threads == "auto" else int(threads)
     torch.set_num_threads(count)
     return count
+
+
+def source_commit() -> str | None:
+    """The git commit of this code (with ``+dirty`` when it has uncommitted changes), or None
+    outside a git checkout: recorded with every result so a report says what code made it."""
+    repository = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repository), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from scipy import stats
 
 from tadfkd import report
 from tadfkd.errors import UserError
@@ -23,7 +24,8 @@ def make_job(sweep: Path, name: str, method: str, teacher: str, seed: int, accs=
         "method": {"name": method},
         "teacher": {"name": teacher},
         "student": {"arch": "digits_cnn_s"},
-        "dataset": {"name": "digits"},
+        "dataset": {"name": "digits", "num_classes": 10},
+        "trainer": {"iters_per_epoch": 36, "student_steps": 10, "batch_size": 128},
     }
     OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
     if accs is not None:
@@ -70,28 +72,57 @@ def test_summary_numbers_per_method_and_accuracy(sweep, tmp_path):
     rows = report.write_report(runs, str(sweep), tmp_path / "out")
     by_key = {(row["method"], row["accuracy"]): row for row in rows}
     final = by_key["tadfkd", "final"]
-    assert final["mean"] == pytest.approx(0.65) and final["std"] == pytest.approx(0.25)
+    finals = np.array([0.9, 0.4])
+    assert final["mean"] == pytest.approx(0.65) and final["n"] == 2
+    assert final["std"] == pytest.approx(finals.std(ddof=1))  # the sample std
+    half = stats.t.ppf(0.975, 1) * finals.std(ddof=1) / np.sqrt(2)
+    assert final["ci95_low"] == pytest.approx(0.65 - half)
+    assert final["ci95_high"] == pytest.approx(0.65 + half)
     assert final["worst"] == pytest.approx(0.4) and final["collapse_rate"] == pytest.approx(0.5)
+    assert final["worst_teacher"] == "hard" and final["worst_teacher_mean"] == pytest.approx(0.4)
     assert by_key["tadfkd", "best"]["mean"] == pytest.approx(0.75)
     assert by_key["tadfkd", "last10"]["mean"] == pytest.approx((0.7 + 0.5) / 2)
     basic = by_key["basic", "final"]
-    assert (basic["jobs"], basic["done"], basic["failed"], basic["running"]) == (3, 1, 1, 1)
+    assert (basic["jobs"], basic["n"], basic["failed"], basic["running"]) == (3, 1, 1, 1)
     assert basic["mean"] == pytest.approx(0.2) and basic["collapse_rate"] == 1.0
+    assert basic["std"] is None and basic["ci95_low"] is None  # one job: no spread
 
 
-def test_files_say_partial_and_list_failed_and_running_jobs(sweep, tmp_path):
+def test_paired_differences_compare_methods_on_the_same_teacher_and_seed(tmp_path):
+    root = tmp_path / "sweep"
+    for teacher, seed, a, b in (
+        ("good", 0, 0.9, 0.8),
+        ("good", 1, 0.7, 0.75),
+        ("hard", 0, 0.6, 0.3),
+    ):
+        make_job(root, f"a_{teacher}{seed}", "tadfkd", teacher, seed, [a])
+        make_job(root, f"b_{teacher}{seed}", "dfq", teacher, seed, [b])
+    make_job(root, "b_unpaired", "dfq", "hard", 5, [0.1])  # no tadfkd job on seed 5
+    (pair,) = report.paired_differences(report.read_sweep_directory(root))
+    differences = np.array([0.1, -0.05, 0.3])
+    assert (pair["first"], pair["second"], pair["pairs"]) == ("tadfkd", "dfq", 3)
+    assert pair["mean_difference"] == pytest.approx(differences.mean())
+    assert pair["std"] == pytest.approx(differences.std(ddof=1))
+    assert pair["first_better"] == pytest.approx(2 / 3)
+
+
+def test_files_say_what_was_run_partial_and_list_failed_and_running_jobs(sweep, tmp_path):
     out = tmp_path / "out"
     assert report.main([str(sweep), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "Partial sweep" in text and "3_d" in text and "CUDA out of memory" in text
     assert "10_e (basic, good, seed 1)" in text
-    assert "| tadfkd | 2 / 2 | 0 | final | 65.0 ± 25.0 | 40.0 | 50 |" in text
+    assert "What was run: dataset digits; student digits_cnn_s; 2 epochs" in text
+    assert "*last10*: mean of last 2 epochs" in text  # the label says what it is
+    assert "| tadfkd | final | 2 / 2 | 65.0 ± 35.4 |" in text
+    assert "| tadfkd - basic | 1 |" in text
     with (out / "report.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert float(rows[0]["mean"]) == pytest.approx(0.65)  # fractions in the csv
     with (out / "runs.csv").open() as handle:
         jobs = {row["job"]: row for row in csv.DictReader(handle)}
     assert jobs["3_d"]["status"] == "failed" and jobs["0_a"]["health/agreement"] == "0.9"
+    assert jobs["0_a"]["wall_time_s"] == "1.0"
     for plot in ("curves.png", "health.png"):
         assert (out / plot).stat().st_size > 1000
 
@@ -104,14 +135,88 @@ def test_collapse_threshold_is_configurable(sweep, tmp_path):
         report.write_report([], "s", tmp_path, 1.5)
 
 
-def test_empty_directory_and_unreachable_wandb_are_one_sentence(tmp_path, monkeypatch, capsys):
+def test_runs_without_a_test_set_are_reported_as_not_measured(tmp_path):
+    root = tmp_path / "sweep"
+    job = make_job(root, "0_a", "tadfkd", "good", 0, [0.5])
+    results = json.loads((job / "results.json").read_text())
+    for key in ("student_final_acc", "student_best_acc", "student_last10_acc", "teacher_acc"):
+        results[key] = None
+    results["epoch_accs"] = [None]
+    (job / "results.json").write_text(json.dumps(results))
+    make_job(root, "1_b", "tadfkd", "hard", 0, [0.7])
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    final = next(r for r in csv.DictReader((out / "report.csv").open()) if r["accuracy"] == "final")
+    assert final["n"] == "1" and float(final["mean"]) == pytest.approx(0.7)
+
+
+def test_job_configs_are_never_resolved_so_no_secret_reaches_the_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("REPORT_TEST_SECRET", "hunter2-secret")
+    root = tmp_path / "sweep"
+    job = make_job(root, "0_a", "tadfkd", "good", 0, [0.5])
+    config = OmegaConf.load(job / ".hydra" / "config.yaml")
+    config.logger = {"api_key": "${oc.env:REPORT_TEST_SECRET}"}
+    config.teacher.name = "${oc.env:REPORT_TEST_SECRET}"
+    OmegaConf.save(config, job / ".hydra" / "config.yaml")
+    (job / "results.json").unlink()  # a running job: its labels come from the config
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    for path in out.iterdir():
+        if path.suffix in (".md", ".csv"):
+            assert "hunter2" not in path.read_text(), path.name
+
+
+@pytest.mark.parametrize(
+    ("damage", "file"),
+    [
+        ("{not json", "results.json"),
+        ('{"method": "tadfkd"}', "results.json"),  # fields missing
+        ("[1, 2", "failed.json"),
+        ("seed: [unclosed", ".hydra/config.yaml"),
+    ],
+)
+def test_a_malformed_job_file_lists_the_job_as_unreadable(tmp_path, damage, file):
+    root = tmp_path / "sweep"
+    make_job(root, "0_good", "tadfkd", "good", 0, [0.5, 0.6])
+    bad = make_job(root, "1_bad", "tadfkd", "hard", 0, [0.4], fail="x")
+    (bad / "results.json").unlink()
+    (bad / file).write_text(damage)
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    runs = {run.name: run for run in report.read_sweep_directory(root)}
+    assert runs["1_bad"].status == "unreadable" and "unreadable" in runs["1_bad"].error
+    assert "1_bad" in (out / "report.md").read_text()
+    assert runs["0_good"].status == "done"
+
+
+def test_missing_sources_and_unreachable_wandb_are_one_sentence(tmp_path, monkeypatch, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert "holds no run directories" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "no_such_sweep")]) == 2
+    assert "is not a directory" in capsys.readouterr().err  # not taken for a W&B group
     wandb = pytest.importorskip("wandb")
 
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(wandb, "Api", offline)
-    assert report.main(["sweep_digits_2026", "--out", str(tmp_path / "w")]) == 2
-    assert "could not read W&B group 'sweep_digits_2026'" in capsys.readouterr().err
+    assert report.main(["me/tadfkd/sweep_digits_2026", "--out", str(tmp_path / "w")]) == 2
+    assert "could not read W&B group 'me/tadfkd/sweep_digits_2026'" in capsys.readouterr().err
+
+
+def test_a_wandb_group_name_never_writes_outside_reports(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(report, "read_wandb_group", lambda source: [])
+    _, out = report.read_source("me/project/..")
+    assert out.resolve().is_relative_to((tmp_path / "reports").resolve()) and out.name != ".."
+    with pytest.raises(UserError, match="not a directory"):
+        report.read_source("../x")
+
+
+def test_curves_draw_chance_teacher_and_the_ceiling(sweep, tmp_path):
+    ceiling = tmp_path / "ceiling.json"
+    ceiling.write_text(json.dumps({"test_acc": 0.856, "arch": "digits_cnn_s"}))
+    runs = report.read_sweep_directory(sweep)
+    report.write_report(runs, str(sweep), tmp_path / "out", ceiling_file=ceiling)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Supervised ceiling: the student architecture (digits_cnn_s)" in text and "85.6%" in text

@@ -218,7 +218,8 @@ def readme_table(heading: str) -> dict[str, dict[str, str]]:
     ``heading``), by option."""
     text = (ROOT / "Pretrained_Teachers" / "README.md").read_text()
     section = text.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
+    table = section[section.index("\n|") + 1 :].split("\n\n", 1)[0]  # the first table
+    lines = table.splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:
@@ -290,6 +291,16 @@ def test_fashion_mnist_teacher_has_the_accuracy_of_its_metadata(option):
         teacher.model, make_loader(test_set, 1000, shuffle=False), torch.device("cpu")
     )
     assert accuracy == pytest.approx(metadata["test_acc"], abs=1e-9)
+
+
+def test_the_fashion_mnist_ceiling_is_documented_and_measured():
+    path = ROOT / "Pretrained_Teachers" / "fashion_mnist" / "ceiling_digits_cnn_s.pt"
+    metadata = read_metadata(path)
+    assert metadata["arch"] == "digits_cnn_s" and metadata["dataset"] == "fashion_mnist"
+    assert metadata["recipe"] == zoo_metadata("fmnist_cnn")["recipe"]  # the same recipe
+    assert compose_config(["experiment=fashion_mnist"]).student.arch == metadata["arch"]
+    text = (ROOT / "Pretrained_Teachers" / "README.md").read_text()
+    assert f"| {100 * metadata['test_acc']:.2f} | `{metadata['command']}` |" in text
 
 
 @pytest.mark.parametrize("zoo", ZOOS)

@@ -1,0 +1,87 @@
+"""A multirun from launch to report: the Hydra callback around a sweep.
+
+Before any job (``plan=true``): list the jobs the sweep would launch, with their overrides, and
+stop. After the last job: one summary line (jobs done / failed / total, the failed jobs'
+directories, the report's path), the report written into the sweep directory when ``report`` is
+true (the presets set it), and exit code 5 when any job failed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from tadfkd.errors import UserError
+
+FAILED_JOBS_EXIT_CODE = 5
+
+
+def planned_jobs(config: DictConfig) -> list[list[str]]:
+    """The override list of every job the multirun of ``config`` launches, in order: the
+    sweeper's ``params`` (a preset's grid), then the command line, as Hydra's basic sweeper
+    expands them (globs included)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    params = config.hydra.sweeper.get("params") or {}
+    arguments = [f"{key}={value}" for key, value in params.items()]
+    arguments += list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(arguments), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def summary_line(sweep_dir: Path, report_path: Path | None) -> tuple[str, int]:
+    """``sweep: N jobs, D done, F failed (dirs); report: path`` and the number failed."""
+    from tadfkd.report import read_sweep_directory
+
+    try:
+        runs = read_sweep_directory(sweep_dir)
+    except UserError:
+        runs = []
+    done = sum(run.status == "done" for run in runs)
+    failed = [run for run in runs if run.status in ("failed", "unreadable")]
+    line = f"sweep {sweep_dir}: {len(runs)} jobs, {done} done, {len(failed)} failed"
+    if failed:
+        line += " (" + ", ".join(str(sweep_dir / run.name) for run in failed) + ")"
+    if report_path is not None:
+        line += f"; report: {report_path}"
+    return line, len(failed)
+
+
+class SweepReport(Callback):
+    """Hydra callback (``hydra.callbacks``) around a multirun: the plan, the summary line, the
+    report and the exit code."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("plan"):
+            return
+        try:
+            jobs = planned_jobs(config)
+            print(f"plan: {len(jobs)} jobs into {config.hydra.sweep.dir} (nothing is launched)")
+            for number, overrides in enumerate(jobs):
+                shown = [item for item in overrides if not item.startswith(("plan=", "sweep="))]
+                print(f"  #{number} {' '.join(shown)}")
+        finally:  # even when printing fails (a closed pipe): Hydra would go on and launch
+            sys.exit(0)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        report_path = None
+        if config.get("report"):
+            from tadfkd.report import read_sweep_directory, write_report
+
+            try:
+                write_report(read_sweep_directory(sweep_dir), str(sweep_dir), sweep_dir)
+                report_path = sweep_dir / "report.md"
+            except UserError as error:
+                print(f"error: the report could not be written: {error}", file=sys.stderr)
+        line, failed = summary_line(sweep_dir, report_path)
+        print(line, flush=True)
+        if failed:
+            sys.exit(FAILED_JOBS_EXIT_CODE)
