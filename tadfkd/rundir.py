@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def lock(run_dir: Path) -> None:
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        owner = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "unknown"
+        owner = lock_owner(descriptor)
         os.close(descriptor)
         raise UserError(
             f"run directory {key} is in use by another run (process {owner}); wait for it to "
@@ -56,6 +57,17 @@ def lock(run_dir: Path) -> None:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
     _held[key] = descriptor
+
+
+def lock_owner(descriptor: int) -> str:
+    """The process id that the lock's holder writes into the lock file just after taking it
+    (waiting up to half a second for it), or ``unknown``."""
+    for _ in range(10):
+        owner = os.pread(descriptor, 64, 0).decode(errors="replace").strip()
+        if owner:
+            return owner
+        time.sleep(0.05)
+    return "unknown"
 
 
 def unlock(run_dir: Path) -> None:
