@@ -2,6 +2,8 @@
 
     python -m tadfkd.bench            # published CIFAR-10 setting: ResNet-34 -> ResNet-18, B=1024
     python -m tadfkd.bench --small    # digits-sized models at batch 128: seconds on a CPU
+    python -m tadfkd.bench --agreement --setting fashion_mnist --generator RUN_DIR
+                                      # kept-set agreement of the speed settings, trained teacher
 
 Both paths train from the same random weights (no data or teacher file is needed) and are timed
 in alternation, iteration by iteration, so that drift in a shared machine hits both alike:
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.mixture import GaussianMixture
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -43,7 +45,11 @@ EPOCH_ITERS = 36
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # The two settings, as overrides of the run's config: the published CIFAR-10 command, and the
 # digits default (``--small``), both with random-weight networks.
-SETTINGS = {"cifar10": ["experiment=cifar10"], "small": []}
+SETTINGS = {
+    "cifar10": ["experiment=cifar10"],
+    "small": [],
+    "fashion_mnist": ["experiment=fashion_mnist"],
+}
 # What makes the published-style path: fp32, no channels-last, one batch per refill round.
 PUBLISHED_STYLE = [
     "speed.precision=fp32",
@@ -311,11 +317,67 @@ def print_table(
     print(f"speed-up of fast over published-style (time per iteration): {speedup:.3g} x")
 
 
+def agreement(
+    cfg: DictConfig, device: torch.device, generator_run: Path | None, batches: int = 32
+) -> dict[str, float]:
+    """Keep decisions of the configured (trained) teacher on ``batches`` generated batches,
+    scored the default way (fp32, BatchNorm folded) against fp32 unfolded and bf16 scoring:
+    the share left unchanged by each (fractions; printed as percent)."""
+    from tadfkd.checkpoint import load_checkpoint
+    from tadfkd.runtime import build
+
+    masks: dict[str, torch.Tensor] = {}
+    variants = {
+        "reference (fp32, unfolded)": ["speed.fold_teacher_bn=false"],
+        "fold_teacher_bn=true": [],
+        "scoring=bf16": ["speed.scoring=bf16"],
+    }
+    for name, overrides in variants.items():
+        variant_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        torch.manual_seed(0)
+        distiller = build_distiller(variant_cfg, build(cfg.teacher), device)
+        synthesizer = distiller.synthesizer
+        if generator_run is not None:
+            saved = load_checkpoint(generator_run)
+            if saved is None:
+                raise SystemExit(f"error: {generator_run} holds no checkpoint")
+            synthesizer.generator.load_state_dict(saved[0]["distiller"]["generator"])
+        torch.manual_seed(1)
+        with torch.no_grad():
+            images = torch.cat(
+                [synthesizer.generate(synthesizer.batch_size) for _ in range(batches)]
+            )
+            masks[name] = synthesizer.keep_mask(images)
+    reference = masks.pop("reference (fp32, unfolded)")
+    print(
+        f"teacher {cfg.teacher.name} ({cfg.teacher.arch}), generator "
+        f"{generator_run or 'untrained'}, {reference.numel()} generated samples, "
+        f"{100 * reference.float().mean():.1f}% kept by the reference (fp32, unfolded)"
+    )
+    shares = {}
+    for name, mask in masks.items():
+        shares[name] = float((mask == reference).float().mean())
+        print(f"{name}: {100 * shares[name]:.2f}% of the keep decisions unchanged")
+    return shares
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     parser = argparse.ArgumentParser(
         prog="python -m tadfkd.bench", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--small", action="store_true", help="digits-sized models, batch 128")
+    parser.add_argument(
+        "--setting", choices=sorted(SETTINGS), help="the setting (default cifar10; --small: small)"
+    )
+    parser.add_argument(
+        "--agreement",
+        action="store_true",
+        help="instead of timing: the share of keep decisions that bf16 scoring and BatchNorm "
+        "folding leave unchanged, with the setting's trained teacher file",
+    )
+    parser.add_argument(
+        "--generator", type=Path, help="--agreement: a run directory whose generator to use"
+    )
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per path")
     parser.add_argument("--batch-size", type=int, help="override the setting's batch size")
     parser.add_argument("--student-steps", type=int, help="override student steps per iteration")
@@ -332,7 +394,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     )
     args = parser.parse_args(argv)
 
-    overrides = [*SETTINGS["small" if args.small else "cifar10"], f"runtime.device={args.device}"]
+    setting = args.setting or ("small" if args.small else "cifar10")
+    overrides = [*SETTINGS[setting], f"runtime.device={args.device}"]
+    if args.agreement:
+        return agreement(bench_config(overrides), resolve_device(args.device), args.generator)
     if args.batch_size:
         overrides.append(f"trainer.batch_size={args.batch_size}")
     if args.student_steps:

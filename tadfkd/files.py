@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 
+def reason(error: OSError) -> str:
+    """What went wrong with a file, in words (e.g. "No space left on device")."""
+    return os.strerror(error.errno) if error.errno else str(error)
+
+
 def fsync_directory(directory: Path) -> None:
     """Make the renames in ``directory`` durable (a no-op where directories cannot be opened)."""
     with contextlib.suppress(OSError):

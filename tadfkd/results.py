@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import traceback
@@ -21,7 +20,7 @@ import torch
 
 from tadfkd import schema
 from tadfkd.errors import UserError
-from tadfkd.files import replace_atomically, write_json
+from tadfkd.files import reason, replace_atomically, write_json
 
 FAILED_FILE = schema.FAILED_FILE
 RESULTS_FILE = schema.RESULTS_FILE
@@ -52,10 +51,9 @@ def _written(path: Path, write: Callable[[], None]) -> None:
     try:
         write()
     except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)
         raise UserError(
-            f"could not write {path} ({reason}); the run's checkpoint is intact, so free some "
-            "space and re-run the same command to write it."
+            f"could not write {path} ({reason(error)}); the run's checkpoint is intact, so free "
+            "some space and re-run the same command to write it."
         ) from None
 
 

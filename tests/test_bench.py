@@ -69,3 +69,11 @@ def test_the_published_style_path_differs_only_through_its_seam_and_settings():
     one_at_a_time = torch.cat([published.keep_mask(batch) for batch in images.split(64)])
     agreement = (fast.keep_mask(images) == one_at_a_time).float().mean()
     assert agreement >= 0.97
+
+
+def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys):
+    shares = bench.main(["--agreement", "--small", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "teacher digits_cnn (digits_cnn), generator untrained, 4096 generated samples" in out
+    assert shares["fold_teacher_bn=true"] >= 0.999  # float rounding only
+    assert 0.5 < shares["scoring=bf16"] <= 1.0
