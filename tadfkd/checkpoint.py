@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tadfkd.errors import SignalReceived, UserError
-from tadfkd.files import publish, write_durably, write_temporary
+from tadfkd.files import publish, reason, write_durably, write_temporary
 
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -97,9 +97,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     try:
         temporary = write_temporary(latest, lambda path: write_durably(path, data))
     except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)
         raise UserError(
-            f"could not write checkpoint {latest} ({reason}); the previous checkpoint is "
+            f"could not write checkpoint {latest} ({reason(error)}); the previous checkpoint is "
             "intact, so free some space and re-run the same command to resume."
         ) from None
     if latest.exists():

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from tadfkd.errors import UserError
-from tadfkd.files import probe_writable
+from tadfkd.files import probe_writable, reason
 
 LOCK_FILE = ".lock"
 _held: dict[Path, int] = {}  # run directory -> descriptor of its lock file, held by this process
@@ -31,9 +31,8 @@ def ensure_writable(run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe_writable(run_dir)
     except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)
         raise UserError(
-            f"output directory {run_dir} is not writable ({reason}); set hydra.run.dir "
+            f"output directory {run_dir} is not writable ({reason(error)}); set hydra.run.dir "
             "to a directory you can write to."
         ) from None
 

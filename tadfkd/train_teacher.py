@@ -8,7 +8,6 @@ weights and reports the same test accuracy.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from tadfkd.config import validate
 from tadfkd.data import Augmentation, load_split, make_loader
 from tadfkd.errors import UserError
 from tadfkd.evaluation import evaluate
-from tadfkd.files import probe_writable, write_json
+from tadfkd.files import probe_writable, reason, write_json
 from tadfkd.models import build_classifier
 from tadfkd.runtime import resolve_device, seed_everything, set_threads
 from tadfkd.teachers import save_teacher
@@ -73,9 +72,8 @@ def check_output(path: Path, overwrite: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe_writable(path.parent)
     except OSError as error:
-        reason = os.strerror(error.errno) if error.errno else str(error)
         raise UserError(
-            f"output {path} cannot be written ({reason}); set output= to a path in a folder "
+            f"output {path} cannot be written ({reason(error)}); set output= to a path in a folder "
             "you can write to."
         ) from None
 
