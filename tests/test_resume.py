@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakedata import write_fake_cifar
 from helpers import (
     assert_user_error,
     compose_config,
     environment,
     run_entry,
+    save_random_teacher,
     start_entry,
     tiny_distiller,
 )
@@ -468,8 +470,21 @@ def test_a_moved_copy_of_the_teacher_file_resumes(tmp_path, uninterrupted):
 
 @pytest.mark.slow
 def test_sigterm_while_the_teacher_is_evaluated_exits_3_with_a_message(tmp_path):
-    # One image at a time, the teacher's evaluation takes seconds: the signal lands in it.
-    process = start(tmp_path, "logger=none", "runtime.eval_batch_size=1")
+    # A ResNet-34 teacher on 3000 test images, one at a time: its evaluation takes minutes on
+    # any CPU, so the signal lands in it (it stops the job at once: the test takes seconds).
+    write_fake_cifar(tmp_path / "data", "cifar10", n_train=8, n_test=3000)
+    teacher = save_random_teacher(tmp_path / "teacher.pt", "resnet34", 10)
+    run_dir = tmp_path / "run"
+    process = start(
+        run_dir,
+        "experiment=cifar10",
+        f"teacher.checkpoint={teacher}",
+        f"paths.data={tmp_path / 'data'}",
+        "runtime.download=false",
+        "runtime.eval_batch_size=1",
+        "logger=none",
+    )
+    tmp_path = run_dir
     lines = lines_of(process)
     job_starts = tmp_path / ".hydra" / "overrides.yaml"  # Hydra's last write before the job
     deadline = time.monotonic() + 120
