@@ -361,7 +361,7 @@ def agreement(
     return shares
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tadfkd.bench", description=__doc__.split("\n")[0]
     )
@@ -392,8 +392,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         action="store_true",
         help="profile one fast-path iteration: top kernels, launches, syncs, copies",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def time_paths(paths: dict[str, PathStats], iters: int) -> None:
+    """``iters`` timed iterations of each path, alternating, the order flipped every time."""
+    for stats in paths.values():
+        stats.start_timing()
+    for index in range(iters):
+        order = list(paths.values())
+        for stats in order if index % 2 == 0 else order[::-1]:
+            stats.time_iteration()
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
+    args = arguments(argv)
     setting = args.setting or ("small" if args.small else "cifar10")
     overrides = [*SETTINGS[setting], f"runtime.device={args.device}"]
     if args.agreement:
@@ -408,7 +421,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     precision = resolve_precision(args.precision, device)
     matmul_dtype = torch.float32 if precision == "fp32" else Precision(precision).dtype
     matmul = matmul_rate(device, matmul_dtype)
-
     paths = {
         "fast": PathStats(build(fast_cfg, device, False, args.seed), device),
         "published-style": PathStats(build(published_cfg, device, True, args.seed), device),
@@ -417,18 +429,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         stats.count_flops()  # also the warm-up iteration
     if args.compile:
         compile_path(paths["fast"])
-    for stats in paths.values():
-        stats.start_timing()
     graphs = compiled_graphs()
-    for index in range(args.iters):
-        order = list(paths.values())
-        for stats in order if index % 2 == 0 else order[::-1]:
-            stats.time_iteration()
+    time_paths(paths, args.iters)
     # Measured again after the timed iterations, the higher of the two: load from other jobs
     # only ever slows it down.
     matmul = max(matmul, matmul_rate(device, matmul_dtype))
     figures = {name: stats.figures(matmul) for name, stats in paths.items()}
-
     print_table(fast_cfg, device, precision, matmul, matmul_dtype, args.iters, figures)
     if args.compile:
         print(

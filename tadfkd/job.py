@@ -178,25 +178,8 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) ->
         evaluate(distiller.teacher, test_loader, device) if test_loader is not None else None
     )
     log.info(f"teacher {teacher.name} ({teacher.arch}): test accuracy {percent(teacher_acc)}")
-    # what a dashboard user filters on: the values "auto" resolved to on this machine
-    resolved = {
-        "runtime.device": str(device),
-        "runtime.threads": threads,
-        "speed.precision": distiller.precision.name,
-    }
-    tracker = build(
-        cfg.logger,
-        _recursive_=False,  # the run's config (full of _target_ keys) is data for the tracker
-        _convert_="all",
-        directory=run_dir,
-        run_config=dashboard_config(
-            OmegaConf.to_container(cfg, resolve=True), resolved, command_line_overrides(), run_dir
-        ),
-        name=run_name(cfg),
-        group=run_group(cfg),
-        tags=[cfg.dataset.name, cfg.teacher.name, cfg.student.arch, cfg.method.name],
-        run_id=saved[0]["wandb_run_id"] if saved is not None else None,
-    )
+    run_id = saved[0]["wandb_run_id"] if saved is not None else None
+    tracker = open_tracker(cfg, distiller, run_dir, device, threads, run_id)
     if saved is None:
         tracker.log({schema.TEACHER_ACC: teacher_acc}, step=0)
     else:
@@ -225,6 +208,36 @@ def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) ->
     tracker.finish()
     print_done(results, run_dir)
     return results
+
+
+def open_tracker(
+    cfg: DictConfig,
+    distiller: Distiller,
+    run_dir: Path,
+    device: torch.device,
+    threads: int,
+    run_id: str | None,
+):
+    """The run's tracker (``logger``), its config holding the values ``auto`` resolved to on
+    this machine (what a dashboard user filters on); ``run_id`` continues a resumed W&B run."""
+    resolved = {
+        "runtime.device": str(device),
+        "runtime.threads": threads,
+        "speed.precision": distiller.precision.name,
+    }
+    return build(
+        cfg.logger,
+        _recursive_=False,  # the run's config (full of _target_ keys) is data for the tracker
+        _convert_="all",
+        directory=run_dir,
+        run_config=dashboard_config(
+            OmegaConf.to_container(cfg, resolve=True), resolved, command_line_overrides(), run_dir
+        ),
+        name=run_name(cfg),
+        group=run_group(cfg),
+        tags=[cfg.dataset.name, cfg.teacher.name, cfg.student.arch, cfg.method.name],
+        run_id=run_id,
+    )
 
 
 def labels(
@@ -296,10 +309,7 @@ def train(
         )
 
     def finish_iteration_then_stop(signal_name: str) -> None:
-        print(
-            f"{signal_name} received: finishing the current iteration, then checkpointing",
-            flush=True,
-        )
+        log.info(f"{signal_name} received: finishing the current iteration, then checkpointing")
         distiller.request_stop(signal_name)
 
     reporter = EpochReporter(
@@ -323,8 +333,8 @@ def train(
         if not out_of_memory(error):
             raise
         raise UserError(
-            f"out of memory at trainer.batch_size={cfg.trainer.batch_size}; lower "
-            "trainer.batch_size (or use a device with more memory)."
+            f"out of memory at trainer.batch_size={cfg.trainer.batch_size}; lower it (or use "
+            "a device with more memory)."
         ) from None
     if not distiller.finished:
         schedule = distiller.schedule

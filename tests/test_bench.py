@@ -37,6 +37,18 @@ def test_small_benchmark_prints_the_whole_table(capsys):
         assert figures[path]["tflop_per_iter"] > 0
 
 
+@pytest.mark.slow
+def test_profile_prints_the_top_operators_and_the_host_side_counts(capsys):
+    bench.main(
+        ["--small", "--iters", "1", "--student-steps", "1", "--batch-size", "32"]
+        + ["--device", "cpu", "--profile"]
+    )
+    out = capsys.readouterr().out
+    assert "profile of one fast-path iteration, top 15 by self_cpu_time_total:" in out
+    calls = re.search(r"host-side counts per iteration: operator calls (\d+) \(CPU\)", out)
+    assert calls and int(calls.group(1)) > 100
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_the_fast_path_beats_the_published_style_path_on_cifar(capsys):
     figures = bench.main(["--iters", "2", "--student-steps", "2", "--batch-size", "256"])
