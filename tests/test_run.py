@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from fakedata import write_fake_cifar, write_fake_tinyimagenet
+from fakedata import write_fake_cifar, write_fake_fashion_mnist, write_fake_tinyimagenet
 from helpers import assert_user_error, run_entry, save_random_teacher
 
 from tadfkd import schema
@@ -80,6 +80,25 @@ def test_published_tinyimagenet_preset_runs_one_epoch_on_the_archive_layout(tmp_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["student"] == "tiny_resnet34"
+
+
+@pytest.mark.slow
+def test_the_fashion_mnist_preset_runs_one_tiny_epoch_on_idx_files(tmp_path):
+    # Files written in the official format, so that the test needs neither `make data` nor a
+    # download; the preset's shipped teacher and student.
+    write_fake_fashion_mnist(tmp_path / "data" / "FashionMNIST" / "raw", n_train=8, n_test=64)
+    result = run(
+        "experiment=fashion_mnist",
+        *TINY,
+        f"paths.data={tmp_path / 'data'}",
+        "runtime.download=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["dataset"] == "fashion_mnist" and results["teacher"] == "fmnist_cnn"
+    assert results["student"] == "digits_cnn_s" and len(results["epoch_accs"]) == 1
+    assert (tmp_path / "run" / "samples_epoch0001.png").exists()
 
 
 def test_missing_teacher_file_is_one_sentence(tmp_path):
