@@ -8,7 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tadfkd.errors import Interrupted, RunStopped, UserError
+from tadfkd.errors import Interrupted, RunDirectoryInUse, RunStopped, UserError
 from tadfkd.job import distil
 from tadfkd.results import clear_failure, echo_traceback, record_failure
 
@@ -30,12 +30,14 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as error:
         if hydra_config.mode == RunMode.MULTIRUN:
             # A user mistake reads as in a single run; a bug shows its traceback. Either way
-            # failed.json records it and the sweep carries on.
+            # failed.json records it and the sweep carries on, except in a directory that
+            # another live run holds: that run's files are left as they are.
             if isinstance(error, UserError | RunStopped):
                 print(f"error: {error}", file=sys.stderr, flush=True)
             else:
                 echo_traceback(error)
-            record_failure(run_dir, error, hydra_config.overrides.task)
+            if not isinstance(error, RunDirectoryInUse):
+                record_failure(run_dir, error, hydra_config.overrides.task)
             return None
         if isinstance(error, UserError):
             print(f"error: {error}", file=sys.stderr)

@@ -14,6 +14,11 @@ class DatasetMissing(UserError):
     put them."""
 
 
+class RunDirectoryInUse(UserError):
+    """Another live run holds the run directory's lock: the directory is that run's, so the
+    refused job writes nothing into it (no ``failed.json`` in a sweep)."""
+
+
 class RunStopped(Exception):
     """The run stopped before its last epoch, its state checkpointed (a stop signal, a
     non-finite loss); the message says why and how to go on. ``run.py`` prints it and exits

@@ -18,7 +18,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from tadfkd.errors import UserError
+from tadfkd.errors import RunDirectoryInUse, UserError
 from tadfkd.files import probe_writable, reason
 
 LOCK_FILE = ".lock"
@@ -39,7 +39,7 @@ def ensure_writable(run_dir: Path) -> None:
 
 def lock(run_dir: Path) -> None:
     """Take the run directory's lock for this process (a no-op if it holds it already), or
-    raise a ``UserError`` naming the live process that holds it."""
+    raise ``RunDirectoryInUse`` naming the live process that holds it."""
     key = run_dir.resolve()
     if key in _held:
         return
@@ -49,7 +49,7 @@ def lock(run_dir: Path) -> None:
     except OSError:
         owner = lock_owner(descriptor)
         os.close(descriptor)
-        raise UserError(
+        raise RunDirectoryInUse(
             f"run directory {key} is in use by another run (process {owner}); wait for it to "
             "end, or set hydra.run.dir to another directory."
         ) from None

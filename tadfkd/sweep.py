@@ -37,7 +37,8 @@ def planned_jobs(config: DictConfig) -> list[list[str]]:
 
 
 def summary_line(sweep_dir: Path, report_path: Path | None) -> tuple[str, int]:
-    """``sweep: N jobs, D done, F failed (dirs); report: path`` and the number failed."""
+    """``sweep: N jobs, D done, F failed (dirs), R not finished (dirs); report: path`` and
+    the number failed."""
     from tadfkd.report import read_sweep_directory
 
     try:
@@ -46,9 +47,13 @@ def summary_line(sweep_dir: Path, report_path: Path | None) -> tuple[str, int]:
         runs = []
     done = sum(run.status == "done" for run in runs)
     failed = [run for run in runs if run.status in ("failed", "unreadable")]
+    running = [run for run in runs if run.status == "running"]
     line = f"sweep {sweep_dir}: {len(runs)} jobs, {done} done, {len(failed)} failed"
     if failed:
         line += " (" + ", ".join(str(sweep_dir / run.name) for run in failed) + ")"
+    if running:  # e.g. held by another live launch of the same sweep: not this launch's failure
+        names = ", ".join(str(sweep_dir / run.name) for run in running)
+        line += f", {len(running)} not finished ({names})"
     if report_path is not None:
         line += f"; report: {report_path}"
     return line, len(failed)

@@ -1,8 +1,11 @@
 """One run per directory, through ``run.py``: of two runs started at once on one directory, one
 finishes and the other ends in one sentence naming the directory and the live process, leaving
-the first one's files whole; a lock left by a killed process never blocks the next run."""
+the first one's files whole; a sweep job refused the same way writes nothing into the live run's
+directory; a lock left by a killed process never blocks the next run."""
 
+import fcntl
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -89,3 +92,31 @@ def test_resume_of_a_busy_directory_is_refused_and_a_killed_runs_lock_is_not(tmp
     results = json.loads((run_dir / schema.RESULTS_FILE).read_text())
     assert len(results[schema.EPOCH_ACCS]) == 8
     assert (run_dir / LOCK_FILE).read_text().strip() != str(first.pid)  # the new run took it
+
+
+@pytest.mark.slow
+def test_a_sweep_job_whose_directory_another_run_holds_leaves_it_alone(tmp_path):
+    # A second launch of a sweep while the first still runs a job (a sweep re-run to resume it):
+    # the refused job says so in one sentence and writes no failed.json into the live run's
+    # directory (it would mark a healthy run failed); the summary counts it as not finished.
+    sweep_dir = tmp_path / "sweep"
+    job_dir = sweep_dir / "job"
+    job_dir.mkdir(parents=True)
+    descriptor = os.open(job_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)  # this test process is the live run
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    try:
+        result = run_entry(
+            "-m", *TINY, "seed=0", f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=job"
+        )
+    finally:
+        os.close(descriptor)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"error: run directory {job_dir} is in use by another run (process {os.getpid()})" in (
+        result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not (job_dir / schema.FAILED_FILE).exists()
+    assert not (job_dir / schema.RESULTS_FILE).exists()
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary == f"sweep {sweep_dir}: 1 jobs, 0 done, 0 failed, 1 not finished ({job_dir})"
