@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_entry
 from omegaconf import OmegaConf
 from scipy import stats
 
@@ -220,3 +221,29 @@ def test_curves_draw_chance_teacher_and_the_ceiling(sweep, tmp_path):
     report.write_report(runs, str(sweep), tmp_path / "out", ceiling_file=ceiling)
     text = (tmp_path / "out" / "report.md").read_text()
     assert "Supervised ceiling: the student architecture (digits_cnn_s)" in text and "85.6%" in text
+
+
+def test_the_entry_point_reads_bad_input_as_one_sentence_and_loses_nothing(tmp_path):
+    # Through `python -m tadfkd.report`, as a user runs it: a missing source and a null-accuracy
+    # run (no test set) next to a malformed one; the jobs' files are left as they were.
+    missing = run_entry(str(tmp_path / "no_such_sweep"), entry="-m tadfkd.report", timeout=300)
+    assert missing.returncode == 2, missing.stderr[-2000:]
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'no_such_sweep'} is not"), (
+        missing.stderr[-2000:]
+    )
+    root = tmp_path / "sweep"
+    job = make_job(root, "0_a", "tadfkd", "good", 0, [0.5])
+    results = json.loads((job / "results.json").read_text())
+    results.update(student_final_acc=None, student_best_acc=None, student_last10_acc=None)
+    results.update(teacher_acc=None, epoch_accs=[None])
+    (job / "results.json").write_text(json.dumps(results))
+    bad = make_job(root, "1_b", "tadfkd", "hard", 0, [0.7])
+    (bad / "results.json").write_text("{not json")
+    before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    out = tmp_path / "out"
+    result = run_entry(str(root), "--out", str(out), entry="-m tadfkd.report", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "1_b" in (out / "report.md").read_text()
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
