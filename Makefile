@@ -32,7 +32,7 @@ data:
 		echo "no apt-get here: put train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,"; \
 		echo "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (from"; \
 		echo "https://github.com/zalandoresearch/fashion-mnist) in data/FashionMNIST/raw/,"; \
-		echo "or run with dataset.download=true on a machine with network access"; \
+		echo "or run on a machine with network access (runtime.download=true, the default)"; \
 		exit 1; \
 	fi
 

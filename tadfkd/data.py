@@ -264,11 +264,11 @@ def _download_cifar(source: _CifarSource, root: Path, download: bool) -> None:
     tv = source.torchvision_class
     where = (
         f"put the extracted {tv.base_folder} folder (from {tv.url}) under {root}/ "
-        "or set dataset.root=/path"
+        "or set paths.data=/path"
     )
     if not download:
         raise DatasetMissing(
-            f"{source.title} not found under {root}/ and download is off; {where}."
+            f"{source.title} not found under {root}/ and runtime.download=false; {where}."
         )
     try:
         download_and_extract_archive(tv.url, str(root), filename=tv.filename, md5=tv.tgz_md5)
@@ -398,7 +398,7 @@ def _load_fashion_mnist(
         raise UserError(
             f"Fashion-MNIST file {images_path} or {labels_path} is not valid ({error}); "
             "replace it with the official file (apt-get install dataset-fashion-mnist, or "
-            "delete it and set dataset.download=true)."
+            "delete it and run with runtime.download=true on a machine with network access)."
         ) from error
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels)
 
@@ -416,7 +416,7 @@ def _download_fashion_mnist(
     looked = ", ".join(str(folder) for folder in fashion_mnist_folders(root))
     if not download:
         raise DatasetMissing(
-            f"Fashion-MNIST not found (looked in {looked}) and dataset.download is off; {where}."
+            f"Fashion-MNIST not found (looked in {looked}) and runtime.download=false; {where}."
         )
     try:
         FashionMNIST(str(root), download=True)
@@ -437,7 +437,7 @@ def _load_tiny_imagenet(
     if not (folder / "wnids.txt").is_file():
         raise DatasetMissing(
             f"Tiny-ImageNet not found under {root}/; extract {_TINY_IMAGENET_URL} there "
-            f"(so that {folder}/wnids.txt exists) or set dataset.root=/path."
+            f"(so that {folder}/wnids.txt exists) or set paths.data=/path."
         )
     wnids = sorted((folder / "wnids.txt").read_text().split())
     if not train:

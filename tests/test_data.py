@@ -213,7 +213,8 @@ def test_cifar_missing_without_download_names_the_folder(tmp_path: Path) -> None
     with pytest.raises(UserError, match="cifar-10-batches-py") as raised:
         load_split("cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, download=False)
     message = str(raised.value)
-    assert str(tmp_path) in message and "download is off" in message
+    assert str(tmp_path) in message and "runtime.download=false" in message
+    assert "paths.data=/path" in message  # a key that exists
 
 
 @pytest.mark.parametrize(
@@ -398,7 +399,7 @@ def test_missing_fashion_mnist_names_both_ways_to_get_it(
             load_split("fashion_mnist", str(tmp_path), "test", (0.5,), (0.5,), download=download)
         message = str(caught.value)
         assert "make data" in message and "FashionMNIST/raw" in message
-        assert ("download is off" in message) is not download
+        assert ("runtime.download=false" in message) is not download
         assert ("could not be downloaded" in message) is download
 
 
