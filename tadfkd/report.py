@@ -352,12 +352,21 @@ def describe(runs: Sequence[Run]) -> dict[str, Any]:
         "shared_overrides": shared,
         "varying": varying,
         "commits": sorted({str(run.results.get("commit")) for run in done} - {"None"}),
+        "commits_missing": sum(run.results.get("commit") is None for run in done),
         "jobs_per_cell": sorted(set(cells.values())),
         "wall_time_s": [run.results.get(schema.WALL_TIME) for run in done],
     }
 
 
 # -- writing ------------------------------------------------------------------------------------
+def commits_text(commits: list[str], missing: int) -> str:
+    """The code commits of the finished jobs, and how many jobs recorded none (older code)."""
+    text = ", ".join(commit[:12] for commit in commits) or "not recorded"
+    if commits and missing:
+        text += f" (not recorded by {missing} job{'s' if missing > 1 else ''}: older code)"
+    return text
+
+
 def percent(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.{digits}f}"
 
@@ -427,7 +436,7 @@ def header_lines(
         + f"{', '.join(about['student_steps']) or '?'} student steps + 1 generator step, batch "
         + f"{', '.join(about['batch_size']) or '?'}; jobs per (teacher, method) cell: "
         + ", ".join(map(str, about["jobs_per_cell"]))
-        + f"; commit {', '.join(c[:12] for c in about['commits']) or 'not recorded'}"
+        + f"; commit {commits_text(about['commits'], about['commits_missing'])}"
         + (f"; wall time per job {min(times):.0f}-{max(times):.0f} s" if times else "")
         + ".",
     ]

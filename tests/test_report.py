@@ -247,3 +247,14 @@ def test_the_entry_point_reads_bad_input_as_one_sentence_and_loses_nothing(tmp_p
     assert "Traceback" not in result.stderr
     assert "1_b" in (out / "report.md").read_text()
     assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
+
+
+def test_the_commit_line_says_which_jobs_recorded_none():
+    assert report.commits_text(["0123456789abcdef"], 0) == "0123456789ab"
+    assert report.commits_text(["0123456789abcdef", "fedcba9876543210"], 0) == (
+        "0123456789ab, fedcba987654"
+    )
+    assert report.commits_text(["0123456789abcdef"], 8) == (
+        "0123456789ab (not recorded by 8 jobs: older code)"
+    )
+    assert report.commits_text([], 3) == "not recorded"
