@@ -355,10 +355,24 @@ def describe(runs: Sequence[Run]) -> dict[str, Any]:
         "commits_missing": sum(run.results.get("commit") is None for run in done),
         "jobs_per_cell": sorted(set(cells.values())),
         "wall_time_s": [run.results.get(schema.WALL_TIME) for run in done],
+        "epochs_time_s": [epochs_time(run) for run in done],
     }
 
 
 # -- writing ------------------------------------------------------------------------------------
+# runs.csv: a job's time as the sum of its epochs' ``time/epoch_s`` (every launch of a resumed
+# run; ``wall_time_s`` counts its last launch only)
+EPOCHS_TIME = "epochs_time_s"
+
+
+def epochs_time(run: Run) -> float | None:
+    """Seconds a job spent in its epochs (``time/epoch_s`` summed over its history, so over every
+    launch of a resumed run), or None when its history has no epoch times."""
+    seconds = [row.get(schema.EPOCH_SECONDS) for row in run.results.get(schema.HISTORY) or []]
+    seconds = [value for value in seconds if isinstance(value, int | float)]
+    return float(sum(seconds)) if seconds else None
+
+
 def commits_text(commits: list[str], missing: int) -> str:
     """The code commits of the finished jobs, and how many jobs recorded none (older code)."""
     text = ", ".join(commit[:12] for commit in commits) or "not recorded"
@@ -384,7 +398,7 @@ def write_csvs(
             writer.writeheader()
             writer.writerows(rows)
     fields = ["job", "status", "dataset", "teacher", "student", "method", "seed", "teacher_acc"]
-    fields += [*ACCURACIES, *HEALTH, schema.WALL_TIME, "error"]
+    fields += [*ACCURACIES, *HEALTH, EPOCHS_TIME, schema.WALL_TIME, "error"]
     with (out / "runs.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
@@ -400,6 +414,7 @@ def write_csvs(
                     "seed": run.seed,
                     "error": run.error,
                     **{key: run.results.get(key) for key in (*ACCURACIES, "teacher_acc")},
+                    EPOCHS_TIME: epochs_time(run),
                     schema.WALL_TIME: run.results.get(schema.WALL_TIME),
                     **run.final_health,
                 }
@@ -420,7 +435,8 @@ def header_lines(
     counts = {s: sum(run.status == s for run in runs) for s in ("done", "failed", "running")}
     unreadable = sum(run.status == "unreadable" for run in runs)
     about = describe(runs)
-    times = [t for t in about["wall_time_s"] if t is not None]
+    times = [t for t in about["epochs_time_s"] if t is not None]
+    last_launch = [t for t in about["wall_time_s"] if t is not None]
     lines = [
         f"# Sweep report: {Path(source).name or source}",
         "",
@@ -437,7 +453,17 @@ def header_lines(
         + f"{', '.join(about['batch_size']) or '?'}; jobs per (teacher, method) cell: "
         + ", ".join(map(str, about["jobs_per_cell"]))
         + f"; commit {commits_text(about['commits'], about['commits_missing'])}"
-        + (f"; wall time per job {min(times):.0f}-{max(times):.0f} s" if times else "")
+        + (
+            f"; time per job {min(times):.0f}-{max(times):.0f} s (the sum of its epochs' times, "
+            "resumed runs included)"
+            if times
+            else ""
+        )
+        + (
+            f"; wall time of each job's last launch {min(last_launch):.0f}-{max(last_launch):.0f} s"
+            if last_launch
+            else ""
+        )
         + ".",
     ]
     if about["shared_overrides"] or about["varying"]:

@@ -31,7 +31,13 @@ def make_job(sweep: Path, name: str, method: str, teacher: str, seed: int, accs=
     OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
     if accs is not None:
         history = [
-            {"epoch": i + 1, "acc/student": acc, "health/agreement": acc, "selection/rate": 0.5}
+            {
+                "epoch": i + 1,
+                "acc/student": acc,
+                "health/agreement": acc,
+                "selection/rate": 0.5,
+                "time/epoch_s": 2.0,
+            }
             for i, acc in enumerate(accs)
         ]
         results = {
@@ -124,6 +130,12 @@ def test_files_say_what_was_run_partial_and_list_failed_and_running_jobs(sweep, 
         jobs = {row["job"]: row for row in csv.DictReader(handle)}
     assert jobs["3_d"]["status"] == "failed" and jobs["0_a"]["health/agreement"] == "0.9"
     assert jobs["0_a"]["wall_time_s"] == "1.0"
+    # a job's time is the sum of its epochs' times (every launch of a resumed run), not the
+    # wall time of its last launch
+    epochs = len(json.loads((sweep / "0_a" / "results.json").read_text())["history"])
+    assert jobs["0_a"]["epochs_time_s"] == str(2.0 * epochs)
+    assert "the sum of its epochs' times, resumed runs included" in text
+    assert "wall time of each job's last launch 1-1 s" in text
     for plot in ("curves.png", "health.png"):
         assert (out / plot).stat().st_size > 1000
 
