@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tadfkd.errors import SignalReceived, UserError
-from tadfkd.files import publish, reason, write_durably, write_temporary
+from tadfkd.files import publish, reason, write_bytes, write_temporary
 
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
@@ -95,7 +95,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     data = MAGIC + hashlib.sha256(payload).digest() + payload
     latest = run_dir / LATEST
     try:
-        temporary = write_temporary(latest, lambda path: write_durably(path, data))
+        temporary = write_temporary(latest, lambda path: write_bytes(path, data))
     except OSError as error:
         raise UserError(
             f"could not write checkpoint {latest} ({reason(error)}); the previous checkpoint is "

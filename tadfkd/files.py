@@ -33,14 +33,13 @@ def fsync_directory(directory: Path) -> None:
             os.close(descriptor)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (a crash after this leaves the whole file)."""
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write all of ``data`` to ``path`` with ``os.write`` (``write_temporary`` fsyncs it)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(descriptor, view) :]
-        os.fsync(descriptor)
     finally:
         os.close(descriptor)
 
@@ -76,7 +75,7 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
 def write_json(path: Path, payload: dict[str, Any], sort_keys: bool = False) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     text = json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n"
-    replace_atomically(path, lambda temporary: write_durably(temporary, text.encode()))
+    replace_atomically(path, lambda temporary: write_bytes(temporary, text.encode()))
 
 
 def probe_writable(directory: Path) -> None:
