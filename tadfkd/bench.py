@@ -36,7 +36,7 @@ from tadfkd import schema
 from tadfkd.builder import build_distiller
 from tadfkd.distill import Distiller
 from tadfkd.meter import EpochMeter
-from tadfkd.precision import Precision, resolve_precision
+from tadfkd.precision import cpu_has_bf16, resolve_precision
 from tadfkd.runtime import resolve_device
 from tadfkd.synthesizer import Scorer
 from tadfkd.teachers import random_teacher
@@ -58,6 +58,7 @@ PUBLISHED_STYLE = [
     "speed.static_shapes=false",
     "speed.fold_teacher_bn=false",
     "speed.scoring=fp32",
+    "speed.generation=fp32",
 ]
 
 
@@ -185,7 +186,7 @@ class PathStats:
         if self.device.type == "cuda":
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
 
-    def figures(self, matmul: float) -> dict[str, float | None]:
+    def figures(self, matmuls: dict[str, float]) -> dict[str, float | None]:
         iters = len(self.seconds)
         steps = self.distiller.schedule.student_steps
         size = self.distiller.schedule.batch_size
@@ -208,7 +209,10 @@ class PathStats:
             "peak_gib": self.peak_bytes / 2**30 if self.device.type == "cuda" else None,
             "tflop_per_iter": flops / 1e12,
             "tflops": flops / per_iteration / 1e12,
-            "matmul_share": 100 * flops / per_iteration / matmul,
+            **{
+                f"matmul_share_{name}": 100 * flops / per_iteration / rate
+                for name, rate in matmuls.items()
+            },
         }
 
 
@@ -222,7 +226,8 @@ ROWS = (
     ("peak_gib", "peak GPU memory", "GiB"),
     ("tflop_per_iter", "FLOPs per iteration (counted)", "TFLOP"),
     ("tflops", "achieved rate", "TFLOP/s"),
-    ("matmul_share", "achieved rate / measured matmul rate", "%"),
+    ("matmul_share_fp32", "achieved rate / measured fp32 matmul rate", "%"),
+    ("matmul_share_bf16", "achieved rate / measured bf16 matmul rate", "%"),
 )
 
 
@@ -282,30 +287,46 @@ def profile(distiller: Distiller, device: torch.device, top: int = 15) -> None:
         print(f"host-side counts per iteration: operator calls {count('aten::')} (CPU)")
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and whether it has bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} (bf16 units: {'yes' if cpu_has_bf16() else 'no'})"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what torch reports elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return str(capabilities.get("cpu_name", "unknown CPU"))
+
+
 def print_table(
     cfg: DictConfig,
     device: torch.device,
     precision: str,
-    matmul: float,
-    matmul_dtype: torch.dtype,
+    matmuls: dict[str, float],
     iters: int,
     figures: dict[str, dict[str, float | None]],
 ) -> None:
-    """The setting, the measured matmul rate, the figures of both paths and the speed-up."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    """The setting, the measured matmul rates, the figures of both paths and the speed-up."""
     trainer, generator = cfg.trainer, cfg.generator
     print(
-        f"device: {name} ({torch.get_num_threads()} CPU threads, torch {torch.__version__}); "
-        f"fast path precision {precision}; {cfg.teacher.arch} -> {cfg.student.arch}, "
-        f"batch {trainer.batch_size}, {trainer.student_steps} student steps + 1 generator step "
-        f"per iteration, generator nz={generator.nz} width {generator.width} at "
-        f"{cfg.dataset.image_size}px; {iters} timed iterations per path after 1 "
-        "counted warm-up"
+        f"device: {device_name(device)}, {torch.get_num_threads()} CPU thread(s), torch "
+        f"{torch.__version__}; fast path precision {precision}; {cfg.teacher.arch} -> "
+        f"{cfg.student.arch}, batch {trainer.batch_size}, {trainer.student_steps} student steps "
+        f"+ 1 generator step per iteration, generator nz={generator.nz} width "
+        f"{generator.width} at {cfg.dataset.image_size}px; {iters} timed iterations per path "
+        "after 1 counted warm-up"
     )
-    print(
-        f"measured matmul rate ({str(matmul_dtype).removeprefix('torch.')}): "
-        f"{matmul / 1e12:.4g} TFLOP/s"
-    )
+    rates = ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in matmuls.items())
+    print(f"measured matmul rates (TFLOP/s): {rates}")
     label_width = max(len(label) for _, label, _ in ROWS) + 2
     print(f"{'figure':<{label_width}}{'fast':>12}{'published-style':>17}  unit")
     for key, label, unit in ROWS:
@@ -313,8 +334,13 @@ def print_table(
         print(
             f"{label:<{label_width}}{format_value(fast):>12}{format_value(published):>17}  {unit}"
         )
-    speedup = figures["published-style"]["s_per_iter"] / figures["fast"]["s_per_iter"]
-    print(f"speed-up of fast over published-style (time per iteration): {speedup:.3g} x")
+    fast, published = figures["fast"], figures["published-style"]
+    print(
+        "speed-up of fast over published-style: "
+        f"{published['s_per_iter'] / fast['s_per_iter']:.3g}x in time per iteration, "
+        f"{fast['tflops'] / published['tflops']:.3g}x in FLOP/s (the paths' selections on "
+        "random weights may generate different numbers of batches)"
+    )
 
 
 def agreement(
@@ -331,6 +357,8 @@ def agreement(
         "reference (fp32, unfolded)": ["speed.fold_teacher_bn=false"],
         "fold_teacher_bn=true": [],
         "scoring=bf16": ["speed.scoring=bf16"],
+        "generation=bf16": ["speed.generation=bf16"],
+        "generation=bf16, scoring=bf16": ["speed.generation=bf16", "speed.scoring=bf16"],
     }
     for name, overrides in variants.items():
         variant_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
@@ -383,7 +411,20 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--student-steps", type=int, help="override student steps per iteration")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", default="auto", help="fast path: auto, fp32, bf16, fp16")
+    parser.add_argument(
+        "--threads",
+        type=lambda text: [int(t) for t in text.split(",")],
+        default=[1, 2],
+        help="CPU thread counts to time, comma-separated (default 1,2; ignored on a GPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override of the fast path (repeatable), e.g. speed.generation=fp32",
+    )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the fast path (after counting)"
     )
@@ -405,22 +446,16 @@ def time_paths(paths: dict[str, PathStats], iters: int) -> None:
             stats.time_iteration()
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
-    args = arguments(argv)
-    setting = args.setting or ("small" if args.small else "cifar10")
-    overrides = [*SETTINGS[setting], f"runtime.device={args.device}"]
-    if args.agreement:
-        return agreement(bench_config(overrides), resolve_device(args.device), args.generator)
-    if args.batch_size:
-        overrides.append(f"trainer.batch_size={args.batch_size}")
-    if args.student_steps:
-        overrides.append(f"trainer.student_steps={args.student_steps}")
-    fast_cfg = bench_config([*overrides, f"speed.precision={args.precision}"])
-    published_cfg = bench_config([*overrides, *PUBLISHED_STYLE])
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
-    matmul_dtype = torch.float32 if precision == "fp32" else Precision(precision).dtype
-    matmul = matmul_rate(device, matmul_dtype)
+def time_setting(
+    fast_cfg: DictConfig,
+    published_cfg: DictConfig,
+    device: torch.device,
+    precision: str,
+    args: argparse.Namespace,
+) -> dict[str, dict[str, float | None]]:
+    """Both paths timed in alternation at the current thread count, and their table."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    matmuls = {name: matmul_rate(device, dtype) for name, dtype in dtypes.items()}
     paths = {
         "fast": PathStats(build(fast_cfg, device, False, args.seed), device),
         "published-style": PathStats(build(published_cfg, device, True, args.seed), device),
@@ -433,9 +468,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     time_paths(paths, args.iters)
     # Measured again after the timed iterations, the higher of the two: load from other jobs
     # only ever slows it down.
-    matmul = max(matmul, matmul_rate(device, matmul_dtype))
-    figures = {name: stats.figures(matmul) for name, stats in paths.items()}
-    print_table(fast_cfg, device, precision, matmul, matmul_dtype, args.iters, figures)
+    matmuls = {name: max(rate, matmul_rate(device, dtypes[name])) for name, rate in matmuls.items()}
+    figures = {name: stats.figures(matmuls) for name, stats in paths.items()}
+    print_table(fast_cfg, device, precision, matmuls, args.iters, figures)
     if args.compile:
         print(
             f"compile: warm-up (compiling) iteration {paths['fast'].warmup_seconds:.1f} s; "
@@ -444,6 +479,29 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         )
     if args.profile:
         profile(paths["fast"].distiller, device)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
+    args = arguments(argv)
+    setting = args.setting or ("small" if args.small else "cifar10")
+    overrides = [*SETTINGS[setting], f"runtime.device={args.device}"]
+    if args.agreement:
+        return agreement(bench_config(overrides), resolve_device(args.device), args.generator)
+    if args.batch_size:
+        overrides.append(f"trainer.batch_size={args.batch_size}")
+    if args.student_steps:
+        overrides.append(f"trainer.student_steps={args.student_steps}")
+    fast_cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
+    published_cfg = bench_config([*overrides, *PUBLISHED_STYLE])
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    thread_counts = [None] if device.type == "cuda" else args.threads
+    figures: dict[str, dict[str, float | None]] = {}
+    for threads in thread_counts:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        figures = time_setting(fast_cfg, published_cfg, device, precision, args)
     return figures
 
 

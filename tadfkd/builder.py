@@ -23,8 +23,17 @@ from tadfkd.views import Views
 
 log = logging.getLogger(__name__)
 
-# speed.scoring -> the autocast dtype of the selection's scoring forward (None: fp32)
-SCORING_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# speed.scoring / speed.generation -> the autocast dtype of the selection's scoring forward or
+# of the generator's forward (None: fp32); auto follows the training precision
+LOW_PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def forward_dtype(setting: str, precision: Precision) -> torch.dtype | None:
+    """A ``speed.scoring`` / ``speed.generation`` value as an autocast dtype (None: fp32);
+    ``auto`` follows the training precision, bf16 or fp32 (fp16 training keeps it fp32)."""
+    if setting == "auto":
+        return precision.dtype if precision.name == "bf16" else None
+    return LOW_PRECISION_DTYPES[setting]
 
 
 def schedule_of(cfg: DictConfig) -> Schedule:
@@ -44,7 +53,17 @@ def on_cuda_if_auto(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def inference_teacher(cfg: DictConfig, teacher: torch.nn.Module, device: torch.device):
+def use_channels_last(setting: str | bool, device: torch.device, precision: str) -> bool:
+    """``speed.channels_last``: ``auto`` is on for CUDA and for bf16 on a CPU (oneDNN's bf16
+    convolutions are fastest in that layout; fp32 ones on a CPU gain less and NCHW is kept)."""
+    if setting == "auto":
+        return device.type == "cuda" or precision == "bf16"
+    return bool(setting)
+
+
+def inference_teacher(
+    cfg: DictConfig, teacher: torch.nn.Module, device: torch.device, channels_last: bool
+):
     """The teacher of the no-grad forwards: with BatchNorm folded (``speed.fold_teacher_bn``),
     checked on a fixed random batch of the dataset's shape (no global RNG is drawn)."""
     if not cfg.speed.fold_teacher_bn:
@@ -53,7 +72,7 @@ def inference_teacher(cfg: DictConfig, teacher: torch.nn.Module, device: torch.d
     shape = (2, int(dataset.channels), int(dataset.image_size), int(dataset.image_size))
     draw = torch.Generator(device=device).manual_seed(0)
     example = torch.randn(shape, generator=draw, device=device)
-    if on_cuda_if_auto(cfg.speed.channels_last, device):
+    if channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
     return fold_batchnorm(teacher, example)
 
@@ -63,9 +82,9 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     student is initialised before the generator, from the global RNG (seed it first)."""
     speed = cfg.speed
     precision = Precision(resolve_precision(str(speed.precision), device), device)
-    channels_last = on_cuda_if_auto(speed.channels_last, device)
+    channels_last = use_channels_last(speed.channels_last, device, precision.name)
     teacher_model = prepare_model(teacher.model, device, channels_last)
-    scoring_teacher = inference_teacher(cfg, teacher_model, device)
+    scoring_teacher = inference_teacher(cfg, teacher_model, device, channels_last)
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
     if speed.compile:
@@ -76,6 +95,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     schedule = schedule_of(cfg)
     student_optimizer = build(cfg.optimizer.student)(student.parameters())
     guard = NonFiniteGuard(str(cfg.runtime.on_nonfinite))
+    objective = build(cfg.method)
     synthesizer = Synthesizer(
         generator=generator,
         generator_optimizer=build(cfg.optimizer.generator)(generator.parameters()),
@@ -94,13 +114,15 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
         scoring_teacher=scoring_teacher,
         adaptive_rounds=speed.refill == "adaptive",
         bucket_rounds=on_cuda_if_auto(speed.static_shapes, device),
-        scoring_dtype=SCORING_DTYPES[speed.scoring],
+        scoring_dtype=forward_dtype(str(speed.scoring), precision),
+        generation_dtype=forward_dtype(str(speed.generation), precision),
+        inputs=objective.inputs,
     )
     return Distiller(
         teacher=teacher_model,
         student=student,
         synthesizer=synthesizer,
-        objective=build(cfg.method),
+        objective=objective,
         student_optimizer=student_optimizer,
         scheduler=build(cfg.optimizer.scheduler)(student_optimizer),
         schedule=schedule,

@@ -173,8 +173,7 @@ class Distiller:
             metrics = self.train_epoch(epoch, progress)
             if metrics is None:  # stop requested mid-epoch: checkpointed at the loop's top
                 continue
-            with torch.no_grad():
-                fresh = self.synthesizer.generate(self.schedule.batch_size)
+            fresh = self.synthesizer.sample(self.schedule.batch_size)
             test_view = self.synthesizer.views.test_view(fresh)
             teacher = self.inference_teacher
             metrics.update(health_signals(teacher, self.student, test_view, self.precision))

@@ -19,6 +19,7 @@ from tadfkd import losses
 from tadfkd.errors import UserError
 from tadfkd.models import classifier_layer, module_path
 from tadfkd.recorders import ForwardHooks, bn_statistics_term, paths_of
+from tadfkd.views import Inputs
 
 STUDENT_LOSSES = {
     "l1": losses.student_l1,
@@ -68,6 +69,8 @@ class Objective:
     KL; the L1 terms compare raw logits). ``detach_teacher`` stops the adversarial term's
     gradient at the teacher's logits, as the published ``basic`` branch does (its selection
     branch lets it reach the generator through the teacher too); the other terms keep theirs.
+    ``inputs`` says which view of the generated images, in which modes, the networks see, as the
+    method's public code feeds them (``tadfkd.views.Inputs``; default: TA-DFKD's).
     """
 
     def __init__(
@@ -78,7 +81,16 @@ class Objective:
         temperature: float = 3.0,
         weights: Mapping[str, float] | None = None,
         detach_teacher: bool = False,
+        inputs: Mapping[str, object] | None = None,
     ) -> None:
+        inputs = dict(inputs or {})
+        unknown_inputs = sorted(set(inputs) - set(Inputs.__dataclass_fields__))
+        if unknown_inputs:
+            raise UserError(
+                f"method.inputs has unknown key(s) {unknown_inputs}; "
+                f"known: {list(Inputs.__dataclass_fields__)}."
+            )
+        self.inputs = Inputs(**inputs)
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(GENERATOR_TERMS))
         if unknown:

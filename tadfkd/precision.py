@@ -1,7 +1,8 @@
 """Numeric precision and memory layout of the training loop (speed settings, same computation).
 
-``speed.precision=auto`` picks the fastest safe setting: bf16 autocast on CUDA, fp32 on the CPU
-(where bf16 matmuls are rarely faster). Under autocast the convolutions and linear layers run in
+``speed.precision=auto`` picks bf16 autocast where the hardware has bf16 units: on CUDA, and on
+a CPU that reports AVX512-BF16 or AMX-BF16 (``cpu_has_bf16``, asked of torch at run time); fp32
+elsewhere. Under autocast the convolutions and linear layers run in
 the low precision; everything that decides or accumulates stays in fp32 or fp64: the loss terms
 upcast their inputs (``tadfkd.losses``), the BN-statistics hooks upcast the layer inputs
 (``tadfkd.recorders``), the mixture fit runs in fp64 (``tadfkd.selection``), and the weights and
@@ -20,10 +21,23 @@ from tadfkd.errors import UserError
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic units (AVX512-BF16 or AMX-BF16), as torch reports
+    them; False where torch cannot tell (bf16 would then be emulated, slower than fp32)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:
+        return False
+    found = capabilities()
+    return bool(found.get("avx512_bf16") or found.get("amx_bf16"))
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; other names are checked and passed on."""
+    """``auto`` -> ``bf16`` on CUDA and on a CPU with bf16 units, ``fp32`` elsewhere; other
+    names are checked and passed on."""
     if name == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+            return "bf16"
+        return "fp32"
     if name not in DTYPES:
         raise UserError(f"speed.precision={name} is unknown; use auto, fp32, bf16 or fp16.")
     if name == "fp16" and device.type != "cuda":

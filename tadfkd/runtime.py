@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,56 @@ def jobs_side_by_side() -> int:
     return max(1, int(hydra.sweeper.get("max_batch_size") or 1))
 
 
-def set_threads(threads: int | str) -> int:
-    """Set torch's CPU threads: ``auto`` gives each job of the jobs running side by side its
-    share of the cores available (at least 1); a number is taken as is. Returns the count.
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes of this machine have spent busy since boot (``/proc/stat``),
+    or None where that file does not exist (not Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    ticks = [int(value) for value in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
 
-    On a shared CPU, oversubscribed threads made a digits run 20-60x slower than one thread.
-    """
-    count = max(1, cores_available() // jobs_side_by_side()) if threads == "auto" else int(threads)
+
+def busy_cores_of_others(window: float = 0.3) -> float:
+    """How many cores other processes keep busy, measured over ``window`` seconds of this
+    process sleeping (0 where it cannot be measured)."""
+    before = machine_busy_seconds()
+    if before is None:
+        return 0.0
+    own_before, start = time.process_time(), time.perf_counter()
+    time.sleep(window)
+    after = machine_busy_seconds()
+    own = time.process_time() - own_before
+    elapsed = time.perf_counter() - start
+    return max(0.0, (after - before - own) / elapsed)
+
+
+def auto_threads(cores: int, side_by_side: int, busy: float) -> int:
+    """``runtime.threads=auto``: this job's share of the ``cores`` among the jobs running
+    ``side_by_side``, less the cores other processes keep ``busy`` (rounded, at least 1).
+
+    A thread that shares a core with a busy process stalls every parallel region of the
+    others: on 2 cores beside one busy process, 2 threads ran a digits job up to 18x slower
+    than 1 (docs/performance.md)."""
+    share = max(1, cores // side_by_side)
+    free = cores - round(busy)
+    return max(1, min(share, free))
+
+
+def set_threads(threads: int | str) -> int:
+    """Set torch's CPU threads: ``auto`` is ``auto_threads`` of the cores available, the jobs
+    side by side and the busy cores of other processes measured now; a number is taken as is.
+    Returns the count."""
+    if threads == "auto":
+        count = auto_threads(cores_available(), jobs_side_by_side(), busy_cores_of_others())
+    else:
+        count = int(threads)
     torch.set_num_threads(count)
     return count
 

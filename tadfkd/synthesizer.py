@@ -8,8 +8,9 @@ generated batch, the clean-sample selection, the sizing of refill rounds and the
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from tadfkd.nonfinite import NonFiniteGuard
 from tadfkd.objectives import GeneratorBatch, Objective
 from tadfkd.precision import Precision
 from tadfkd.selection import GMMSelection, NoSelection, fill_order
-from tadfkd.views import Views
+from tadfkd.views import Inputs, Views
 
 # test views of whole generated batches (N, C, H, W), N a multiple of the batch size -> keep (N,)
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -37,7 +38,8 @@ class Synthesizer:
     tested. Refill rounds: ``adaptive_rounds=False`` generates one batch per round, as the
     reference does; ``bucket_rounds`` rounds each round's batch count up to a power of two, so
     that a GPU sees few distinct shapes. ``scoring_dtype`` (None: fp32) autocasts the scoring
-    forward. ``guard`` checks the generator step's loss terms.
+    forward. ``guard`` checks the generator step's loss terms. ``inputs`` (default: TA-DFKD's)
+    says which view and which modes the method's public code uses (``tadfkd.views.Inputs``).
     """
 
     def __init__(
@@ -55,6 +57,8 @@ class Synthesizer:
         adaptive_rounds: bool = True,
         bucket_rounds: bool = False,
         scoring_dtype: torch.dtype | None = None,
+        generation_dtype: torch.dtype | None = None,
+        inputs: Inputs | None = None,
     ) -> None:
         self.generator = generator.train()
         self.optimizer = generator_optimizer
@@ -70,17 +74,50 @@ class Synthesizer:
         self.adaptive_rounds = adaptive_rounds
         self.bucket_rounds = bucket_rounds
         self.scoring_dtype = scoring_dtype
+        self.generation_dtype = generation_dtype
         self.nz = generator_input_size(generator)
+        self.inputs = inputs or Inputs()
+        if self.inputs.noise == "generator_step" and selection.enabled:
+            raise UserError(
+                "method.inputs.noise=generator_step reuses one noise batch, which a selection "
+                "refill cannot; use selection=none or method.inputs.noise=fresh."
+            )
+        # the generator step's noise, reused by the student batches when inputs.noise says so
+        self.shared_noise: torch.Tensor | None = None
         # Kept fraction of the generated samples of the last refill: sizes the next round.
         self.selection_rate: float | None = None
 
-    def generate(self, n: int) -> torch.Tensor:
-        """``n`` generated images in [0, 1], (n, C, H, W), float32.
+    def generate(self, n: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` generated images in [0, 1], (n, C, H, W), float32, from fresh noise (or from
+        ``noise`` (n, nz)), in the generator's current mode.
 
-        Never autocast: the images decide the selection (see ``score``).
+        In fp32 unless ``generation_dtype`` says otherwise (``speed.generation``): the images
+        decide the selection (see ``score``), so a low-precision generator changes some keep
+        decisions (docs/performance.md has the measured share).
         """
-        z = torch.randn(n, self.nz, device=self.device)
-        return self.generator(z)
+        z = torch.randn(n, self.nz, device=self.device) if noise is None else noise
+        if self.generation_dtype is None:
+            return self.generator(z)
+        with torch.autocast(self.device.type, dtype=self.generation_dtype):
+            return self.generator(z).float()
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """``n`` images for the student (no gradients), with the generator in the method's
+        ``inputs.sample_mode``; from the last generator step's noise when ``inputs.noise`` says
+        so and there is one."""
+        noise = self.shared_noise if self.inputs.noise == "generator_step" else None
+        with mode(self.generator, self.inputs.sample_mode):
+            if noise is not None and noise.shape[0] == n:
+                return self.generate(n, noise)
+            return self.generate(n)
+
+    def student_view(self, images: torch.Tensor) -> torch.Tensor:
+        """What the method's networks see of generated ``images`` in the student and generator
+        steps: the train view when ``inputs.augment``, else the test view."""
+        return (
+            self.views.train_view(images) if self.inputs.augment else self.views.test_view(images)
+        )
 
     @torch.no_grad()
     def score(self, test_views: torch.Tensor) -> torch.Tensor:
@@ -137,7 +174,7 @@ class Synthesizer:
         images, keeps, kept_per_batch = [], [], []
         while sum(kept_per_batch) < size and len(images) < limit:
             count = min(self.batches_per_round(size - sum(kept_per_batch)), limit - len(images))
-            batches = [self.generate(size) for _ in range(count)]
+            batches = [self.sample(size) for _ in range(count)]
             keep = self.keep_mask(torch.cat(batches))
             images += batches
             keeps.append(keep)
@@ -165,15 +202,19 @@ class Synthesizer:
         if kept < size:
             counters[schema.SHORT_STUDENT_BATCHES] = 1.0
         index = fill_order(torch.cat(keeps)[: used * size], size)
-        return torch.cat([self.views.train_view(batch) for batch in images[:used]])[index], counters
+        return torch.cat([self.student_view(batch) for batch in images[:used]])[index], counters
 
     def generator_step(self, student: nn.Module, objective: Objective) -> dict[str, Any]:
         """One generator step on a fresh batch, selected once (no refill): the teacher and the
-        student see the kept train views; ``objective.generator`` weighs the terms. Returns the
-        step's metrics: its loss terms, or the counter of a skipped step."""
-        images = self.generate(self.batch_size)
+        student (in ``inputs.student_mode``) see the kept student views; ``objective.generator``
+        weighs the terms. Returns the step's metrics: its loss terms, or the counter of a
+        skipped step."""
+        noise = torch.randn(self.batch_size, self.nz, device=self.device)
+        if self.inputs.noise == "generator_step":
+            self.shared_noise = noise
+        images = self.generate(self.batch_size, noise)
         keep = self.keep_mask(images.detach())
-        train_view = self.views.train_view(images)
+        train_view = self.student_view(images)
         kept = train_view[keep] if self.selection.enabled else train_view
         if kept.shape[0] < 2:
             # Batch statistics and divergences need at least two samples; skip and count it.
@@ -182,7 +223,8 @@ class Synthesizer:
         try:
             with self.precision.autocast():
                 teacher_logits = self.teacher(kept)
-                student_logits = student(kept)
+                with mode(student, self.inputs.student_mode):
+                    student_logits = student(kept)
             batch = GeneratorBatch(train_view, student_logits, teacher_logits)
             loss, terms = objective.generator(batch)
             self.optimizer.zero_grad(set_to_none=True)
@@ -194,17 +236,32 @@ class Synthesizer:
         return {schema.GENERATOR_LOSS: loss, **{schema.loss_key(k): v for k, v in terms.items()}}
 
     def state_dict(self) -> dict[str, Any]:
-        """The generator, its optimiser and the selection rate (tensors and plain values)."""
+        """The generator, its optimiser, the selection rate and the shared noise (tensors and
+        plain values)."""
         return {
             "generator": self.generator.state_dict(),
             "generator_optimizer": self.optimizer.state_dict(),
             "selection_rate": self.selection_rate,
+            "shared_noise": self.shared_noise,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
         self.optimizer.load_state_dict(state["generator_optimizer"])
         self.selection_rate = state["selection_rate"]
+        noise = state.get("shared_noise")  # absent from checkpoints of older code
+        self.shared_noise = None if noise is None else noise.to(self.device)
+
+
+@contextlib.contextmanager
+def mode(module: nn.Module, name: str) -> Iterator[None]:
+    """``module`` in ``name`` mode ("train" or "eval") inside the block, its mode before after."""
+    before = module.training
+    module.train(name == "train")
+    try:
+        yield
+    finally:
+        module.train(before)
 
 
 def generator_input_size(generator: nn.Module) -> int:

@@ -49,6 +49,10 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, nz) -> (B, channels, img_size, img_size), values in [0, 1]."""
         out = self.l1(z).view(z.shape[0], self.width, self.init_size, self.init_size)
+        if self.conv_blocks1[0].weight.is_contiguous(memory_format=torch.channels_last):
+            # a channels-last generator (``speed.channels_last``) stays so from its first
+            # activation: on a CPU, upsampling an NCHW tensor costs ten times as much
+            out = out.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(self.conv_blocks0(out), scale_factor=2)
         out = F.interpolate(self.conv_blocks1(out), scale_factor=2)
         return self.conv_blocks2(out)
