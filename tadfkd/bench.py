@@ -347,18 +347,22 @@ def agreement(
     cfg: DictConfig, device: torch.device, generator_run: Path | None, batches: int = 32
 ) -> dict[str, float]:
     """Keep decisions of the configured (trained) teacher on ``batches`` generated batches,
-    scored the default way (fp32, BatchNorm folded) against fp32 unfolded and bf16 scoring:
-    the share left unchanged by each (fractions; printed as percent)."""
+    the reference (everything fp32, BatchNorm unfolded) against each speed setting that can
+    change them (folding, bf16 scoring, a bf16 generator forward, this device's default): the
+    share left unchanged by each (fractions; printed as percent)."""
+    default_precision = resolve_precision(str(cfg.speed.precision), device)
     from tadfkd.checkpoint import load_checkpoint
     from tadfkd.runtime import build
 
     masks: dict[str, torch.Tensor] = {}
+    fp32 = ["speed.precision=fp32"]
     variants = {
-        "reference (fp32, unfolded)": ["speed.fold_teacher_bn=false"],
-        "fold_teacher_bn=true": [],
-        "scoring=bf16": ["speed.scoring=bf16"],
-        "generation=bf16": ["speed.generation=bf16"],
-        "generation=bf16, scoring=bf16": ["speed.generation=bf16", "speed.scoring=bf16"],
+        "reference (fp32, unfolded)": [*fp32, "speed.fold_teacher_bn=false"],
+        "fold_teacher_bn=true": fp32,
+        "scoring=bf16": [*fp32, "speed.scoring=bf16"],
+        "generation=bf16": [*fp32, "speed.generation=bf16"],
+        "generation=bf16, scoring=bf16": [*fp32, "speed.generation=bf16", "speed.scoring=bf16"],
+        f"this device's default (speed.precision=auto: {default_precision})": [],
     }
     for name, overrides in variants.items():
         variant_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
