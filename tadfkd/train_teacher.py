@@ -60,14 +60,24 @@ def output_path(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
 
 def check_output(path: Path, overwrite: bool) -> None:
     """Refuse, before any training, an output that exists (unless ``overwrite``) or that cannot
-    be written: a directory, a path under a file, a read-only folder."""
+    be written: a directory, a path under a file, a read-only folder. Both files the job writes
+    count: the weights at ``path`` and the metadata beside it (``path`` with suffix ``.json``),
+    whatever the spelling or suffix of ``path``."""
+    metadata = path.with_suffix(".json")
     if path.is_dir():
         raise UserError(f"output {path} is a directory; set output=/path/to/teacher.pt.")
-    if path.exists() and not overwrite:
+    if path == metadata:
         raise UserError(
-            f"teacher file {path} exists already; pick a new output=/path.pt, or set "
-            "overwrite=true to replace it."
+            f"output {path} is where the teacher's metadata goes; set output=/path/to/teacher.pt."
         )
+    for kind, file in (("teacher file", path), ("teacher metadata", metadata)):
+        if (file.exists() or file.is_symlink()) and not overwrite:
+            raise UserError(
+                f"{kind} {file} exists already; pick a new output=/path.pt, or set "
+                "overwrite=true to replace it."
+            )
+    if metadata.is_dir():
+        raise UserError(f"teacher metadata {metadata} is a directory; pick a new output=/path.pt.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe_writable(path.parent)
@@ -190,6 +200,7 @@ def main(cfg: DictConfig) -> float:
         hydra_cfg = HydraConfig.get()
         overrides = list(hydra_cfg.overrides.task)
         command = " ".join(["python -m tadfkd.train_teacher", *overrides])
+        validate(cfg)  # before its values name the output file
         output = output_path(cfg, overrides)
         metadata = train_teacher(cfg, Path(hydra_cfg.runtime.output_dir), output, command)
     except UserError as error:
