@@ -72,10 +72,14 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     publish(write_temporary(path, write), path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8), atomically."""
+    replace_atomically(path, lambda temporary: write_bytes(temporary, text.encode()))
+
+
 def write_json(path: Path, payload: dict[str, Any], sort_keys: bool = False) -> None:
     """Write ``payload`` as indented JSON, atomically."""
-    text = json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n"
-    replace_atomically(path, lambda temporary: write_bytes(temporary, text.encode()))
+    write_text(path, json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def probe_writable(directory: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from tadfkd.results import (
     save_student,
     summarise,
 )
-from tadfkd.rundir import ensure_writable, lock, unlock
+from tadfkd.rundir import ensure_writable, lock, save_hydra_record, unlock
 from tadfkd.runtime import build, resolve_device, seed_everything, set_threads, source_commit
 from tadfkd.teachers import Teacher, teacher_sha256
 from tadfkd.tracking import dashboard_config
@@ -124,13 +125,16 @@ def run_directory(cfg: DictConfig, run_dir: Path) -> Path:
     return run_dir
 
 
-def distil(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def distil(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one distillation job; returns the contents of ``results.json`` (also written).
 
+    ``record`` (``rundir.hydra_record``) is written into ``run_dir/.hydra`` once the run is
+    accepted: checked, its directory locked, and any checkpoint there of the same run.
     A stop signal before training (e.g. while the teacher is evaluated) or after it ends in
     ``Interrupted`` at once; during training the loop finishes its iteration and checkpoints.
     """
     started = time.perf_counter()
+    hydra_dir, record = run_dir, record or {}
     try:
         with stop_on_signals(raise_signal_received):  # before any work
             name_teacher_after_its_file(cfg)
@@ -139,7 +143,9 @@ def distil(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             run_dir = run_directory(cfg, run_dir)
             lock(run_dir)
             try:
-                return run(cfg, run_dir, device, started)
+                return run(
+                    cfg, run_dir, device, started, lambda: save_hydra_record(hydra_dir, record)
+                )
             finally:
                 unlock(run_dir)
     except SignalReceived as received:
@@ -155,14 +161,23 @@ def stopped_outside_training(signal_name: str, run_dir: Path) -> Interrupted:
     return Interrupted(f"{signal_name} received outside the training loop; {kept}.")
 
 
-def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) -> dict[str, Any]:
-    """The job in its locked run directory: resume or start, train, write the results."""
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    device: torch.device,
+    started: float,
+    accepted: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """The job in its locked run directory: resume or start, train, write the results;
+    ``accepted()`` once the settings are known to be this directory's run's (or it has none)."""
     # Built before any work: their constructors reject bad settings (e.g. selection.threshold).
     build(cfg.selection), build(cfg.method)
     identity = run_identity(cfg, teacher_sha256(cfg.teacher.checkpoint))
     saved = load_checkpoint(run_dir, CHECKPOINT_KEYS)
     if saved is not None:
         check_same_run(saved[0]["identity"], identity, saved[1])
+    accepted()
+    if saved is not None:
         finished = saved[0]["distiller"]["epoch"] >= int(cfg.trainer.epochs)
         if finished and (run_dir / schema.RESULTS_FILE).exists():
             results = load_results(run_dir)

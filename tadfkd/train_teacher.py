@@ -27,6 +27,7 @@ from tadfkd.errors import UserError
 from tadfkd.evaluation import evaluate
 from tadfkd.files import probe_writable, reason, write_json
 from tadfkd.models import build_classifier
+from tadfkd.rundir import hydra_record, save_hydra_record
 from tadfkd.runtime import resolve_device, seed_everything, set_threads
 from tadfkd.teachers import save_teacher
 
@@ -155,14 +156,20 @@ def fit(
 
 
 def train_teacher(
-    cfg: DictConfig, run_dir: Path, output: Path | None = None, command: str = ""
+    cfg: DictConfig,
+    run_dir: Path,
+    output: Path | None = None,
+    command: str = "",
+    record: dict[str, str] | None = None,
 ) -> dict:
     """Train one teacher and save it to ``output`` (default: ``teacher.checkpoint``); returns
     its metadata (test accuracy as a fraction; ``command``, the command line that trained it,
-    is recorded)."""
+    is recorded). ``record`` (``rundir.hydra_record``) goes into ``run_dir/.hydra`` once every
+    value and the output are checked."""
     validate(cfg)
     checkpoint = output or Path(cfg.teacher.checkpoint)
     check_output(checkpoint, bool(cfg.overwrite))
+    save_hydra_record(run_dir, record or {})
     started = time.perf_counter()
     # Reductions split over threads add in another order: fix the count to fix the result.
     set_threads(cfg.runtime.threads)
@@ -202,7 +209,8 @@ def main(cfg: DictConfig) -> float:
         command = " ".join(["python -m tadfkd.train_teacher", *overrides])
         validate(cfg)  # before its values name the output file
         output = output_path(cfg, overrides)
-        metadata = train_teacher(cfg, Path(hydra_cfg.runtime.output_dir), output, command)
+        record = hydra_record(cfg)
+        metadata = train_teacher(cfg, Path(hydra_cfg.runtime.output_dir), output, command, record)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
