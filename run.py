@@ -13,6 +13,7 @@ from tadfkd.errors import Interrupted, RunDirectoryInUse, RunStopped, UserError
 from tadfkd.job import distil
 from tadfkd.results import clear_failure, echo_traceback, record_failure
 from tadfkd.rundir import RECORD_FOLDER, hydra_record, save_hydra_record
+from tadfkd.runtime import command_line_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -40,7 +41,7 @@ def main(cfg: DictConfig) -> float | None:
             else:
                 echo_traceback(error)
             if not isinstance(error, RunDirectoryInUse):
-                record_failure(run_dir, error, hydra_config.overrides.task)
+                record_failure(run_dir, error, command_line_overrides())
                 if not (run_dir / RECORD_FOLDER).exists():  # the report labels the job by it
                     with contextlib.suppress(UserError):  # failed.json says why, either way
                         save_hydra_record(run_dir, record)

@@ -42,7 +42,15 @@ from tadfkd.results import (
     summarise,
 )
 from tadfkd.rundir import ensure_writable, lock, save_hydra_record, unlock
-from tadfkd.runtime import build, resolve_device, seed_everything, set_threads, source_commit
+from tadfkd.runtime import (
+    build,
+    check_resolvable,
+    command_line_overrides,
+    resolve_device,
+    seed_everything,
+    set_threads,
+    source_commit,
+)
 from tadfkd.teachers import Teacher, teacher_sha256
 from tadfkd.tracking import dashboard_config
 
@@ -64,14 +72,9 @@ def name_teacher_after_its_file(cfg: DictConfig) -> None:
     network's."""
     if not HydraConfig.initialized():
         return
-    keys = {item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task}
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in command_line_overrides()}
     if {"teacher.checkpoint", "teacher.arch"} <= keys and "teacher.name" not in keys:
         cfg.teacher.name = Path(cfg.teacher.checkpoint).stem
-
-
-def command_line_overrides() -> list[str]:
-    """The run's overrides as given on the command line (none outside Hydra)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 # Top-level keys a run name leaves out: already in it, or where and how the run goes.
@@ -137,6 +140,7 @@ def distil(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None)
     hydra_dir, record = run_dir, record or {}
     try:
         with stop_on_signals(raise_signal_received):  # before any work
+            check_resolvable(cfg)
             name_teacher_after_its_file(cfg)
             validate(cfg)
             device = resolve_device(str(cfg.runtime.device))
@@ -152,13 +156,26 @@ def distil(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None)
         raise stopped_outside_training(str(received), run_dir) from None
 
 
+def finished_results(run_dir: Path) -> dict[str, Any] | None:
+    """``results.json`` of a run whose checkpoint is final, or None when it is missing or
+    cannot be trusted (cut short, damaged, edited: warned): the final checkpoint rebuilds it."""
+    path = run_dir / schema.RESULTS_FILE
+    if not path.exists():
+        return None
+    try:
+        return load_results(run_dir)
+    except (OSError, ValueError) as error:
+        log.warning(f"{path} is unreadable ({error}); rebuilding it from the final checkpoint")
+        return None
+
+
 def stopped_outside_training(signal_name: str, run_dir: Path) -> Interrupted:
     """What a stop signal outside the training loop leaves, and how to go on."""
     if (run_dir / LATEST).exists() or (run_dir / PREVIOUS).exists():
         kept = f"the last checkpoint in {run_dir} is kept; re-run the same command to resume"
     else:
         kept = "nothing was checkpointed yet; re-run the same command to start the run"
-    return Interrupted(f"{signal_name} received outside the training loop; {kept}.")
+    return Interrupted(f"{signal_name} received outside the training loop; {kept}.", signal_name)
 
 
 def run(
@@ -179,8 +196,8 @@ def run(
     accepted()
     if saved is not None:
         finished = saved[0]["distiller"]["epoch"] >= int(cfg.trainer.epochs)
-        if finished and (run_dir / schema.RESULTS_FILE).exists():
-            results = load_results(run_dir)
+        results = finished_results(run_dir) if finished else None
+        if results is not None:
             log.info(f"the run in {run_dir} is already finished; nothing to do")
             print_done(results, run_dir)
             return results
@@ -356,7 +373,8 @@ def train(
         raise Interrupted(
             f"{distiller.stop_reason} received; checkpoint saved after {distiller.epoch} of "
             f"{schedule.epochs} epochs and {distiller.iteration} iterations of the next in "
-            f"{run_dir}; re-run the same command to resume."
+            f"{run_dir}; re-run the same command to resume.",
+            distiller.stop_reason,
         )
     return accuracies
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tadfkd.errors import UserError
 
@@ -28,6 +31,30 @@ def build(node: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(error.__cause__, UserError):
             raise error.__cause__ from None
         raise
+
+
+def command_line_overrides() -> list[str]:
+    """The run's overrides as typed on the command line, interpolations unresolved (none
+    outside Hydra): resolving them would run their resolvers (an unset ``${oc.env:...}``) and
+    write what they resolve to (a secret) wherever the overrides go."""
+    if not HydraConfig.initialized():
+        return []
+    return [str(item) for item in OmegaConf.to_container(HydraConfig.get().overrides.task)]
+
+
+def check_resolvable(cfg: DictConfig) -> None:
+    """Resolve every interpolation of ``cfg`` once, before any work: one that cannot be (an
+    unset environment variable, a key that does not exist) is a ``UserError`` naming the key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "a config value"
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+        why = re.sub(r"^\w+ raised while resolving interpolation: ", "", why).strip('"')
+        raise UserError(
+            f"{key} cannot be resolved ({why}); set what it refers to (e.g. the environment "
+            f"variable), or give {key} a value."
+        ) from None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,7 +28,13 @@ from tadfkd.evaluation import evaluate
 from tadfkd.files import probe_writable, reason, write_json
 from tadfkd.models import build_classifier
 from tadfkd.rundir import hydra_record, save_hydra_record
-from tadfkd.runtime import resolve_device, seed_everything, set_threads
+from tadfkd.runtime import (
+    check_resolvable,
+    command_line_overrides,
+    resolve_device,
+    seed_everything,
+    set_threads,
+)
 from tadfkd.teachers import save_teacher
 
 # Command-line overrides that change the trained teacher, and so name its file.
@@ -205,8 +211,9 @@ def main(cfg: DictConfig) -> float:
     """Entry point; returns the teacher's test accuracy (a fraction) for sweepers."""
     try:
         hydra_cfg = HydraConfig.get()
-        overrides = list(hydra_cfg.overrides.task)
+        overrides = command_line_overrides()
         command = " ".join(["python -m tadfkd.train_teacher", *overrides])
+        check_resolvable(cfg)
         validate(cfg)  # before its values name the output file
         output = output_path(cfg, overrides)
         record = hydra_record(cfg)

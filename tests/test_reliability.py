@@ -4,13 +4,15 @@ stop by Ctrl-C checkpoints like SIGTERM; secrets never reach a run's files. Each
 own files under ``tmp_path``."""
 
 import errno
+import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
-from helpers import assert_user_error, run_entry
+from helpers import assert_user_error, run_entry, start_entry
 
-from tadfkd import files
+from tadfkd import files, schema
 from tadfkd.errors import UserError
 from tadfkd.rundir import RECORD_FOLDER, save_hydra_record
 
@@ -76,3 +78,54 @@ def test_a_full_disk_while_hydras_record_is_written_is_one_sentence(tmp_path, mo
     with pytest.raises(UserError, match=r"could not write .*config.yaml \(No space left"):
         save_hydra_record(tmp_path, {"config.yaml": "seed: 0\n", "hydra.yaml": "x: 1\n"})
     assert not any(path.is_file() for path in tmp_path.rglob("*"))  # no 0-byte file left
+
+
+# -- item 5: an ordinary fault or a user's mistake is one sentence -----------------------------
+@pytest.mark.parametrize("entry", ["run.py", "-m tadfkd.train_teacher"])
+def test_an_unset_environment_variable_in_an_override_is_one_sentence(tmp_path, entry):
+    result = run_entry(
+        "runtime.threads=1",
+        "seed=${oc.env:TADFKD_TEST_UNSET_VARIABLE}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        entry=entry,
+        timeout=300,
+    )
+    assert_user_error(result, "seed cannot be resolved", "TADFKD_TEST_UNSET_VARIABLE")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ['{"student_final_acc": 0.9', '{"student_final_acc": "abc"}', ""],
+    ids=["cut short", "wrongly typed", "empty"],
+)
+def test_a_damaged_results_file_of_a_finished_run_is_rebuilt_from_its_checkpoint(
+    copied_run, damage
+):
+    path = copied_run / schema.RESULTS_FILE
+    original = json.loads(path.read_text())
+    path.write_text(damage)
+    result = run_entry(*TINY, f"hydra.run.dir={copied_run}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rebuilding it from the final checkpoint" in result.stdout + result.stderr
+    rebuilt = json.loads(path.read_text())
+    for key in (*schema.ACCURACY_FIELDS, schema.EPOCH_ACCS, "seed", "teacher"):
+        assert rebuilt[key] == original[key], key
+
+
+def test_ctrl_c_during_training_checkpoints_and_says_stopped(tmp_path):
+    run_dir = tmp_path / "run"
+    longer = [*TINY, "trainer.epochs=8", "trainer.iters_per_epoch=6"]
+    process = start_entry(*longer, f"hydra.run.dir={run_dir}")
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith("epoch 1/"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = "".join(seen) + process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    assert "stopped: SIGINT received; checkpoint saved after" in output
+    assert (run_dir / "checkpoint.pt").exists()
+    again = run_entry(*longer, f"hydra.run.dir={run_dir}", timeout=300)
+    assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
