@@ -51,7 +51,7 @@ from tadfkd.runtime import (
     set_threads,
     source_commit,
 )
-from tadfkd.teachers import Teacher, teacher_sha256
+from tadfkd.teachers import Teacher, check_trained_on, teacher_sha256
 from tadfkd.tracking import dashboard_config
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ def distil(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None)
             check_resolvable(cfg)
             name_teacher_after_its_file(cfg)
             validate(cfg)
+            if cfg.runtime.get("check_teacher_dataset", True):
+                check_trained_on(cfg.teacher.checkpoint, cfg.dataset.name, cfg.teacher.name)
             device = resolve_device(str(cfg.runtime.device))
             run_dir = run_directory(cfg, run_dir)
             lock(run_dir)

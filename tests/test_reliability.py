@@ -10,7 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import assert_user_error, run_entry, start_entry
+from helpers import ROOT, assert_user_error, run_entry, start_entry
 
 from tadfkd import files, schema
 from tadfkd.errors import UserError
@@ -129,3 +129,20 @@ def test_ctrl_c_during_training_checkpoints_and_says_stopped(tmp_path):
     assert (run_dir / "checkpoint.pt").exists()
     again = run_entry(*longer, f"hydra.run.dir={run_dir}", timeout=300)
     assert again.returncode == 0 and "resuming from" in again.stdout, again.stderr[-3000:]
+
+
+# -- item 6: a teacher of another dataset is refused unless the user says so -------------------
+def test_a_teacher_of_another_dataset_runs_only_when_the_user_says_so(tmp_path):
+    teacher = tmp_path / "fmnist_like.pt"
+    shutil.copy(ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt", teacher)
+    teacher.with_suffix(".json").write_text(json.dumps({"dataset": "fashion_mnist"}))
+    overrides = [*TINY, f"teacher.checkpoint={teacher}"]
+    refused = run_entry(*overrides, f"hydra.run.dir={tmp_path / 'a'}", timeout=300)
+    assert_user_error(refused, "was trained on fashion_mnist", "not on dataset digits")
+    allowed = run_entry(
+        *overrides,
+        "runtime.check_teacher_dataset=false",
+        f"hydra.run.dir={tmp_path / 'b'}",
+        timeout=300,
+    )
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
