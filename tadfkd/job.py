@@ -32,6 +32,7 @@ from tadfkd.config import RUNTIME_NODES, check_same_run, run_identity, validate
 from tadfkd.distill import Distiller
 from tadfkd.errors import Interrupted, NonFiniteLoss, SignalReceived, UserError, exit_code
 from tadfkd.evaluation import evaluate
+from tadfkd.files import remove_stale_temporaries
 from tadfkd.reporter import EpochReporter
 from tadfkd.results import (
     load_results,
@@ -46,6 +47,7 @@ from tadfkd.runtime import (
     build,
     check_resolvable,
     command_line_overrides,
+    redact_secrets,
     resolve_device,
     seed_everything,
     set_threads,
@@ -141,6 +143,7 @@ def distil(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None)
     try:
         with stop_on_signals(raise_signal_received):  # before any work
             check_resolvable(cfg)
+            redact_secrets(cfg)
             name_teacher_after_its_file(cfg)
             validate(cfg)
             if cfg.runtime.get("check_teacher_dataset", True):
@@ -148,6 +151,7 @@ def distil(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None)
             device = resolve_device(str(cfg.runtime.device))
             run_dir = run_directory(cfg, run_dir)
             lock(run_dir)
+            remove_stale_temporaries(run_dir)  # left by a process killed mid-write
             try:
                 return run(
                     cfg, run_dir, device, started, lambda: save_hydra_record(hydra_dir, record)
@@ -259,10 +263,10 @@ def open_tracker(
         "runtime.threads": threads,
         "speed.precision": distiller.precision.name,
     }
-    return build(
-        cfg.logger,
-        _recursive_=False,  # the run's config (full of _target_ keys) is data for the tracker
-        _convert_="all",
+    # The run's config and overrides are data for the tracker, given to its class by hand:
+    # through instantiate they would be config again, their ${...} text resolved.
+    tracker = build(cfg.logger, _partial_=True, _convert_="all")
+    return tracker(
         directory=run_dir,
         run_config=dashboard_config(
             OmegaConf.to_container(cfg, resolve=True), resolved, command_line_overrides(), run_dir

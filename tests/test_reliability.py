@@ -7,10 +7,11 @@ import errno
 import json
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, assert_user_error, run_entry, start_entry
+from helpers import ROOT, assert_user_error, environment, run_entry, start_entry
 
 from tadfkd import files, schema
 from tadfkd.errors import UserError
@@ -146,3 +147,39 @@ def test_a_teacher_of_another_dataset_runs_only_when_the_user_says_so(tmp_path):
         timeout=300,
     )
     assert allowed.returncode == 0, allowed.stderr[-3000:]
+
+
+# -- item 8: secrets never reach a run's files; stale temporaries are removed -------------------
+def test_an_interpolated_secret_never_reaches_the_run_files_or_wandb(tmp_path):
+    run_dir = tmp_path / "run"
+    secret, listed = "secret-marker-0123456789", "listed-marker-0123456789"
+    env = environment(WANDB_API_KEY=secret, MY_TOKEN=listed)
+    result = run_entry(
+        *TINY[:3],
+        "logger=wandb",
+        "logger.mode=offline",
+        "logger.group=${oc.env:WANDB_API_KEY}",
+        "teacher.name=t-${oc.env:MY_TOKEN}",
+        "runtime.secret_env=[MY_TOKEN]",
+        f"hydra.run.dir={run_dir}",
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for marker in (secret, listed):
+        leaks = subprocess.run(["grep", "-rl", marker, str(run_dir)], capture_output=True)
+        assert leaks.stdout == b"", f"{marker} written to {leaks.stdout.decode()}"
+        assert marker not in result.stdout + result.stderr
+    assert json.loads((run_dir / schema.RESULTS_FILE).read_text())["teacher"] == "t-<redacted>"
+
+
+def test_a_temporary_folder_left_by_a_killed_write_is_removed_at_the_next_start(copied_run):
+    stale = copied_run / ".checkpoint.pt.k1ll3d_x"
+    stale.mkdir()
+    (stale / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    other = copied_run / ".notes.keepme12"  # not a temporary: another file inside
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    result = run_entry(*TINY, f"hydra.run.dir={copied_run}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not stale.exists() and (other / "mine.txt").exists()
