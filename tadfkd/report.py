@@ -37,6 +37,7 @@ from tadfkd import schema
 from tadfkd.errors import UserError
 from tadfkd.files import reason
 from tadfkd.results import is_fraction, load_results, results_problem, run_status
+from tadfkd.rundir import LOCK_FILE
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ACCURACIES = schema.ACCURACY_FIELDS
@@ -137,8 +138,10 @@ def read_run_directory(run_dir: Path) -> Run:
 
 
 def read_sweep_directory(sweep_dir: Path) -> list[Run]:
-    """Every job under a sweep directory: each folder holding ``.hydra/`` or a results file."""
+    """Every job under a sweep directory: each folder holding ``.hydra/``, a results file or a
+    run's lock file (a job that a live run holds writes its ``.hydra/`` only once accepted)."""
     markers = [*sweep_dir.rglob(".hydra"), *sweep_dir.rglob(schema.RESULTS_FILE)]
+    markers += list(sweep_dir.rglob(LOCK_FILE))
     markers += list(sweep_dir.rglob(schema.FAILED_FILE))
     run_dirs = {marker.parent for marker in markers if ".submitit" not in marker.parts}
     run_dirs.discard(sweep_dir)  # Hydra's multirun.yaml record is not a job
