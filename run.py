@@ -1,5 +1,6 @@
 """Data-free distillation job: ``python run.py [overrides]`` (see README.md and conf/)."""
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from omegaconf import DictConfig
 from tadfkd.errors import Interrupted, RunDirectoryInUse, RunStopped, UserError
 from tadfkd.job import distil
 from tadfkd.results import clear_failure, echo_traceback, record_failure
+from tadfkd.rundir import RECORD_FOLDER, hydra_record, save_hydra_record
+from tadfkd.runtime import command_line_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -22,8 +25,9 @@ def main(cfg: DictConfig) -> float | None:
     """
     hydra_config = HydraConfig.get()
     run_dir = Path(hydra_config.runtime.output_dir)
+    record = hydra_record(cfg)  # written into run_dir/.hydra once the run is accepted
     try:
-        results = distil(cfg, run_dir)
+        results = distil(cfg, run_dir, record)
     except Interrupted as stop:  # ends a sweep too; re-running it resumes this job
         print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
@@ -37,7 +41,10 @@ def main(cfg: DictConfig) -> float | None:
             else:
                 echo_traceback(error)
             if not isinstance(error, RunDirectoryInUse):
-                record_failure(run_dir, error, hydra_config.overrides.task)
+                record_failure(run_dir, error, command_line_overrides())
+                if not (run_dir / RECORD_FOLDER).exists():  # the report labels the job by it
+                    with contextlib.suppress(UserError):  # failed.json says why, either way
+                        save_hydra_record(run_dir, record)
             return None
         if isinstance(error, UserError):
             print(f"error: {error}", file=sys.stderr)

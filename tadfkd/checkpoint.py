@@ -33,7 +33,8 @@ LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 MAGIC = b"TADFKD\x01\n"
 DIGEST_BYTES = 32  # sha256
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # what SLURM sends ahead of preemption or the time limit
+# what SLURM sends ahead of preemption or the time limit, and Ctrl-C (handled alike)
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
 # -- random number generators -----------------------------------------------------------------
@@ -186,7 +187,7 @@ def load_checkpoint(
 # -- signals ------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def stop_on_signals(react: Callable[[str], None]) -> Iterator[None]:
-    """While inside, SIGTERM and SIGUSR1 call ``react(signal name)`` instead of killing the
+    """While inside, SIGTERM, SIGUSR1 and SIGINT call ``react(signal name)`` instead of killing the
     process: in the training loop, a request to finish the iteration and checkpoint; around it,
     ``raise_signal_received``. Outside the main thread, where Python cannot install handlers,
     signals keep their default effect."""

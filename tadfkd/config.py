@@ -9,6 +9,7 @@ the job runs or reports (``RUNTIME_NODES``), with the teacher identified by the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,49 @@ def _betas(value: Any) -> bool:
         and len(value) == 2
         and all(_is_number(b) and 0 <= b < 1 for b in value)
     )
+
+
+# -- Ranges of weights, rates, normalisation, timeouts and names (the last block of RULES) --
+def finite(low: float, open_low: bool = False) -> Callable[[Any], bool]:
+    """A finite number of at least ``low`` (above it when ``open_low``)."""
+    at_least = number(low, open_low=open_low)
+    return lambda v: at_least(v) and math.isfinite(v)
+
+
+def finite_list(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """A non-empty list whose every item passes ``check``."""
+    return lambda v: OmegaConf.is_list(v) and len(v) > 0 and all(check(item) for item in v)
+
+
+def weights(value: Any) -> bool:
+    """Loss weights: a mapping of term names to finite numbers of at least 0."""
+    return OmegaConf.is_dict(value) and all(finite(0)(weight) for weight in value.values())
+
+
+def name(value: Any) -> bool:
+    """A name that goes into file names, tables and W&B: text, not blank, no path separator and
+    no control character (a newline would break a table, a slash would make a folder)."""
+    return (
+        isinstance(value, str)
+        and value.strip() != ""
+        and "/" not in value
+        and "\\" not in value
+        and value.isprintable()
+    )
+
+
+def architecture(value: Any) -> bool:
+    from tadfkd.models import ARCHITECTURES  # the registry (imported here: it needs torch)
+
+    return isinstance(value, str) and value in ARCHITECTURES
+
+
+def path_text(value: Any) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+NAME = "a name: text without '/', '\\', a newline or other control characters"
+# -- end of the block
 
 
 POSITIVE = "a whole number of at least 1"
@@ -157,6 +201,34 @@ RULES: tuple[Rule, ...] = (
     Rule("recipe.label_smoothing", number(0, 1, open_high=True), "a number in [0, 1)", True),
     Rule("recipe.augment", boolean, "true or false", optional=True),
     Rule("recipe.erase", number(0, 1), "a probability in [0, 1]", optional=True),
+    # -- Ranges of weights, rates, normalisation, timeouts and names (helpers above POSITIVE) --
+    Rule("method.weights", weights, "finite numbers of at least 0, one per loss term", True),
+    Rule("optimizer.student.lr", finite(0, True), "a finite positive number", optional=True),
+    Rule("optimizer.generator.lr", finite(0, True), "a finite positive number", optional=True),
+    Rule("recipe.lr", finite(0, True), "a finite positive number", optional=True),
+    Rule("method.temperature", finite(0, True), "a finite positive number", optional=True),
+    Rule("teacher.mean", finite_list(finite(-math.inf)), "a list of finite numbers, e.g. [0.5]"),
+    Rule(
+        "teacher.std", finite_list(finite(0, True)), "a list of positive finite numbers, e.g. [0.5]"
+    ),
+    Rule("teacher.name", name, NAME),
+    Rule("teacher.arch", architecture, "a known architecture (README.md, Using your own teacher)"),
+    Rule("teacher.checkpoint", path_text, "the path of the teacher's .pt file"),
+    Rule("student.arch", architecture, "a known architecture (conf/student/)", optional=True),
+    Rule("dataset.name", name, NAME),
+    Rule("method.name", name, NAME, optional=True),
+    Rule("logger.project", name, NAME, optional=True),
+    Rule("logger.entity", lambda v: v is None or name(v), f"null or {NAME}", optional=True),
+    Rule("logger.group", lambda v: v is None or name(v), f"null or {NAME}", optional=True),
+    Rule("logger.job_type", lambda v: v is None or name(v), f"null or {NAME}", optional=True),
+    Rule("logger.init_timeout", finite(0, True), "a finite positive number of seconds", True),
+    Rule("runtime.check_teacher_dataset", boolean, "true or false", optional=True),
+    Rule(
+        "runtime.secret_env",
+        lambda v: OmegaConf.is_list(v) and all(name(item) for item in v),
+        "a list of environment variable names, e.g. [MY_TOKEN]",
+        optional=True,
+    ),
 )
 
 

@@ -28,8 +28,13 @@ class RunStopped(Exception):
 
 
 class Interrupted(RunStopped):
-    """A stop signal (SIGTERM, SIGUSR1) arrived: the process exits, a sweep included, and the
-    same command resumes it."""
+    """A stop signal (SIGTERM, SIGUSR1, SIGINT) arrived: the process exits, a sweep included,
+    and the same command resumes it. Exit code 3, or 130 for SIGINT (Ctrl-C), as a shell
+    expects of a process it interrupted."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.exit_code = stop_exit_code(signal_name)
 
 
 class NonFiniteLoss(RunStopped):
@@ -39,17 +44,23 @@ class NonFiniteLoss(RunStopped):
 
 
 class SignalReceived(BaseException):
-    """A stop signal (SIGTERM, SIGUSR1) arrived outside the training loop, where nothing is in
-    flight: raised by the signal handler and, like ``KeyboardInterrupt``, not an ``Exception``,
-    so that no ``except Exception`` on the way (e.g. around a file being read) swallows it.
-    The job turns it into ``Interrupted``."""
+    """A stop signal (SIGTERM, SIGUSR1, SIGINT; its name is the message) arrived outside the
+    training loop, where nothing is in flight: raised by the signal handler and, like
+    ``KeyboardInterrupt``, not an ``Exception``, so that no ``except Exception`` on the way
+    (e.g. around a file being read) swallows it. The job turns it into ``Interrupted``."""
+
+
+def stop_exit_code(signal_name: str) -> int:
+    """The exit code of a run stopped by ``signal_name``: 130 for SIGINT (128 + 2, what a shell
+    reports for Ctrl-C), else 3."""
+    return 130 if signal_name == "SIGINT" else RunStopped.exit_code
 
 
 def exit_code(error: BaseException) -> int:
     """The exit code ``run.py`` ends with after ``error``: a stopped run's own (3: a stop signal,
-    4: a non-finite loss), 2 for a user's mistake, 1 for anything else."""
+    130: SIGINT, 4: a non-finite loss), 2 for a user's mistake, 1 for anything else."""
     if isinstance(error, SignalReceived):
-        return Interrupted.exit_code
+        return stop_exit_code(str(error))
     if isinstance(error, RunStopped):
         return error.exit_code
     return 2 if isinstance(error, UserError) else 1

@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+# ``write_temporary``'s private folder: ``.<target name>.<8 characters of tempfile.mkdtemp>``
+TEMPORARY_FOLDER = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}")
 
 
 def reason(error: OSError) -> str:
@@ -72,10 +76,29 @@ def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     publish(write_temporary(path, write), path)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8), atomically."""
+    replace_atomically(path, lambda temporary: write_bytes(temporary, text.encode()))
+
+
 def write_json(path: Path, payload: dict[str, Any], sort_keys: bool = False) -> None:
     """Write ``payload`` as indented JSON, atomically."""
-    text = json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n"
-    replace_atomically(path, lambda temporary: write_bytes(temporary, text.encode()))
+    write_text(path, json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n")
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Remove the private folders that ``write_temporary`` left in ``directory`` when its process
+    was killed mid-write (each holding at most its ``<target>.tmp``); returns them. Only for a
+    directory this process holds (``rundir.lock``): a live writer's folder looks the same."""
+    removed = []
+    for folder in directory.glob(".*.*"):
+        match = TEMPORARY_FOLDER.fullmatch(folder.name)
+        if not match or folder.is_symlink() or not folder.is_dir():
+            continue
+        if {path.name for path in folder.iterdir()} <= {f"{match['target']}.tmp"}:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def probe_writable(directory: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from tadfkd.config import RUNTIME_NODES, check_same_run, run_identity, validate
 from tadfkd.distill import Distiller
 from tadfkd.errors import Interrupted, NonFiniteLoss, SignalReceived, UserError, exit_code
 from tadfkd.evaluation import evaluate
+from tadfkd.files import remove_stale_temporaries
 from tadfkd.reporter import EpochReporter
 from tadfkd.results import (
     load_results,
@@ -40,9 +42,18 @@ from tadfkd.results import (
     save_student,
     summarise,
 )
-from tadfkd.rundir import ensure_writable, lock, unlock
-from tadfkd.runtime import build, resolve_device, seed_everything, set_threads, source_commit
-from tadfkd.teachers import Teacher, teacher_sha256
+from tadfkd.rundir import ensure_writable, lock, save_hydra_record, unlock
+from tadfkd.runtime import (
+    build,
+    check_resolvable,
+    command_line_overrides,
+    redact_secrets,
+    resolve_device,
+    seed_everything,
+    set_threads,
+    source_commit,
+)
+from tadfkd.teachers import Teacher, check_trained_on, teacher_sha256
 from tadfkd.tracking import dashboard_config
 
 log = logging.getLogger(__name__)
@@ -63,14 +74,9 @@ def name_teacher_after_its_file(cfg: DictConfig) -> None:
     network's."""
     if not HydraConfig.initialized():
         return
-    keys = {item.split("=", 1)[0].lstrip("+~") for item in HydraConfig.get().overrides.task}
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in command_line_overrides()}
     if {"teacher.checkpoint", "teacher.arch"} <= keys and "teacher.name" not in keys:
         cfg.teacher.name = Path(cfg.teacher.checkpoint).stem
-
-
-def command_line_overrides() -> list[str]:
-    """The run's overrides as given on the command line (none outside Hydra)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 # Top-level keys a run name leaves out: already in it, or where and how the run goes.
@@ -124,26 +130,49 @@ def run_directory(cfg: DictConfig, run_dir: Path) -> Path:
     return run_dir
 
 
-def distil(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def distil(cfg: DictConfig, run_dir: Path, record: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one distillation job; returns the contents of ``results.json`` (also written).
 
+    ``record`` (``rundir.hydra_record``) is written into ``run_dir/.hydra`` once the run is
+    accepted: checked, its directory locked, and any checkpoint there of the same run.
     A stop signal before training (e.g. while the teacher is evaluated) or after it ends in
     ``Interrupted`` at once; during training the loop finishes its iteration and checkpoints.
     """
     started = time.perf_counter()
+    hydra_dir, record = run_dir, record or {}
     try:
         with stop_on_signals(raise_signal_received):  # before any work
+            check_resolvable(cfg)
+            redact_secrets(cfg)
             name_teacher_after_its_file(cfg)
             validate(cfg)
+            if cfg.runtime.get("check_teacher_dataset", True):
+                check_trained_on(cfg.teacher.checkpoint, cfg.dataset.name, cfg.teacher.name)
             device = resolve_device(str(cfg.runtime.device))
             run_dir = run_directory(cfg, run_dir)
             lock(run_dir)
+            remove_stale_temporaries(run_dir)  # left by a process killed mid-write
             try:
-                return run(cfg, run_dir, device, started)
+                return run(
+                    cfg, run_dir, device, started, lambda: save_hydra_record(hydra_dir, record)
+                )
             finally:
                 unlock(run_dir)
     except SignalReceived as received:
         raise stopped_outside_training(str(received), run_dir) from None
+
+
+def finished_results(run_dir: Path) -> dict[str, Any] | None:
+    """``results.json`` of a run whose checkpoint is final, or None when it is missing or
+    cannot be trusted (cut short, damaged, edited: warned): the final checkpoint rebuilds it."""
+    path = run_dir / schema.RESULTS_FILE
+    if not path.exists():
+        return None
+    try:
+        return load_results(run_dir)
+    except (OSError, ValueError) as error:
+        log.warning(f"{path} is unreadable ({error}); rebuilding it from the final checkpoint")
+        return None
 
 
 def stopped_outside_training(signal_name: str, run_dir: Path) -> Interrupted:
@@ -152,20 +181,29 @@ def stopped_outside_training(signal_name: str, run_dir: Path) -> Interrupted:
         kept = f"the last checkpoint in {run_dir} is kept; re-run the same command to resume"
     else:
         kept = "nothing was checkpointed yet; re-run the same command to start the run"
-    return Interrupted(f"{signal_name} received outside the training loop; {kept}.")
+    return Interrupted(f"{signal_name} received outside the training loop; {kept}.", signal_name)
 
 
-def run(cfg: DictConfig, run_dir: Path, device: torch.device, started: float) -> dict[str, Any]:
-    """The job in its locked run directory: resume or start, train, write the results."""
+def run(
+    cfg: DictConfig,
+    run_dir: Path,
+    device: torch.device,
+    started: float,
+    accepted: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
+    """The job in its locked run directory: resume or start, train, write the results;
+    ``accepted()`` once the settings are known to be this directory's run's (or it has none)."""
     # Built before any work: their constructors reject bad settings (e.g. selection.threshold).
     build(cfg.selection), build(cfg.method)
     identity = run_identity(cfg, teacher_sha256(cfg.teacher.checkpoint))
     saved = load_checkpoint(run_dir, CHECKPOINT_KEYS)
     if saved is not None:
         check_same_run(saved[0]["identity"], identity, saved[1])
+    accepted()
+    if saved is not None:
         finished = saved[0]["distiller"]["epoch"] >= int(cfg.trainer.epochs)
-        if finished and (run_dir / schema.RESULTS_FILE).exists():
-            results = load_results(run_dir)
+        results = finished_results(run_dir) if finished else None
+        if results is not None:
             log.info(f"the run in {run_dir} is already finished; nothing to do")
             print_done(results, run_dir)
             return results
@@ -225,10 +263,10 @@ def open_tracker(
         "runtime.threads": threads,
         "speed.precision": distiller.precision.name,
     }
-    return build(
-        cfg.logger,
-        _recursive_=False,  # the run's config (full of _target_ keys) is data for the tracker
-        _convert_="all",
+    # The run's config and overrides are data for the tracker, given to its class by hand:
+    # through instantiate they would be config again, their ${...} text resolved.
+    tracker = build(cfg.logger, _partial_=True, _convert_="all")
+    return tracker(
         directory=run_dir,
         run_config=dashboard_config(
             OmegaConf.to_container(cfg, resolve=True), resolved, command_line_overrides(), run_dir
@@ -341,7 +379,8 @@ def train(
         raise Interrupted(
             f"{distiller.stop_reason} received; checkpoint saved after {distiller.epoch} of "
             f"{schedule.epochs} epochs and {distiller.iteration} iterations of the next in "
-            f"{run_dir}; re-run the same command to resume."
+            f"{run_dir}; re-run the same command to resume.",
+            distiller.stop_reason,
         )
     return accuracies
 

@@ -35,7 +35,9 @@ from scipy import stats
 
 from tadfkd import schema
 from tadfkd.errors import UserError
-from tadfkd.results import run_status
+from tadfkd.files import reason
+from tadfkd.results import is_fraction, load_results, results_problem, run_status
+from tadfkd.rundir import LOCK_FILE
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 ACCURACIES = schema.ACCURACY_FIELDS
@@ -122,12 +124,10 @@ def read_run_directory(run_dir: Path) -> Run:
         if overrides_file.exists():
             run.overrides = [str(item) for item in _read_yaml(overrides_file) or []]
         if run.status == "done":
-            run.results = json.loads((run_dir / schema.RESULTS_FILE).read_text())
+            run.results = load_results(run_dir)  # every field checked: ValueError otherwise
             run.method, run.teacher = run.results["method"], run.results["teacher"]
             run.student, run.dataset = run.results["student"], run.results["dataset"]
-            run.seed = int(run.results["seed"])
-            for key in (*ACCURACIES, schema.TEACHER_ACC_FIELD, schema.EPOCH_ACCS):
-                run.results[key]  # noqa: B018 - a missing field makes the job unreadable
+            run.seed = run.results["seed"]
         elif run.status == "failed":
             failure = json.loads((run_dir / schema.FAILED_FILE).read_text())
             run.error = f"{failure.get('error_type', 'Error')}: {failure.get('error', '')}"
@@ -138,8 +138,10 @@ def read_run_directory(run_dir: Path) -> Run:
 
 
 def read_sweep_directory(sweep_dir: Path) -> list[Run]:
-    """Every job under a sweep directory: each folder holding ``.hydra/`` or a results file."""
+    """Every job under a sweep directory: each folder holding ``.hydra/``, a results file or a
+    run's lock file (a job that a live run holds writes its ``.hydra/`` only once accepted)."""
     markers = [*sweep_dir.rglob(".hydra"), *sweep_dir.rglob(schema.RESULTS_FILE)]
+    markers += list(sweep_dir.rglob(LOCK_FILE))
     markers += list(sweep_dir.rglob(schema.FAILED_FILE))
     run_dirs = {marker.parent for marker in markers if ".submitit" not in marker.parts}
     run_dirs.discard(sweep_dir)  # Hydra's multirun.yaml record is not a job
@@ -189,9 +191,12 @@ def _wandb_run(wandb_run: Any) -> Run:
         rows = list(wandb_run.scan_history(keys=[schema.STUDENT_ACC, *HEALTH]))
         run.results = {
             **summary,
-            schema.EPOCH_ACCS: [row[schema.STUDENT_ACC] for row in rows],
+            schema.EPOCH_ACCS: [row.get(schema.STUDENT_ACC) for row in rows],
             schema.HISTORY: rows,
         }
+        problem = results_problem(run.results)
+        if problem is not None:
+            run.status, run.results, run.error = "unreadable", {}, f"unreadable ({problem})"
     return run
 
 
@@ -320,9 +325,21 @@ def ceiling_of(dataset: str, student: str, path: Path | None = None) -> dict[str
         return None
     try:
         metadata = json.loads(path.read_text())
-        return {"test_acc": float(metadata["test_acc"]), "arch": metadata["arch"], "path": path}
-    except (ValueError, KeyError, TypeError) as error:
+        test_acc, arch = metadata["test_acc"], metadata["arch"]
+        if not isinstance(arch, str) or not is_fraction(test_acc):
+            raise ValueError("test_acc must be a fraction in [0, 1] and arch a name")
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise UserError(f"ceiling file {path} is not teacher-job metadata ({error}).") from None
+    return {"test_acc": float(test_acc), "arch": arch, "path": path}
+
+
+def check_ceiling_file(path: Path | None) -> None:
+    """A ``--ceiling`` the user named must be a file: never silently ignored."""
+    if path is not None and not path.is_file():
+        raise UserError(
+            f"--ceiling {path} is not a file; pass the .json metadata of the student trained on "
+            "real data, or leave --ceiling out."
+        )
 
 
 def describe(runs: Sequence[Run]) -> dict[str, Any]:
@@ -331,7 +348,7 @@ def describe(runs: Sequence[Run]) -> dict[str, Any]:
     done = [run for run in runs if run.status == "done"]
 
     def values(*keys: str) -> list[str]:
-        return sorted({_label(run.config, *keys) for run in runs if run.config} - {"?"})
+        return sorted({cell(_label(run.config, *keys)) for run in runs if run.config} - {"?"})
 
     overrides = [set(run.overrides) for run in runs if run.overrides]
     shared = sorted(set.intersection(*overrides)) if overrides else []
@@ -375,10 +392,16 @@ def epochs_time(run: Run) -> float | None:
 
 def commits_text(commits: list[str], missing: int) -> str:
     """The code commits of the finished jobs, and how many jobs recorded none (older code)."""
-    text = ", ".join(commit[:12] for commit in commits) or "not recorded"
+    text = ", ".join(cell(commit[:12]) for commit in commits) or "not recorded"
     if commits and missing:
         text += f" (not recorded by {missing} job{'s' if missing > 1 else ''}: older code)"
     return text
+
+
+def cell(value: Any) -> str:
+    """``value`` as text that stays in one Markdown table cell or code span: whitespace (line
+    breaks included) as single spaces, ``|`` escaped, backticks as quotes."""
+    return " ".join(str(value).split()).replace("|", "\\|").replace("`", "'")
 
 
 def percent(value: float | None, digits: int = 1) -> str:
@@ -438,15 +461,15 @@ def header_lines(
     times = [t for t in about["epochs_time_s"] if t is not None]
     last_launch = [t for t in about["wall_time_s"] if t is not None]
     lines = [
-        f"# Sweep report: {Path(source).name or source}",
+        f"# Sweep report: {cell(Path(source).name or source)}",
         "",
-        f"Source: `{source}`. {len(runs)} jobs: {counts['done']} done, {counts['failed']} "
+        f"Source: `{cell(source)}`. {len(runs)} jobs: {counts['done']} done, {counts['failed']} "
         f"failed, {counts['running']} running or unfinished, {unreadable} unreadable.",
         "",
         "What was run: dataset "
-        + (", ".join(about["datasets"]) or "?")
+        + (", ".join(map(cell, about["datasets"])) or "?")
         + "; student "
-        + (", ".join(about["students"]) or "?")
+        + (", ".join(map(cell, about["students"])) or "?")
         + f"; {', '.join(map(str, about['epochs'])) or '?'} epochs of "
         + f"{', '.join(about['iters_per_epoch']) or '?'} iterations x "
         + f"{', '.join(about['student_steps']) or '?'} student steps + 1 generator step, batch "
@@ -469,15 +492,15 @@ def header_lines(
     if about["shared_overrides"] or about["varying"]:
         lines.append(
             "Overrides shared by every job: `"
-            + " ".join(about["shared_overrides"])
+            + " ".join(map(cell, about["shared_overrides"]))
             + "`; varied across jobs: "
-            + (", ".join(f"`{key}`" for key in about["varying"]) or "none")
+            + (", ".join(f"`{cell(key)}`" for key in about["varying"]) or "none")
             + "."
         )
     if ceiling:
         lines.append(
             f"Supervised ceiling: the student architecture ({ceiling['arch']}) trained on the real "
-            f"data reaches {percent(ceiling['test_acc'])}% (`{ceiling['path'].name}`)."
+            f"data reaches {percent(ceiling['test_acc'])}% (`{cell(ceiling['path'].name)}`)."
         )
     if counts["failed"] or counts["running"] or unreadable:
         lines.append(
@@ -517,9 +540,9 @@ def markdown(
     for row in summary:
         ci = f"{percent(row['ci95_low'])} - {percent(row['ci95_high'])}"
         lines.append(
-            f"| {row['method']} | {row['accuracy']} | {row['n']} / {row['jobs']} | "
+            f"| {cell(row['method'])} | {row['accuracy']} | {row['n']} / {row['jobs']} | "
             f"{percent(row['mean'])} ± {percent(row['std'])} | {ci} | {percent(row['worst'])} | "
-            f"{row['worst_teacher'] or 'n/a'} ({percent(row['worst_teacher_mean'])}) | "
+            f"{cell(row['worst_teacher'] or 'n/a')} ({percent(row['worst_teacher_mean'])}) | "
             f"{percent(row['collapse_rate'], 0)} |"
         )
     lines += teacher_lines(runs) + pair_lines(pairs) + plot_lines() + problem_lines(runs)
@@ -535,7 +558,7 @@ def teacher_lines(runs: Sequence[Run]) -> list[str]:
         "",
         "## Final accuracy per teacher (mean ± sample std over seeds, %)",
         "",
-        "| teacher | teacher acc (%) | " + " | ".join(methods) + " |",
+        "| teacher | teacher acc (%) | " + " | ".join(map(cell, methods)) + " |",
         "|---|---|" + "---|" * len(methods),
     ]
     for teacher in sorted(table):
@@ -545,7 +568,7 @@ def teacher_lines(runs: Sequence[Run]) -> list[str]:
             n = len(table[teacher].get(method, []))
             cells.append(f"{percent(mean)} ± {percent(std)} (n={n})" if n else "n/a")
         lines.append(
-            f"| {teacher} | {percent(teacher_acc.get(teacher))} | " + " | ".join(cells) + " |"
+            f"| {cell(teacher)} | {percent(teacher_acc.get(teacher))} | " + " | ".join(cells) + " |"
         )
     return lines
 
@@ -561,7 +584,7 @@ def pair_lines(pairs: list[dict[str, Any]]) -> list[str]:
     for row in pairs:
         ci = f"{percent(row['ci95_low'])} - {percent(row['ci95_high'])}"
         lines.append(
-            f"| {row['first']} - {row['second']} | {row['pairs']} | "
+            f"| {cell(row['first'])} - {cell(row['second'])} | {row['pairs']} | "
             f"{percent(row['mean_difference'])} | {ci} | {percent(row['first_better'], 0)}% |"
         )
     return lines
@@ -597,11 +620,17 @@ def problem_lines(runs: Sequence[Run]) -> list[str]:
         ]
         lines.append("|---|---|---|---|---|")
         for run in failed:
-            error = (run.error or "").replace("|", "\\|").replace("\n", " ")[:200]
-            lines.append(f"| {run.name} | {run.method} | {run.teacher} | {run.seed} | {error} |")
+            error = cell(run.error or "")[:200]
+            lines.append(
+                f"| {cell(run.name)} | {cell(run.method)} | {cell(run.teacher)} | {run.seed} | "
+                f"{error} |"
+            )
     if running:
         lines += ["", "## Running or unfinished jobs", ""]
-        lines += [f"- {run.name} ({run.method}, {run.teacher}, seed {run.seed})" for run in running]
+        lines += [
+            f"- {cell(run.name)} ({cell(run.method)}, {cell(run.teacher)}, seed {run.seed})"
+            for run in running
+        ]
     return lines
 
 
@@ -725,17 +754,25 @@ def write_report(
     ``out``; returns the per-method summary rows (fractions)."""
     if not 0 < collapse_below <= 1:
         raise UserError(f"--collapse-below={collapse_below} must be a fraction in (0, 1].")
+    check_ceiling_file(ceiling_file)
     done = [run for run in runs if run.status == "done"]
     ceiling = None
     if done and len({(run.dataset, run.student) for run in done}) == 1:
         ceiling = ceiling_of(done[0].dataset, done[0].student, ceiling_file)
-    out.mkdir(parents=True, exist_ok=True)
     summary = method_summary(runs, collapse_below)
     pairs = paired_differences(runs)
-    write_csvs(runs, summary, pairs, out)
-    (out / "report.md").write_text(markdown(source, runs, summary, pairs, ceiling, collapse_below))
-    plot_curves(runs, out / "curves.png", ceiling)
-    plot_health(runs, out / "health.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_csvs(runs, summary, pairs, out)
+        text = markdown(source, runs, summary, pairs, ceiling, collapse_below)
+        (out / "report.md").write_text(text)
+        plot_curves(runs, out / "curves.png", ceiling)
+        plot_health(runs, out / "health.png")
+    except OSError as error:
+        raise UserError(
+            f"the report cannot be written into {out} ({reason(error)}); pass --out a folder "
+            "you can write to."
+        ) from None
     return summary
 
 

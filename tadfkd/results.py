@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 import traceback
@@ -74,8 +75,70 @@ def save_results(run_dir: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def is_fraction(value: Any) -> bool:
+    """A measured accuracy or rate: a finite number in [0, 1] (not a bool)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= 1
+    )
+
+
+def _seconds(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def results_problem(results: Any) -> str | None:
+    """Why ``results`` (as read from a ``results.json``) cannot be trusted, in a few words, or
+    None: every field that a report or a re-run reads has its type and range (accuracies and
+    health signals fractions in [0, 1] or null, labels text, the seed a whole number, times
+    seconds), since the file may have been edited, damaged or written by other code."""
+    if not isinstance(results, dict):
+        return f"it holds a {type(results).__name__}, not an object of fields"
+    for key in ("dataset", "teacher", "student", "method"):
+        if not isinstance(results.get(key), str):
+            return f"{key} is {results.get(key)!r}, not text"
+    seed = results.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return f"seed is {seed!r}, not a whole number"
+    for key in (*schema.ACCURACY_FIELDS, schema.TEACHER_ACC_FIELD):
+        if key not in results:
+            return f"{key} is missing"
+        if results[key] is not None and not is_fraction(results[key]):
+            return f"{key} is {results[key]!r}, not a fraction in [0, 1]"
+    accuracies = results.get(schema.EPOCH_ACCS)
+    if not isinstance(accuracies, list) or not all(a is None or is_fraction(a) for a in accuracies):
+        return f"{schema.EPOCH_ACCS} is not a list of fractions in [0, 1]"
+    history = results.get(schema.HISTORY, [])
+    if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
+        return f"{schema.HISTORY} is not a list of per-epoch objects"
+    for row in history:
+        for key in (*schema.HEALTH, schema.SELECTION_RATE, schema.STUDENT_ACC):
+            if row.get(key) is not None and not is_fraction(row[key]):
+                return f"{schema.HISTORY}'s {key} is {row[key]!r}, not a fraction in [0, 1]"
+        if row.get(schema.EPOCH_SECONDS) is not None and not _seconds(row[schema.EPOCH_SECONDS]):
+            return f"{schema.HISTORY}'s {schema.EPOCH_SECONDS} is {row[schema.EPOCH_SECONDS]!r}"
+    if results.get(schema.WALL_TIME) is not None and not _seconds(results[schema.WALL_TIME]):
+        return f"{schema.WALL_TIME} is {results[schema.WALL_TIME]!r}, not a number of seconds"
+    if results.get("commit") is not None and not isinstance(results["commit"], str):
+        return f"commit is {results['commit']!r}, not text"
+    return None
+
+
 def load_results(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / RESULTS_FILE).read_text())
+    """``results.json`` of ``run_dir``; ``ValueError`` (with the reason) when it is not valid
+    JSON or not trustworthy results (``results_problem``), ``OSError`` when it cannot be read."""
+    results = json.loads((run_dir / RESULTS_FILE).read_text())
+    problem = results_problem(results)
+    if problem is not None:
+        raise ValueError(problem)
+    return results
 
 
 def print_done(results: dict[str, Any], run_dir: Path) -> None:

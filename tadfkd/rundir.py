@@ -4,6 +4,11 @@ A run holds an exclusive lock on ``<run dir>/.lock`` (``flock``) from before Hyd
 the directory until the run ends; the kernel releases it when the process exits in any way, so
 a lock left by a dead process is never in force. A second process on the same directory ends
 with one sentence naming the directory and the process that holds it.
+
+Hydra's record of a run (``.hydra/``: the config, Hydra's settings, the overrides) is written by
+the job itself (``hydra.output_subdir`` is null), once the run is accepted: a run refused by
+validation, by the identity of the run in the directory or by its lock leaves the directory as
+it was.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tadfkd.errors import RunDirectoryInUse, UserError
-from tadfkd.files import probe_writable, reason
+from tadfkd.files import probe_writable, reason, write_text
 
 LOCK_FILE = ".lock"
+RECORD_FOLDER = ".hydra"
 _held: dict[Path, int] = {}  # run directory -> descriptor of its lock file, held by this process
 
 
@@ -74,6 +81,35 @@ def unlock(run_dir: Path) -> None:
     descriptor = _held.pop(run_dir.resolve(), None)
     if descriptor is not None:
         os.close(descriptor)  # closing the only descriptor releases the flock
+
+
+def hydra_record(task_config: DictConfig) -> dict[str, str]:
+    """What Hydra would write into a run's ``.hydra/`` folder, as YAML texts by file name: the
+    job's ``task_config`` (interpolations unresolved), Hydra's settings and the command line's
+    overrides; empty outside Hydra. Taken when the job starts, before it changes its config."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.instance().cfg
+    return {
+        "config.yaml": OmegaConf.to_yaml(task_config),
+        "hydra.yaml": OmegaConf.to_yaml(hydra),
+        "overrides.yaml": OmegaConf.to_yaml(hydra.hydra.overrides.task),
+    }
+
+
+def save_hydra_record(run_dir: Path, record: dict[str, str]) -> None:
+    """Write ``hydra_record``'s files into ``run_dir/.hydra`` (each atomically); a failure of the
+    disk (e.g. full) is one sentence and leaves no partial file."""
+    folder = run_dir / RECORD_FOLDER
+    for name, text in record.items():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_text(folder / name, text)
+        except OSError as error:
+            raise UserError(
+                f"could not write {folder / name} ({reason(error)}); free some space (or fix "
+                "the folder's permissions) and re-run the same command."
+            ) from None
 
 
 class RunDirectory(Callback):

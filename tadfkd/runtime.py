@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tadfkd.errors import UserError
 
@@ -28,6 +32,73 @@ def build(node: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(error.__cause__, UserError):
             raise error.__cause__ from None
         raise
+
+
+def command_line_overrides() -> list[str]:
+    """The run's overrides as typed on the command line, interpolations unresolved (none
+    outside Hydra): resolving them would run their resolvers (an unset ``${oc.env:...}``) and
+    write what they resolve to (a secret) wherever the overrides go."""
+    if not HydraConfig.initialized():
+        return []
+    return [str(item) for item in OmegaConf.to_container(HydraConfig.get().overrides.task)]
+
+
+def check_resolvable(cfg: DictConfig) -> None:
+    """Resolve every interpolation of ``cfg`` once, before any work: one that cannot be (an
+    unset environment variable, a key that does not exist) is a ``UserError`` naming the key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "a config value"
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+        why = re.sub(r"^\w+ raised while resolving interpolation: ", "", why).strip('"')
+        raise UserError(
+            f"{key} cannot be resolved ({why}); set what it refers to (e.g. the environment "
+            f"variable), or give {key} a value."
+        ) from None
+
+
+# Environment variables whose values never reach a run's files or W&B (``runtime.secret_env``
+# adds others); values shorter than this are not matched (they would match everywhere).
+SECRET_ENV = ("WANDB_API_KEY",)
+SHORTEST_SECRET = 6
+REDACTED = "<redacted>"
+
+
+def secret_values(extra_names: Sequence[str] = ()) -> list[str]:
+    """The values of ``SECRET_ENV`` and ``extra_names`` in this process's environment."""
+    values = (os.environ.get(name, "") for name in (*SECRET_ENV, *extra_names))
+    return [value for value in values if len(value) >= SHORTEST_SECRET]
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret value in it replaced by ``REDACTED``."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_secrets(cfg: DictConfig) -> None:
+    """Replace, in ``cfg``, every value that resolves to text holding a secret (e.g. an
+    interpolated ``${oc.env:WANDB_API_KEY}``) by that text with the secret ``REDACTED``, so
+    that nothing downstream (the run's identity in its checkpoint, results.json, run.log, the
+    W&B config, name, group and tags) ever holds it."""
+    extra = OmegaConf.select(cfg, "runtime.secret_env")
+    names = [str(name) for name in extra] if OmegaConf.is_list(extra) else []
+    secrets = secret_values(names)
+    if not secrets:
+        return
+
+    def walk(node: Any) -> None:
+        keys = range(len(node)) if OmegaConf.is_list(node) else list(node.keys())
+        for key in keys:
+            value = node[key]
+            if OmegaConf.is_config(value):
+                walk(value)
+            elif isinstance(value, str) and redact(value, secrets) != value:
+                node[key] = redact(value, secrets)
+
+    walk(cfg)
 
 
 def resolve_device(name: str) -> torch.device:

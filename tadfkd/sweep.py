@@ -1,9 +1,11 @@
 """A multirun from launch to report: the Hydra callback around a sweep.
 
 Before any job (``plan=true``): list the jobs the sweep would launch, with their overrides, and
-stop. After the last job: one summary line (jobs done / failed / total, the failed jobs'
-directories, the report's path), the report written into the sweep directory when ``report`` is
-true (the presets set it), and exit code 5 when any job failed.
+stop. After the last job, whatever happened: one summary line (jobs done / failed / total, the
+failed jobs' directories, the report's path), the report written into the sweep directory when
+``report`` is true (the presets set it), and an exit code that is not 0 when the sweep is not
+complete: 5 when a job failed, else 6 when a job was left unrun (e.g. another launch held it),
+else 7 when the report could not be written, with one sentence saying which.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from tadfkd.errors import UserError
 
 FAILED_JOBS_EXIT_CODE = 5
+UNFINISHED_JOBS_EXIT_CODE = 6
+REPORT_FAILED_EXIT_CODE = 7
 
 
 def planned_jobs(config: DictConfig) -> list[list[str]]:
@@ -36,14 +40,14 @@ def planned_jobs(config: DictConfig) -> list[list[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
-def summary_line(sweep_dir: Path, report_path: Path | None) -> tuple[str, int]:
-    """``sweep: N jobs, D done, F failed (dirs), R not finished (dirs); report: path`` and
-    the number failed."""
+def summary_line(sweep_dir: Path, report_path: Path | None) -> tuple[str, int, int]:
+    """``sweep: N jobs, D done, F failed (dirs), R not finished (dirs); report: path``, the
+    number failed and the number not finished."""
     from tadfkd.report import read_sweep_directory
 
     try:
         runs = read_sweep_directory(sweep_dir)
-    except UserError:
+    except (UserError, OSError):
         runs = []
     done = sum(run.status == "done" for run in runs)
     failed = [run for run in runs if run.status in ("failed", "unreadable")]
@@ -56,7 +60,34 @@ def summary_line(sweep_dir: Path, report_path: Path | None) -> tuple[str, int]:
         line += f", {len(running)} not finished ({names})"
     if report_path is not None:
         line += f"; report: {report_path}"
-    return line, len(failed)
+    return line, len(failed), len(running)
+
+
+def incomplete(failed: int, unfinished: int, report_error: str | None) -> tuple[str, int] | None:
+    """One sentence on what keeps the sweep from being complete, and its exit code (the first
+    of: a job failed, a job left unrun, the report not written); None when it is complete."""
+    problems = []
+    if failed:
+        problems.append((f"{failed} job{'s' if failed > 1 else ''} failed", FAILED_JOBS_EXIT_CODE))
+    if unfinished:
+        problems.append(
+            (
+                f"{unfinished} job{'s were' if unfinished > 1 else ' was'} left unrun or "
+                "unfinished (another launch holds it, or it was stopped; re-run the same command "
+                "to finish it)",
+                UNFINISHED_JOBS_EXIT_CODE,
+            )
+        )
+    if report_error is not None:
+        problems.append(
+            (f"the report could not be written ({report_error})", REPORT_FAILED_EXIT_CODE)
+        )
+    if not problems:
+        return None
+    words = [text for text, _ in problems]
+    listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    code = problems[0][1]
+    return f"error: the sweep is not complete: {listed}; exit code {code}.", code
 
 
 class SweepReport(Callback):
@@ -77,7 +108,7 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        report_path = None
+        report_path, report_error = None, None
         if config.get("report"):
             from tadfkd.report import read_sweep_directory, write_report
 
@@ -85,8 +116,12 @@ class SweepReport(Callback):
                 write_report(read_sweep_directory(sweep_dir), str(sweep_dir), sweep_dir)
                 report_path = sweep_dir / "report.md"
             except UserError as error:
-                print(f"error: the report could not be written: {error}", file=sys.stderr)
-        line, failed = summary_line(sweep_dir, report_path)
+                report_error = str(error).rstrip(".")
+            except Exception as error:  # noqa: BLE001 - a bug in the report must not hide the sweep's outcome
+                report_error = f"{type(error).__name__}: {error}"
+        line, failed, unfinished = summary_line(sweep_dir, report_path)
         print(line, flush=True)
-        if failed:
-            sys.exit(FAILED_JOBS_EXIT_CODE)
+        outcome = incomplete(failed, unfinished, report_error)
+        if outcome is not None:
+            print(outcome[0], file=sys.stderr, flush=True)
+            sys.exit(outcome[1])

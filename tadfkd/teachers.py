@@ -255,11 +255,31 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     try:
         return json.loads(meta_path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"teacher metadata {meta_path} is not text; fix it or delete it") from None
     except json.JSONDecodeError as error:
         raise UserError(
             f"teacher metadata {meta_path} is not valid JSON ({error.msg} at line "
             f"{error.lineno}); fix it or delete it"
         ) from None
+
+
+def check_trained_on(checkpoint: str | os.PathLike, dataset: str, name: str) -> None:
+    """Refuse a teacher whose metadata (``save_teacher``'s file beside ``checkpoint``) says it
+    was trained on another dataset than ``dataset``; a teacher without readable metadata, or
+    whose metadata names no dataset, passes (files from elsewhere have none)."""
+    try:
+        metadata = read_metadata(checkpoint)
+    except (UserError, OSError):
+        return
+    trained_on = metadata.get("dataset") if isinstance(metadata, dict) else None
+    if isinstance(trained_on, str) and trained_on != dataset:
+        raise UserError(
+            f"teacher {name} was trained on {trained_on} (its metadata "
+            f"{Path(checkpoint).with_suffix('.json')}), not on dataset {dataset}; pick a "
+            f"teacher of {dataset}, or set runtime.check_teacher_dataset=false to distil it "
+            "all the same."
+        )
 
 
 @dataclass

@@ -27,7 +27,14 @@ from tadfkd.errors import UserError
 from tadfkd.evaluation import evaluate
 from tadfkd.files import probe_writable, reason, write_json
 from tadfkd.models import build_classifier
-from tadfkd.runtime import resolve_device, seed_everything, set_threads
+from tadfkd.rundir import hydra_record, save_hydra_record
+from tadfkd.runtime import (
+    check_resolvable,
+    command_line_overrides,
+    resolve_device,
+    seed_everything,
+    set_threads,
+)
 from tadfkd.teachers import save_teacher
 
 # Command-line overrides that change the trained teacher, and so name its file.
@@ -60,14 +67,24 @@ def output_path(cfg: DictConfig, overrides: Sequence[str] = ()) -> Path:
 
 def check_output(path: Path, overwrite: bool) -> None:
     """Refuse, before any training, an output that exists (unless ``overwrite``) or that cannot
-    be written: a directory, a path under a file, a read-only folder."""
+    be written: a directory, a path under a file, a read-only folder. Both files the job writes
+    count: the weights at ``path`` and the metadata beside it (``path`` with suffix ``.json``),
+    whatever the spelling or suffix of ``path``."""
+    metadata = path.with_suffix(".json")
     if path.is_dir():
         raise UserError(f"output {path} is a directory; set output=/path/to/teacher.pt.")
-    if path.exists() and not overwrite:
+    if path == metadata:
         raise UserError(
-            f"teacher file {path} exists already; pick a new output=/path.pt, or set "
-            "overwrite=true to replace it."
+            f"output {path} is where the teacher's metadata goes; set output=/path/to/teacher.pt."
         )
+    for kind, file in (("teacher file", path), ("teacher metadata", metadata)):
+        if (file.exists() or file.is_symlink()) and not overwrite:
+            raise UserError(
+                f"{kind} {file} exists already; pick a new output=/path.pt, or set "
+                "overwrite=true to replace it."
+            )
+    if metadata.is_dir():
+        raise UserError(f"teacher metadata {metadata} is a directory; pick a new output=/path.pt.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe_writable(path.parent)
@@ -145,14 +162,20 @@ def fit(
 
 
 def train_teacher(
-    cfg: DictConfig, run_dir: Path, output: Path | None = None, command: str = ""
+    cfg: DictConfig,
+    run_dir: Path,
+    output: Path | None = None,
+    command: str = "",
+    record: dict[str, str] | None = None,
 ) -> dict:
     """Train one teacher and save it to ``output`` (default: ``teacher.checkpoint``); returns
     its metadata (test accuracy as a fraction; ``command``, the command line that trained it,
-    is recorded)."""
+    is recorded). ``record`` (``rundir.hydra_record``) goes into ``run_dir/.hydra`` once every
+    value and the output are checked."""
     validate(cfg)
     checkpoint = output or Path(cfg.teacher.checkpoint)
     check_output(checkpoint, bool(cfg.overwrite))
+    save_hydra_record(run_dir, record or {})
     started = time.perf_counter()
     # Reductions split over threads add in another order: fix the count to fix the result.
     set_threads(cfg.runtime.threads)
@@ -188,10 +211,13 @@ def main(cfg: DictConfig) -> float:
     """Entry point; returns the teacher's test accuracy (a fraction) for sweepers."""
     try:
         hydra_cfg = HydraConfig.get()
-        overrides = list(hydra_cfg.overrides.task)
+        overrides = command_line_overrides()
         command = " ".join(["python -m tadfkd.train_teacher", *overrides])
+        check_resolvable(cfg)
+        validate(cfg)  # before its values name the output file
         output = output_path(cfg, overrides)
-        metadata = train_teacher(cfg, Path(hydra_cfg.runtime.output_dir), output, command)
+        record = hydra_record(cfg)
+        metadata = train_teacher(cfg, Path(hydra_cfg.runtime.output_dir), output, command, record)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

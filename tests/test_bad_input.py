@@ -7,6 +7,7 @@ reads its own outcome.
 """
 
 import fcntl
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,7 +78,21 @@ CASES = {
         2,
         [f"{LATEST} and ", f"{PREVIOUS} are both unusable", "move them away to start the run"],
     ),
+    "teacher of another dataset": (
+        ["teacher.checkpoint={tmp}/fmnist_teacher.pt"],
+        2,
+        ["was trained on fashion_mnist", "not on dataset digits", "check_teacher_dataset=false"],
+    ),
+    "negative loss weight": (["method.weights.bn=-100"], 2, ["method.weights=", "at least 0"]),
+    "infinite learning rate": (["optimizer.student.lr=inf"], 2, ["lr=inf must be a finite"]),
+    "zero teacher std": (["teacher.std=[0]"], 2, ["teacher.std=[0] must be a list of positive"]),
+    "teacher mean not a number": (["teacher.mean=[abc]"], 2, ["teacher.mean=['abc'] must be"]),
+    "empty teacher checkpoint": (["teacher.checkpoint="], 2, ["teacher.checkpoint='' must be"]),
+    "negative W&B timeout": (["logger.init_timeout=-5"], 2, ["logger.init_timeout=-5 must be"]),
+    "empty W&B project": (["logger.project="], 2, ["logger.project='' must be a name"]),
 }
+# cases that keep the W&B logger (the others run with logger=none)
+WITH_WANDB = ("unknown logger mode", "negative W&B timeout", "empty W&B project")
 # cases whose run directory holds a checkpoint of an earlier run (seed 0, the shipped teacher)
 WITH_CHECKPOINT = (
     "resume with other settings",
@@ -91,7 +106,7 @@ def start(case: str, tmp: Path):
     overrides = [item.format(tmp=tmp) for item in overrides]
     if not any(item.startswith("hydra.run.dir=") for item in overrides):
         overrides.append(f"hydra.run.dir={tmp / 'run'}")
-    defaults = [] if case == "unknown logger mode" else ["logger=none"]
+    defaults = [] if case in WITH_WANDB else ["logger=none"]
     return run_entry(*defaults, "runtime.device=cpu", *overrides, timeout=300)
 
 
@@ -106,6 +121,9 @@ def write_teachers(scratch: dict[str, Path]) -> None:
     nan["classifier.weight"][0, 0] = float("nan")
     torch.save(nan, scratch["non-finite teacher weights"] / "nan.pt")
     torch.save(weights, scratch["resume with another teacher"] / "other_teacher.pt")
+    fmnist = scratch["teacher of another dataset"] / "fmnist_teacher.pt"
+    torch.save(weights, fmnist)
+    fmnist.with_suffix(".json").write_text(json.dumps({"dataset": "fashion_mnist"}))
     cfg = compose_config(["logger=none", "runtime.device=cpu"], hydra_node=False)
     state = {
         "identity": run_identity(cfg, teacher_sha256(DIGITS_TEACHER)),

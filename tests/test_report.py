@@ -270,3 +270,70 @@ def test_the_commit_line_says_which_jobs_recorded_none():
         "0123456789ab (not recorded by 8 jobs: older code)"
     )
     assert report.commits_text([], 3) == "not recorded"
+
+
+# Fields of results.json a report reads, each wrongly typed or out of range (issue 24).
+BAD_FIELDS = {
+    "string accuracy": ("student_final_acc", "abc"),
+    "NaN accuracy": ("student_final_acc", float("nan")),
+    "infinite accuracy": ("student_best_acc", float("inf")),
+    "accuracy above 1": ("student_final_acc", 5.0),
+    "negative accuracy": ("student_last10_acc", -3.0),
+    "string teacher accuracy": ("teacher_acc", "high"),
+    "epoch accuracies not a list": ("epoch_accs", {"1": 0.5}),
+    "history a dict": ("history", {"epoch": 1}),
+    "string health value": ("history", [{"epoch": 1, "health/agreement": "0.5"}]),
+    "list method": ("method", ["tadfkd"]),
+    "string seed": ("seed", "0"),
+    "string wall time": ("wall_time_s", "long"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FIELDS)
+def test_a_wrongly_typed_or_out_of_range_field_makes_the_job_unreadable(tmp_path, case):
+    key, value = BAD_FIELDS[case]
+    root = tmp_path / "sweep"
+    make_job(root, "0_good", "tadfkd", "good", 0, [0.5, 0.6])
+    bad = make_job(root, "1_bad", "tadfkd", "hard", 0, [0.4])
+    results = json.loads((bad / "results.json").read_text())
+    results[key] = value
+    (bad / "results.json").write_text(json.dumps(results))  # NaN and Infinity as Python writes
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    runs = {run.name: run for run in report.read_sweep_directory(root)}
+    assert runs["1_bad"].status == "unreadable", runs["1_bad"]
+    assert key in runs["1_bad"].error
+    numbers = (out / "report.md").read_text().split("## Failed or unreadable jobs")[0]
+    assert not any(shown in numbers for shown in ("inf", "nan", "500.0", "-300.0")), numbers
+    rows = {row["job"]: row for row in csv.DictReader((out / "runs.csv").open())}
+    assert rows["1_bad"]["status"] == "unreadable" and rows["1_bad"]["student_final_acc"] == ""
+    [final] = [row for row in report.method_summary(list(runs.values()), 0.5)][:1]
+    assert final["n"] == 1  # the good job only: NaN is never a measured job
+
+
+def test_names_are_escaped_in_markdown_tables(tmp_path):
+    root = tmp_path / "sweep"
+    make_job(root, "0_a", "tadfkd", "good", 0, [0.5, 0.6])
+    job = make_job(root, "1_b", "tadfkd", "hard", 0, [0.4, 0.5])
+    results = json.loads((job / "results.json").read_text())
+    results["teacher"] = "evil\n| teacher |"
+    (job / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| evil \\| teacher \\| |" in text
+    for line in text.splitlines():
+        if line.startswith("| teacher |"):
+            width = line.count(" | ")
+        elif line.startswith("| evil"):
+            assert line.replace("\\|", "").count(" | ") == width
+
+
+def test_an_unwritable_out_and_a_missing_ceiling_are_one_sentence(sweep, tmp_path, capsys):
+    assert report.main([str(sweep), "--out", "/proc/report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the report cannot be written into /proc")
+    missing = tmp_path / "nonexistent.json"
+    assert report.main([str(sweep), "--out", str(tmp_path / "o"), "--ceiling", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--ceiling {missing} is not a file" in err[0]

@@ -98,7 +98,8 @@ def test_resume_of_a_busy_directory_is_refused_and_a_killed_runs_lock_is_not(tmp
 def test_a_sweep_job_whose_directory_another_run_holds_leaves_it_alone(tmp_path):
     # A second launch of a sweep while the first still runs a job (a sweep re-run to resume it):
     # the refused job says so in one sentence and writes no failed.json into the live run's
-    # directory (it would mark a healthy run failed); the summary counts it as not finished.
+    # directory (it would mark a healthy run failed); the summary counts it as not finished,
+    # and the launch exits 6: one of its jobs was left unrun.
     sweep_dir = tmp_path / "sweep"
     job_dir = sweep_dir / "job"
     job_dir.mkdir(parents=True)
@@ -111,7 +112,8 @@ def test_a_sweep_job_whose_directory_another_run_holds_leaves_it_alone(tmp_path)
         )
     finally:
         os.close(descriptor)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 6, result.stderr[-3000:]
+    assert "1 job was left unrun or unfinished" in result.stderr.strip().splitlines()[-1]
     assert f"error: run directory {job_dir} is in use by another run (process {os.getpid()})" in (
         result.stderr
     )

@@ -12,6 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from tadfkd.job import run_group
+from tadfkd.sweep import SweepReport
 
 TINY = ["debug=tiny", "trainer.epochs=2", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]
 TINY += ["trainer.batch_size=8", "runtime.eval_batch_size=256"]
@@ -157,3 +158,81 @@ def test_a_failed_job_is_recorded_and_the_sweep_carries_on(tmp_path):
     assert "1 failed" in text and "## Failed or unreadable jobs" in text
     assert "does not exist" in text
     assert OmegaConf.load(sweep_dir / "multirun.yaml")  # Hydra's own record is untouched
+
+
+def sweep_end(sweep_dir, capsys, report_flag=True) -> tuple[int, str, str]:
+    """The end of a multirun over ``sweep_dir``: its exit code, stdout and stderr."""
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}, "report": report_flag})
+    with pytest.raises(SystemExit) as ended:
+        SweepReport().on_multirun_end(config)
+    out, err = capsys.readouterr()
+    return ended.value.code, out, err
+
+
+def job_dir(sweep_dir, name: str, results: dict | None = None, failed: bool = False):
+    """A run directory as run.py leaves it: results.json, failed.json, or neither (unfinished)."""
+    folder = sweep_dir / name / ".hydra"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("seed: 0\nmethod: {name: tadfkd}\n")
+    if results is not None:
+        (folder.parent / "results.json").write_text(json.dumps(results))
+    if failed:
+        failure = {"error_type": "UserError", "error": "teacher checkpoint x does not exist"}
+        (folder.parent / "failed.json").write_text(json.dumps(failure))
+
+
+FINISHED = {
+    "dataset": "digits",
+    "teacher": "digits_cnn",
+    "student": "digits_cnn_s",
+    "method": "tadfkd",
+    "seed": 0,
+    "student_final_acc": 0.5,
+    "student_best_acc": 0.6,
+    "student_last10_acc": 0.55,
+    "teacher_acc": 0.99,
+    "epoch_accs": [0.6, 0.5],
+    "history": [],
+}
+
+
+def test_a_report_that_crashes_still_ends_a_failed_sweep_with_its_summary_and_code_5(
+    tmp_path, capsys, monkeypatch
+):
+    job_dir(tmp_path, "0_done", {**FINISHED, "student_final_acc": "abc"})
+    job_dir(tmp_path, "1_failed", failed=True)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("a bug in the report")
+
+    monkeypatch.setattr("tadfkd.report.write_report", crash)
+    code, out, err = sweep_end(tmp_path, capsys)
+    assert code == 5
+    assert out.strip().startswith(f"sweep {tmp_path}: 2 jobs, 0 done, 2 failed")
+    [sentence] = err.strip().splitlines()
+    assert sentence.startswith("error: the sweep is not complete: 2 jobs failed and the report")
+    assert "(RuntimeError: a bug in the report)" in sentence and "Traceback" not in err
+
+
+def test_a_wrongly_typed_result_is_an_unreadable_job_and_the_report_is_written(tmp_path, capsys):
+    job_dir(tmp_path, "0_done", {**FINISHED, "student_final_acc": "abc"})
+    job_dir(tmp_path, "1_done", FINISHED)
+    code, out, _ = sweep_end(tmp_path, capsys)
+    assert code == 5 and "1 done, 1 failed" in out
+    assert "student_final_acc is 'abc'" in (tmp_path / "report.md").read_text()
+
+
+def test_a_job_left_unrun_ends_the_sweep_with_code_6(tmp_path, capsys):
+    job_dir(tmp_path, "0_done", FINISHED)
+    job_dir(tmp_path, "1_held_by_another_launch")
+    code, out, err = sweep_end(tmp_path, capsys)
+    assert code == 6 and "1 not finished" in out
+    assert "1 job was left unrun or unfinished" in err and "exit code 6" in err
+
+
+def test_a_report_that_cannot_be_written_ends_the_sweep_with_code_7(tmp_path, capsys):
+    job_dir(tmp_path, "0_done", FINISHED)
+    (tmp_path / "report.md").mkdir()  # in the report's way
+    code, out, err = sweep_end(tmp_path, capsys)
+    assert code == 7 and "1 done, 0 failed" in out and "report:" not in out
+    assert "the report could not be written (the report cannot be written into" in err

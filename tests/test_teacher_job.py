@@ -39,6 +39,28 @@ CASES = {
         ["teacher=digits_cnn", "paths.teachers={tmp}/zoo"],
         ["zoo/digits/digits_cnn.pt exists already", "overwrite=true"],
     ),
+    # Another suffix or spelling of a zoo file: its metadata beside it would be replaced.
+    "existing metadata, another suffix": (
+        [*QUICK, "output={tmp}/zoo/digits/digits_cnn.pth"],
+        ["teacher metadata", "zoo/digits/digits_cnn.json exists already"],
+    ),
+    "existing metadata, no suffix": (
+        [*QUICK, "output={tmp}/zoo//digits/./digits_cnn"],
+        ["digits_cnn.json exists already"],
+    ),
+    "output spelled as the metadata": (
+        [*QUICK, "output={tmp}/new.json"],
+        ["is where the teacher's metadata goes"],
+    ),
+    # Values that name the output file are checked before the path is built from them.
+    "seed with a slash": (
+        ["recipe.epochs=1", "paths.teachers={tmp}/zoo", "seed=a/b"],
+        ["seed='a/b' must be a whole number"],
+    ),
+    "architecture with a slash": (
+        ["recipe.epochs=1", "paths.teachers={tmp}/zoo", "teacher.arch=x/y"],
+        ["teacher.arch='x/y' must be a known architecture"],
+    ),
 }
 AS_ROOT = os.geteuid() == 0  # root writes into a read-only folder all the same
 
@@ -49,7 +71,7 @@ def prepare(case: str, tmp: Path) -> None:
         (tmp / "read-only").mkdir(mode=0o555)
     elif case == "existing output":
         (tmp / "teacher.pt").write_bytes(b"an earlier teacher")
-    elif case == "existing zoo file":
+    elif case.startswith(("existing zoo file", "existing metadata")):
         zoo = tmp / "zoo" / "digits"
         zoo.mkdir(parents=True)
         shutil.copy(SHIPPED, zoo)
