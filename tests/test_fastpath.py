@@ -212,9 +212,7 @@ def test_forcing_fp32_on_a_bf16_cpu_gives_the_published_computation(monkeypatch)
     distiller = tiny_distiller("speed.precision=fp32")
     assert distiller.precision.name == "fp32"
     assert distiller.synthesizer.generation_dtype is None
-    assert not distiller.student.features[3].weight.is_contiguous(
-        memory_format=torch.channels_last
-    )
+    assert not distiller.student.features[3].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_a_channels_last_generator_keeps_its_activations_channels_last():
