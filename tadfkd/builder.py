@@ -53,12 +53,10 @@ def on_cuda_if_auto(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
-def use_channels_last(setting: str | bool, device: torch.device, precision: str) -> bool:
-    """``speed.channels_last``: ``auto`` is on for CUDA and for bf16 on a CPU (oneDNN's bf16
-    convolutions are fastest in that layout; fp32 ones on a CPU gain less and NCHW is kept)."""
-    if setting == "auto":
-        return device.type == "cuda" or precision == "bf16"
-    return bool(setting)
+def use_channels_last(setting: str | bool) -> bool:
+    """``speed.channels_last``: ``auto`` is on, on CUDA and on a CPU alike (oneDNN's CPU
+    convolutions are faster in that layout, in bf16 and in fp32: docs/performance.md)."""
+    return True if setting == "auto" else bool(setting)
 
 
 def inference_teacher(
@@ -82,7 +80,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     student is initialised before the generator, from the global RNG (seed it first)."""
     speed = cfg.speed
     precision = Precision(resolve_precision(str(speed.precision), device), device)
-    channels_last = use_channels_last(speed.channels_last, device, precision.name)
+    channels_last = use_channels_last(speed.channels_last)
     teacher_model = prepare_model(teacher.model, device, channels_last)
     scoring_teacher = inference_teacher(cfg, teacher_model, device, channels_last)
     student = prepare_model(build(cfg.student), device, channels_last)

@@ -88,11 +88,6 @@ def finite_list(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: OmegaConf.is_list(v) and len(v) > 0 and all(check(item) for item in v)
 
 
-def weights(value: Any) -> bool:
-    """Loss weights: a mapping of term names to finite numbers of at least 0."""
-    return OmegaConf.is_dict(value) and all(finite(0)(weight) for weight in value.values())
-
-
 def name(value: Any) -> bool:
     """A name that goes into file names, tables and W&B: text, not blank, no path separator and
     no control character (a newline would break a table, a slash would make a folder)."""
@@ -202,7 +197,7 @@ RULES: tuple[Rule, ...] = (
     Rule("recipe.augment", boolean, "true or false", optional=True),
     Rule("recipe.erase", number(0, 1), "a probability in [0, 1]", optional=True),
     # -- Ranges of weights, rates, normalisation, timeouts and names (helpers above POSITIVE) --
-    Rule("method.weights", weights, "finite numbers of at least 0, one per loss term", True),
+    Rule("method.weights.*", finite(0), "a finite number of at least 0", optional=True),
     Rule("optimizer.student.lr", finite(0, True), "a finite positive number", optional=True),
     Rule("optimizer.generator.lr", finite(0, True), "a finite positive number", optional=True),
     Rule("recipe.lr", finite(0, True), "a finite positive number", optional=True),
@@ -244,16 +239,31 @@ def _value(cfg: DictConfig, key: str) -> tuple[bool, Any]:
 def check_rules(cfg: DictConfig, prefix: str = "") -> None:
     """Check the values of ``RULES`` whose key starts with ``prefix`` (all by default)."""
     for rule in RULES:
-        if not rule.key.startswith(prefix):
-            continue
-        present, value = _value(cfg, rule.key)
-        if not present:
-            if rule.optional:
-                continue
-            raise UserError(f"{rule.key} is missing from the config; set {rule.key}=...")
-        if not rule.check(value):
-            shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-            raise UserError(f"{rule.key}={shown!r} must be {rule.expect}.")
+        if rule.key.startswith(prefix):
+            for key in _keys(cfg, rule.key):
+                _check(cfg, rule, key)
+
+
+def _keys(cfg: DictConfig, pattern: str) -> list[str]:
+    """The keys a rule applies to: itself, or for ``group.*`` every key of that mapping."""
+    if not pattern.endswith(".*"):
+        return [pattern]
+    present, node = _value(cfg, pattern[:-2])
+    if not present or not OmegaConf.is_dict(node):
+        return []
+    return [f"{pattern[:-2]}.{key}" for key in node]
+
+
+def _check(cfg: DictConfig, rule: Rule, key: str) -> None:
+    """One value against its rule: a one-sentence ``UserError`` naming ``key`` if it fails."""
+    present, value = _value(cfg, key)
+    if not present:
+        if rule.optional:
+            return
+        raise UserError(f"{key} is missing from the config; set {key}=...")
+    if not rule.check(value):
+        shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        raise UserError(f"{key}={shown!r} must be {rule.expect}.")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -83,7 +83,11 @@ CASES = {
         2,
         ["was trained on fashion_mnist", "not on dataset digits", "check_teacher_dataset=false"],
     ),
-    "negative loss weight": (["method.weights.bn=-100"], 2, ["method.weights=", "at least 0"]),
+    "negative loss weight": (
+        ["method.weights.bn=-100"],
+        2,
+        ["method.weights.bn=-100", "at least 0"],
+    ),
     "infinite learning rate": (["optimizer.student.lr=inf"], 2, ["lr=inf must be a finite"]),
     "zero teacher std": (["teacher.std=[0]"], 2, ["teacher.std=[0] must be a list of positive"]),
     "teacher mean not a number": (["teacher.mean=[abc]"], 2, ["teacher.mean=['abc'] must be"]),

@@ -193,23 +193,23 @@ def test_explicit_precisions_are_taken_as_given_or_refused_in_one_sentence():
 
 @pytest.mark.parametrize("bf16_units", [True, False])
 def test_the_default_run_builds_for_the_cpu_it_finds_and_trains(monkeypatch, bf16_units):
-    """auto: bf16, channels-last and a bf16 generator forward on a bf16 CPU; the published
-    fp32 in NCHW on one without (the fallback, forced here); either way an iteration runs."""
+    """auto: bf16 and a bf16 generator forward on a bf16 CPU, the published fp32 on one
+    without (the fallback, forced here); channels-last on both; either way an iteration runs."""
     monkeypatch.setattr(tadfkd.precision, "cpu_has_bf16", lambda: bf16_units)
     distiller = tiny_distiller()
     synthesizer = distiller.synthesizer
     assert distiller.precision.name == ("bf16" if bf16_units else "fp32")
     conv = distiller.student.features[3].weight  # 8 -> 16 channels (1 input channel: both)
-    assert conv.is_contiguous(memory_format=torch.channels_last) is bf16_units
+    assert conv.is_contiguous(memory_format=torch.channels_last)
     assert synthesizer.generation_dtype == (torch.bfloat16 if bf16_units else None)
     assert synthesizer.scoring_dtype is None  # scoring stays fp32 by default
     distiller.iterate()
     assert all(torch.isfinite(p).all() for p in distiller.student.parameters())
 
 
-def test_forcing_fp32_on_a_bf16_cpu_gives_the_published_computation(monkeypatch):
+def test_forcing_fp32_and_nchw_on_a_bf16_cpu_gives_the_published_computation(monkeypatch):
     monkeypatch.setattr(tadfkd.precision, "cpu_has_bf16", lambda: True)
-    distiller = tiny_distiller("speed.precision=fp32")
+    distiller = tiny_distiller("speed.precision=fp32", "speed.channels_last=false")
     assert distiller.precision.name == "fp32"
     assert distiller.synthesizer.generation_dtype is None
     assert not distiller.student.features[3].weight.is_contiguous(memory_format=torch.channels_last)
