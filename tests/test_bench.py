@@ -7,20 +7,27 @@ import pytest
 import torch
 from helpers import ROOT
 
-from tadfkd import bench
+from tadfkd import bench, bench_components, bench_threads
+from tadfkd.precision import cpu_has_bf16, resolve_precision
 from tadfkd.teachers import read_state_dict
 
 FIGURES = [label for _, label, _ in bench.ROWS]
 
 
 @pytest.mark.slow
-def test_small_benchmark_prints_the_whole_table(capsys):
+def test_small_benchmark_prints_the_whole_table_at_each_thread_count(capsys):
     figures = bench.main(
         ["--small", "--iters", "1", "--student-steps", "1", "--batch-size", "32", "--device", "cpu"]
+        + ["--threads", "1,2"]
     )
     out = capsys.readouterr().out
-    assert "device: CPU" in out and "fast path precision fp32" in out
-    assert re.search(r"measured matmul rate \(float32\): [0-9.e+-]+ TFLOP/s", out)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    units = "yes" if cpu_has_bf16() else "no"
+    for threads in (1, 2):
+        assert f"(bf16 units: {units}), {threads} CPU thread(s)" in out
+    assert out.count(f"fast path precision {precision}") == 2
+    rates = r"measured matmul rates \(TFLOP/s\): fp32 [0-9.e+-]+, bf16 [0-9.e+-]+"
+    assert len(re.findall(rates, out)) == 2
     for label in FIGURES:
         line = next(line for line in out.splitlines() if line.startswith(label))
         values = line[len(label) :].split()
@@ -29,12 +36,42 @@ def test_small_benchmark_prints_the_whole_table(capsys):
             assert values[:2] == ["n/a", "n/a"]
         else:
             assert all(float(value) >= 0 for value in values[:2]), line
-    assert re.search(r"speed-up of fast over published-style .*: [0-9.]+ x", out)
+    speedup = r"speed-up of fast over published-style: [0-9.]+x in time per iteration, [0-9.]+x"
+    assert len(re.findall(speedup, out)) == 2
     for path in ("fast", "published-style"):
         assert figures[path]["s_per_epoch"] == pytest.approx(36 * figures[path]["s_per_iter"])
         assert figures[path]["batches_generated"] >= figures[path]["batches_used"] >= 1
         assert 0 < figures[path]["selection_share"] < 100
         assert figures[path]["tflop_per_iter"] > 0
+        assert figures[path]["matmul_share_bf16"] > 0 and figures[path]["matmul_share_fp32"] > 0
+
+
+def test_the_component_profile_adds_up_to_an_iteration(capsys):
+    found = bench_components.main(["--setting", "small", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "generated batches per student step" in out
+    for name in ("generate one batch (no grad)", "teacher scoring forward", "generator step"):
+        seconds, flops = found[name]
+        assert seconds > 0 and flops > 0
+        assert any(line.startswith(name) for line in out.splitlines())
+    assert re.search(r"one iteration: \d+ ms timed; \d+ ms from the components", out)
+
+
+def test_the_threads_benchmark_times_a_worker_and_prints_the_ratios(monkeypatch, capsys):
+    figures = bench_threads.worker("small", "1", 1)
+    assert figures["threads"] == 1 and figures["s_per_iter"] > 0
+    seen = []
+
+    def fake(setting, threads, busy, iters):
+        seen.append((threads, busy))
+        return {"threads": 1 if threads == "1" or busy else 2, "s_per_iter": 0.2 + 0.1 * busy}
+
+    monkeypatch.setattr(bench_threads, "run_configuration", fake)
+    results = bench_threads.main(["--iters", "1"])
+    out = capsys.readouterr().out
+    assert seen == [("1", False), ("auto", False), ("1", True), ("auto", True), ("all", True)]
+    assert "ratio to 1 thread, idle: auto, beside a busy process" in out
+    assert "1.50x" in out and len(results) == 5
 
 
 @pytest.mark.slow
