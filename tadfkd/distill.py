@@ -40,8 +40,9 @@ class Schedule:
 class Distiller:
     """Trains ``student`` to imitate ``teacher`` on the ``synthesizer``'s samples, no real data."""
 
-    # What ``load_state_dict`` reads from a ``state_dict()`` (``grad_scalers`` is optional: older
-    # checkpoints lack it); a checkpoint without one of these is damaged.
+    # What ``load_state_dict`` reads from a ``state_dict()`` (``grad_scalers`` and
+    # ``shared_noise`` are optional: older checkpoints lack them); a checkpoint without one of
+    # these is damaged.
     STATE_KEYS = (
         "student",
         "student_optimizer",
