@@ -107,7 +107,7 @@ class SweepReport(Callback):
             sys.exit(0)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if "method" not in config:  # the teacher job's multirun writes teacher files, no results
+        if "recipe" in config:  # the teacher job's multirun writes teacher files, no results
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         report_path, report_error = None, None
