@@ -45,6 +45,14 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def autocast_to(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device_type`` ("cpu", "cuda"), or nothing when ``dtype`` is
+    None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
+
+
 class Precision:
     """Autocast context for forward passes, and a backward + optimiser step that fits it.
 
@@ -63,9 +71,7 @@ class Precision:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for forward passes: autocast to ``dtype``, or nothing for fp32."""
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return autocast_to(self.device_type, self.dtype)
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, name: str) -> None:
         """``loss.backward()`` then ``optimizer.step()``; under fp16 loss-scaled by the

@@ -20,7 +20,7 @@ from tadfkd import schema
 from tadfkd.errors import UserError
 from tadfkd.nonfinite import NonFiniteGuard
 from tadfkd.objectives import GeneratorBatch, Objective
-from tadfkd.precision import Precision
+from tadfkd.precision import Precision, autocast_to
 from tadfkd.selection import GMMSelection, NoSelection, fill_order
 from tadfkd.views import Inputs, Views
 
@@ -96,10 +96,8 @@ class Synthesizer:
         decisions (docs/performance.md has the measured share).
         """
         z = torch.randn(n, self.nz, device=self.device) if noise is None else noise
-        if self.generation_dtype is None:
-            return self.generator(z)
-        with torch.autocast(self.device.type, dtype=self.generation_dtype):
-            return self.generator(z).float()
+        with autocast_to(self.device.type, self.generation_dtype):
+            return self.generator(z).float()  # no copy when already fp32
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
@@ -126,11 +124,8 @@ class Synthesizer:
         own (the teacher is in eval mode). In fp32 unless ``scoring_dtype`` says otherwise
         (``speed.scoring``): the min-max normalised losses amplify bf16 rounding, which changes
         some keep decisions (docs/performance.md has the measured share)."""
-        if self.scoring_dtype is None:
+        with autocast_to(self.device.type, self.scoring_dtype):
             logits = self.scoring_teacher(test_views)
-        else:
-            with torch.autocast(self.device.type, dtype=self.scoring_dtype):
-                logits = self.scoring_teacher(test_views)
         return self.selection.keep_mask(logits, self.batch_size)
 
     def keep_mask(self, images: torch.Tensor) -> torch.Tensor:
