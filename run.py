@@ -9,11 +9,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tadfkd.errors import Interrupted, RunDirectoryInUse, RunStopped, UserError
-from tadfkd.job import distil
-from tadfkd.results import clear_failure, echo_traceback, record_failure
-from tadfkd.rundir import RECORD_FOLDER, hydra_record, save_hydra_record
-from tadfkd.runtime import command_line_overrides
+from tadfkd.base.errors import Interrupted, RunDirectoryInUse, RunStopped, UserError
+from tadfkd.run.job import distil
+from tadfkd.run.results import clear_failure, echo_traceback, record_failure
+from tadfkd.run.rundir import RECORD_FOLDER, hydra_record, save_hydra_record
+from tadfkd.run.runtime import command_line_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 @pytest.fixture
 def tiny_job() -> DictConfig:
     """The digits job's own config shrunk by ``debug=tiny`` (seconds on a CPU, no W&B), as
-    ``tadfkd.job.distil`` receives it; tests add what they need with ``OmegaConf.update``."""
+    ``tadfkd.run.job.distil`` receives it; tests add what they need with ``OmegaConf.update``."""
     return compose_config(["debug=tiny", "runtime.device=cpu"], hydra_node=False)
 
 

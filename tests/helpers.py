@@ -16,10 +16,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from tadfkd.builder import build_distiller
-from tadfkd.distill import Distiller
+from tadfkd.distillation.loop import Distiller
 from tadfkd.models import build_classifier
-from tadfkd.teachers import random_teacher
+from tadfkd.run.builder import build_distiller
+from tadfkd.teachers.loading import random_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

@@ -16,11 +16,11 @@ import pytest
 import torch
 from helpers import ROOT, compose_config, run_entry, tiny_distiller
 
-from tadfkd.checkpoint import LATEST, PREVIOUS, rng_state, save_checkpoint
-from tadfkd.config import run_identity
 from tadfkd.models import build_classifier
-from tadfkd.rundir import LOCK_FILE
-from tadfkd.teachers import teacher_sha256
+from tadfkd.run.checkpoint import LATEST, PREVIOUS, rng_state, save_checkpoint
+from tadfkd.run.checks import run_identity
+from tadfkd.run.rundir import LOCK_FILE
+from tadfkd.teachers.loading import teacher_sha256
 
 DIGITS_TEACHER = ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt"
 # case id -> (overrides, expected exit code, fragments of the message); {tmp} is a scratch dir

@@ -7,9 +7,11 @@ import pytest
 import torch
 from helpers import ROOT
 
-from tadfkd import bench, bench_components, bench_threads
-from tadfkd.precision import cpu_has_bf16, resolve_precision
-from tadfkd.teachers import read_state_dict
+from tadfkd.bench import compare as bench
+from tadfkd.bench import components as bench_components
+from tadfkd.bench import threads as bench_threads
+from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
+from tadfkd.teachers.loading import read_state_dict
 
 FIGURES = [label for _, label, _ in bench.ROWS]
 

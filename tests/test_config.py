@@ -6,8 +6,8 @@ from helpers import compose_config, options
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 
-from tadfkd.config import check_rules
 from tadfkd.models import ARCHITECTURES
+from tadfkd.run.checks import check_rules
 
 CONTRACT = [
     "trainer.epochs",
@@ -61,7 +61,7 @@ def test_default_config_has_the_contract_names_and_values():
 def test_every_option_of_every_group_holds_valid_values(group):
     for option in options(group):
         cfg = resolved(compose_config([f"{group}={option}"]))
-        check_rules(cfg, group)  # the value table of tadfkd.config, as run.py applies it
+        check_rules(cfg, group)  # the value table of tadfkd.run.checks, as run.py applies it
         target = cfg[group].get("_target_")
         assert target is None or callable(get_object(target)), f"{group}={option}: {target}"
 

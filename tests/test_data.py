@@ -14,9 +14,9 @@ from fakedata import write_fake_cifar, write_fake_fashion_mnist, write_fake_tiny
 from helpers import compose_config, options
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from tadfkd import data
-from tadfkd.data import Augmentation, ImageTransform, load_split, make_loader
-from tadfkd.errors import UserError
+from tadfkd.base.errors import UserError
+from tadfkd.data import sources as data
+from tadfkd.data.sources import Augmentation, ImageTransform, load_split, make_loader
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)

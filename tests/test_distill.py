@@ -6,9 +6,9 @@ import torch
 from helpers import KeepEvery, tiny_distiller
 from torch import nn
 
-from tadfkd import schema
-from tadfkd.errors import UserError
-from tadfkd.selection import GMMSelection
+from tadfkd.base import schema
+from tadfkd.base.errors import UserError
+from tadfkd.distillation.selection import GMMSelection
 
 
 def snapshot(module: nn.Module) -> list[torch.Tensor]:

@@ -9,17 +9,18 @@ import torch
 import torch.nn.functional as F
 from helpers import ROOT, tiny_distiller
 
-import tadfkd.precision
-import tadfkd.synthesizer
-from tadfkd import bench, schema
-from tadfkd.distill import Distiller
-from tadfkd.errors import UserError
-from tadfkd.inference import fold_batchnorm
+import tadfkd.distillation.precision
+import tadfkd.distillation.synthesizer
+from tadfkd.base import schema
+from tadfkd.base.errors import UserError
+from tadfkd.bench import compare as bench
+from tadfkd.distillation.loop import Distiller
+from tadfkd.distillation.precision import Precision, cpu_has_bf16, resolve_precision
+from tadfkd.distillation.selection import fill_order
+from tadfkd.distillation.synthesizer import Synthesizer
 from tadfkd.models import ARCHITECTURES, build_classifier
-from tadfkd.precision import Precision, cpu_has_bf16, resolve_precision
-from tadfkd.selection import fill_order
-from tadfkd.synthesizer import Synthesizer
-from tadfkd.teachers import read_state_dict
+from tadfkd.teachers.folding import fold_batchnorm
+from tadfkd.teachers.loading import read_state_dict
 
 CPU = torch.device("cpu")
 DIGITS_TEACHER = ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt"
@@ -56,7 +57,7 @@ def test_scoring_several_batches_together_keeps_exactly_what_one_at_a_time_keeps
     noise = [torch.randn(size, NZ) for _ in range(12)]
     # The last batch's random subset uses the same draws in both paths.
     monkeypatch.setattr(
-        tadfkd.synthesizer,
+        tadfkd.distillation.synthesizer,
         "fill_order",
         lambda keep, n: fill_order(keep, n, generator=torch.Generator().manual_seed(0)),
     )
@@ -195,7 +196,7 @@ def test_explicit_precisions_are_taken_as_given_or_refused_in_one_sentence():
 def test_the_default_run_builds_for_the_cpu_it_finds_and_trains(monkeypatch, bf16_units):
     """auto: bf16 and a bf16 generator forward on a bf16 CPU, the published fp32 on one
     without (the fallback, forced here); channels-last on both; either way an iteration runs."""
-    monkeypatch.setattr(tadfkd.precision, "cpu_has_bf16", lambda: bf16_units)
+    monkeypatch.setattr(tadfkd.distillation.precision, "cpu_has_bf16", lambda: bf16_units)
     distiller = tiny_distiller()
     synthesizer = distiller.synthesizer
     assert distiller.precision.name == ("bf16" if bf16_units else "fp32")
@@ -208,7 +209,7 @@ def test_the_default_run_builds_for_the_cpu_it_finds_and_trains(monkeypatch, bf1
 
 
 def test_forcing_fp32_and_nchw_on_a_bf16_cpu_gives_the_published_computation(monkeypatch):
-    monkeypatch.setattr(tadfkd.precision, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(tadfkd.distillation.precision, "cpu_has_bf16", lambda: True)
     distiller = tiny_distiller("speed.precision=fp32", "speed.channels_last=false")
     assert distiller.precision.name == "fp32"
     assert distiller.synthesizer.generation_dtype is None

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tadfkd import schema
-from tadfkd.reporter import GRID_COLUMNS, GRID_IMAGES, TILE_GAP_PX, EpochReporter
-from tadfkd.tracking import NullTracker
+from tadfkd.base import schema
+from tadfkd.run.reporter import GRID_COLUMNS, GRID_IMAGES, TILE_GAP_PX, EpochReporter
+from tadfkd.run.tracking import NullTracker
 
 METRICS = {
     schema.STUDENT_ACC: 0.5,

@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import compose_config, tiny_distiller
 
-from tadfkd.config import validate
-from tadfkd.errors import UserError
-from tadfkd.objectives import Objective
+from tadfkd.base.errors import UserError
+from tadfkd.distillation.objectives import Objective
+from tadfkd.run.checks import validate
 
 
 def record(distiller) -> list[tuple]:

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tadfkd import losses
-from tadfkd.errors import UserError
-from tadfkd.objectives import GeneratorBatch, Objective
-from tadfkd.recorders import ForwardHooks, bn_statistics_term
+from tadfkd.base.errors import UserError
+from tadfkd.distillation import losses
+from tadfkd.distillation.objectives import GeneratorBatch, Objective
+from tadfkd.distillation.recorders import ForwardHooks, bn_statistics_term
 
 
 def test_student_l1_is_mean_absolute_difference():

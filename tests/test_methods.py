@@ -8,11 +8,11 @@ from helpers import compose_config, options
 from hydra.utils import instantiate
 from torch import nn
 
-from tadfkd import losses
-from tadfkd.job import distil
+from tadfkd.distillation import losses
+from tadfkd.distillation.objectives import GeneratorBatch, Objective
+from tadfkd.distillation.recorders import bn_statistics_term
 from tadfkd.models import build_classifier
-from tadfkd.objectives import GeneratorBatch, Objective
-from tadfkd.recorders import bn_statistics_term
+from tadfkd.run.job import distil
 
 METHODS = options("method")
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tadfkd.errors import UserError
+from tadfkd.base.errors import UserError
 from tadfkd.models import ARCHITECTURES, Generator, build_classifier, classifier_layer
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")

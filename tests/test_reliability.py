@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, assert_user_error, environment, run_entry, start_entry
 
-from tadfkd import files, schema
-from tadfkd.errors import UserError
-from tadfkd.rundir import RECORD_FOLDER, save_hydra_record
+from tadfkd.base import files, schema
+from tadfkd.base.errors import UserError
+from tadfkd.run.rundir import RECORD_FOLDER, save_hydra_record
 
 TINY = ["debug=tiny", "runtime.device=cpu", "runtime.threads=1", "logger=none"]
 

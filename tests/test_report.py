@@ -10,8 +10,9 @@ from helpers import run_entry
 from omegaconf import OmegaConf
 from scipy import stats
 
-from tadfkd import report
-from tadfkd.errors import UserError
+from tadfkd.analysis import report
+from tadfkd.base.errors import UserError
+from tadfkd.report import main as report_main
 
 TEACHER_ACC = {"good": 0.98, "hard": 0.90}
 
@@ -115,7 +116,7 @@ def test_paired_differences_compare_methods_on_the_same_teacher_and_seed(tmp_pat
 
 def test_files_say_what_was_run_partial_and_list_failed_and_running_jobs(sweep, tmp_path):
     out = tmp_path / "out"
-    assert report.main([str(sweep), "--out", str(out)]) == 0
+    assert report_main([str(sweep), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "Partial sweep" in text and "3_d" in text and "CUDA out of memory" in text
     assert "10_e (basic, good, seed 1)" in text
@@ -158,7 +159,7 @@ def test_runs_without_a_test_set_are_reported_as_not_measured(tmp_path):
     (job / "results.json").write_text(json.dumps(results))
     make_job(root, "1_b", "tadfkd", "hard", 0, [0.7])
     out = tmp_path / "out"
-    assert report.main([str(root), "--out", str(out)]) == 0
+    assert report_main([str(root), "--out", str(out)]) == 0
     final = next(r for r in csv.DictReader((out / "report.csv").open()) if r["accuracy"] == "final")
     assert final["n"] == "1" and float(final["mean"]) == pytest.approx(0.7)
 
@@ -173,7 +174,7 @@ def test_job_configs_are_never_resolved_so_no_secret_reaches_the_report(tmp_path
     OmegaConf.save(config, job / ".hydra" / "config.yaml")
     (job / "results.json").unlink()  # a running job: its labels come from the config
     out = tmp_path / "out"
-    assert report.main([str(root), "--out", str(out)]) == 0
+    assert report_main([str(root), "--out", str(out)]) == 0
     for path in out.iterdir():
         if path.suffix in (".md", ".csv"):
             assert "hunter2" not in path.read_text(), path.name
@@ -195,7 +196,7 @@ def test_a_malformed_job_file_lists_the_job_as_unreadable(tmp_path, damage, file
     (bad / "results.json").unlink()
     (bad / file).write_text(damage)
     out = tmp_path / "out"
-    assert report.main([str(root), "--out", str(out)]) == 0
+    assert report_main([str(root), "--out", str(out)]) == 0
     runs = {run.name: run for run in report.read_sweep_directory(root)}
     assert runs["1_bad"].status == "unreadable" and "unreadable" in runs["1_bad"].error
     assert "1_bad" in (out / "report.md").read_text()
@@ -203,9 +204,9 @@ def test_a_malformed_job_file_lists_the_job_as_unreadable(tmp_path, damage, file
 
 
 def test_missing_sources_and_unreachable_wandb_are_one_sentence(tmp_path, monkeypatch, capsys):
-    assert report.main([str(tmp_path)]) == 2
+    assert report_main([str(tmp_path)]) == 2
     assert "holds no run directories" in capsys.readouterr().err
-    assert report.main([str(tmp_path / "no_such_sweep")]) == 2
+    assert report_main([str(tmp_path / "no_such_sweep")]) == 2
     assert "is not a directory" in capsys.readouterr().err  # not taken for a W&B group
     wandb = pytest.importorskip("wandb")
 
@@ -213,7 +214,7 @@ def test_missing_sources_and_unreachable_wandb_are_one_sentence(tmp_path, monkey
         raise ConnectionError("no network")
 
     monkeypatch.setattr(wandb, "Api", offline)
-    assert report.main(["me/tadfkd/sweep_digits_2026", "--out", str(tmp_path / "w")]) == 2
+    assert report_main(["me/tadfkd/sweep_digits_2026", "--out", str(tmp_path / "w")]) == 2
     assert "could not read W&B group 'me/tadfkd/sweep_digits_2026'" in capsys.readouterr().err
 
 
@@ -299,7 +300,7 @@ def test_a_wrongly_typed_or_out_of_range_field_makes_the_job_unreadable(tmp_path
     results[key] = value
     (bad / "results.json").write_text(json.dumps(results))  # NaN and Infinity as Python writes
     out = tmp_path / "out"
-    assert report.main([str(root), "--out", str(out)]) == 0
+    assert report_main([str(root), "--out", str(out)]) == 0
     runs = {run.name: run for run in report.read_sweep_directory(root)}
     assert runs["1_bad"].status == "unreadable", runs["1_bad"]
     assert key in runs["1_bad"].error
@@ -319,7 +320,7 @@ def test_names_are_escaped_in_markdown_tables(tmp_path):
     results["teacher"] = "evil\n| teacher |"
     (job / "results.json").write_text(json.dumps(results))
     out = tmp_path / "out"
-    assert report.main([str(root), "--out", str(out)]) == 0
+    assert report_main([str(root), "--out", str(out)]) == 0
     text = (out / "report.md").read_text()
     assert "| evil \\| teacher \\| |" in text
     for line in text.splitlines():
@@ -330,10 +331,10 @@ def test_names_are_escaped_in_markdown_tables(tmp_path):
 
 
 def test_an_unwritable_out_and_a_missing_ceiling_are_one_sentence(sweep, tmp_path, capsys):
-    assert report.main([str(sweep), "--out", "/proc/report"]) == 2
+    assert report_main([str(sweep), "--out", "/proc/report"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the report cannot be written into /proc")
     missing = tmp_path / "nonexistent.json"
-    assert report.main([str(sweep), "--out", str(tmp_path / "o"), "--ceiling", str(missing)]) == 2
+    assert report_main([str(sweep), "--out", str(tmp_path / "o"), "--ceiling", str(missing)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--ceiling {missing} is not a file" in err[0]

@@ -30,8 +30,11 @@ from helpers import (
 )
 from omegaconf import OmegaConf
 
-from tadfkd import job, schema
-from tadfkd.checkpoint import (
+from tadfkd.base import schema
+from tadfkd.base.errors import Interrupted, NonFiniteLoss, UserError
+from tadfkd.distillation.objectives import Objective
+from tadfkd.run import job
+from tadfkd.run.checkpoint import (
     LATEST,
     PREVIOUS,
     RNG_KEYS,
@@ -41,12 +44,10 @@ from tadfkd.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from tadfkd.config import check_same_run, run_identity
-from tadfkd.errors import Interrupted, NonFiniteLoss, UserError
-from tadfkd.job import CHECKPOINT_KEYS, distil
-from tadfkd.objectives import Objective
-from tadfkd.results import STUDENT_FILE
-from tadfkd.tracking import WandbTracker
+from tadfkd.run.checks import check_same_run, run_identity
+from tadfkd.run.job import CHECKPOINT_KEYS, distil
+from tadfkd.run.results import STUDENT_FILE
+from tadfkd.run.tracking import WandbTracker
 
 # Eight epochs: even on an idle machine (about 0.1 s an epoch) three kills land before the end.
 TINY = ["debug=tiny", "trainer.epochs=8", "runtime.device=cpu"]

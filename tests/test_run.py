@@ -8,7 +8,7 @@ import torch
 from fakedata import write_fake_cifar, write_fake_fashion_mnist, write_fake_tinyimagenet
 from helpers import assert_user_error, run_entry, save_random_teacher
 
-from tadfkd import schema
+from tadfkd.base import schema
 from tadfkd.models import build_classifier
 
 # one epoch of one iteration of one student step at batch 8, with an image grid

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from helpers import assert_user_error, run_entry, start_entry
 
-from tadfkd import schema
-from tadfkd.checkpoint import LATEST, PREVIOUS, read_checkpoint
-from tadfkd.rundir import LOCK_FILE
+from tadfkd.base import schema
+from tadfkd.run.checkpoint import LATEST, PREVIOUS, read_checkpoint
+from tadfkd.run.rundir import LOCK_FILE
 
 TINY = ["debug=tiny", "trainer.epochs=8", "runtime.device=cpu", "logger=none"]
 # Eight epochs of six iterations: seconds of training, longer than one run's start takes.

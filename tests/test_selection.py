@@ -8,8 +8,8 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
-from tadfkd.errors import UserError
-from tadfkd.selection import (
+from tadfkd.base.errors import UserError
+from tadfkd.distillation.selection import (
     GMMSelection,
     NoSelection,
     clean_posterior,

@@ -11,8 +11,8 @@ from helpers import ROOT, compose_config, options, run_entry
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from tadfkd.job import run_group
-from tadfkd.sweep import SweepReport
+from tadfkd.analysis.sweep import SweepReport
+from tadfkd.run.job import run_group
 
 TINY = ["debug=tiny", "trainer.epochs=2", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]
 TINY += ["trainer.batch_size=8", "runtime.eval_batch_size=256"]
@@ -205,7 +205,7 @@ def test_a_report_that_crashes_still_ends_a_failed_sweep_with_its_summary_and_co
     def crash(*args, **kwargs):
         raise RuntimeError("a bug in the report")
 
-    monkeypatch.setattr("tadfkd.report.write_report", crash)
+    monkeypatch.setattr("tadfkd.analysis.report.write_report", crash)
     code, out, err = sweep_end(tmp_path, capsys)
     assert code == 5
     assert out.strip().startswith(f"sweep {tmp_path}: 2 jobs, 0 done, 2 failed")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import ROOT, assert_user_error, run_entry
 
-from tadfkd.teachers import read_metadata
+from tadfkd.teachers.loading import read_metadata
 
 SHIPPED = ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt"
 # The one folder that even root cannot write to: the kernel refuses new files in /sys.

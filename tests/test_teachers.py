@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tadfkd.errors import UserError
+from tadfkd.base.errors import UserError
 from tadfkd.models import build_classifier
-from tadfkd.teachers import (
+from tadfkd.teachers.loading import (
     Teacher,
     load_classifier,
     load_teacher,

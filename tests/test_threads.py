@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import tadfkd.runtime
-from tadfkd.runtime import auto_threads, busy_cores_of_others, set_threads
+import tadfkd.run.runtime
+from tadfkd.run.runtime import auto_threads, busy_cores_of_others, set_threads
 
 
 @pytest.mark.parametrize(
@@ -26,32 +26,32 @@ def test_auto_threads_is_the_share_less_the_busy_cores(cores, side_by_side, busy
 
 def test_busy_cores_of_others_leaves_out_this_process(monkeypatch):
     readings = iter([100.0, 100.9])  # 0.9 s of busy CPU time in the machine over the window
-    monkeypatch.setattr(tadfkd.runtime, "machine_busy_seconds", lambda: next(readings))
-    monkeypatch.setattr(tadfkd.runtime.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(tadfkd.run.runtime, "machine_busy_seconds", lambda: next(readings))
+    monkeypatch.setattr(tadfkd.run.runtime.time, "sleep", lambda seconds: None)
     clock = iter([0.0, 1.0])  # a window of 1 s
-    monkeypatch.setattr(tadfkd.runtime.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(tadfkd.run.runtime.time, "perf_counter", lambda: next(clock))
     own = iter([5.0, 5.1])  # of which this process used 0.1 s
-    monkeypatch.setattr(tadfkd.runtime.time, "process_time", lambda: next(own))
+    monkeypatch.setattr(tadfkd.run.runtime.time, "process_time", lambda: next(own))
     assert busy_cores_of_others(1.0) == pytest.approx(0.8)
 
 
 def test_busy_cores_are_zero_where_the_machine_cannot_tell(monkeypatch):
-    monkeypatch.setattr(tadfkd.runtime, "machine_busy_seconds", lambda: None)
+    monkeypatch.setattr(tadfkd.run.runtime, "machine_busy_seconds", lambda: None)
     assert busy_cores_of_others() == 0.0
 
 
 def test_the_machine_busy_time_is_read_on_linux():
-    seconds = tadfkd.runtime.machine_busy_seconds()
+    seconds = tadfkd.run.runtime.machine_busy_seconds()
     assert seconds is None or seconds > 0
 
 
 def test_set_threads_auto_drops_to_one_thread_beside_a_busy_process(monkeypatch):
     before = torch.get_num_threads()
-    monkeypatch.setattr(tadfkd.runtime, "cores_available", lambda: 2)
-    monkeypatch.setattr(tadfkd.runtime, "busy_cores_of_others", lambda: 1.0)
+    monkeypatch.setattr(tadfkd.run.runtime, "cores_available", lambda: 2)
+    monkeypatch.setattr(tadfkd.run.runtime, "busy_cores_of_others", lambda: 1.0)
     try:
         assert set_threads("auto") == 1 == torch.get_num_threads()
-        monkeypatch.setattr(tadfkd.runtime, "busy_cores_of_others", lambda: 0.0)
+        monkeypatch.setattr(tadfkd.run.runtime, "busy_cores_of_others", lambda: 0.0)
         assert set_threads("auto") == 2 == torch.get_num_threads()
         assert set_threads(3) == 3
     finally:

@@ -2,7 +2,7 @@
 
 import torch
 
-from tadfkd.views import Views
+from tadfkd.data.views import Views
 
 
 def test_test_view_is_per_channel_normalisation():

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import assert_user_error, compose_config, read_wandb_run, run_entry
 
-from tadfkd import schema
-from tadfkd.errors import Interrupted, NonFiniteLoss
-from tadfkd.job import distil
-from tadfkd.objectives import Objective
-from tadfkd.tracking import INSTANTIATION_KEYS, WandbTracker
+from tadfkd.base import schema
+from tadfkd.base.errors import Interrupted, NonFiniteLoss
+from tadfkd.distillation.objectives import Objective
+from tadfkd.run.job import distil
+from tadfkd.run.tracking import INSTANTIATION_KEYS, WandbTracker
 
 # one epoch of one iteration of one student step at batch 8
 TINY = ["debug=tiny", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]

@@ -18,8 +18,8 @@ from wandb.sdk.launch.sweeps.utils import (
     load_sweep_config,
 )
 
-from tadfkd import schema
-from tadfkd.config import validate
+from tadfkd.base import schema
+from tadfkd.run.checks import validate
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 AGENT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]

@@ -12,12 +12,12 @@ import torch
 from helpers import ROOT, compose_config, options, run_entry
 from hydra.utils import instantiate
 
-from tadfkd import data
-from tadfkd.data import load_split, make_loader
-from tadfkd.evaluation import evaluate
+from tadfkd.data import sources as data
+from tadfkd.data.sources import load_split, make_loader
+from tadfkd.distillation.evaluation import evaluate
 from tadfkd.models import ARCHITECTURES, build_classifier
-from tadfkd.teachers import Teacher, read_metadata
-from tadfkd.train_teacher import output_path
+from tadfkd.run.teacher_job import output_path
+from tadfkd.teachers.loading import Teacher, read_metadata
 
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
 CIFAR100_MEAN, CIFAR100_STD = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]

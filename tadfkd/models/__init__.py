@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from tadfkd.errors import UserError
+from tadfkd.base.errors import UserError
 from tadfkd.models.digits import digits_cnn, digits_cnn_s, digits_cnn_w, digits_resnet
 from tadfkd.models.generator import Generator
 from tadfkd.models.resnet_cifar import resnet18, resnet34

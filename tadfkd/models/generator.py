@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tadfkd.errors import UserError
+from tadfkd.base.errors import UserError
 
 
 class Generator(nn.Module):

@@ -1,0 +1,124 @@
+"""Where one iteration's time goes, component by component, on the fast path.
+
+    python -m tadfkd.bench.components --setting fashion_mnist
+    python -m tadfkd.bench.components --setting small --precision fp32
+
+Builds the benchmark's distiller (random weights, ``tadfkd.bench.compare``), runs two warm-up
+iterations, then times each component on its own (the median of ``--reps`` calls) and counts its
+FLOPs (torch's ``FlopCounterMode``): one generated batch (no gradients), its test view, its
+train view, the teacher's scoring forward, the mixture fit, one student step on a ready batch,
+one generator step, and a whole student batch with its refill. The last lines scale them to one
+iteration (``student_steps`` student batches and steps plus one generator step) and compare with
+a timed iteration, so the table adds up to what an iteration costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tadfkd.base import schema
+from tadfkd.bench import compare as bench
+from tadfkd.distillation.meter import EpochMeter
+
+
+def timed(function: Callable[[], object], reps: int) -> float:
+    """Median seconds of ``reps`` calls (after one untimed call)."""
+    function()
+    seconds = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        function()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def flops(function: Callable[[], object]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return float(counter.get_total_flops())
+
+
+def components(distiller, reps: int) -> dict[str, tuple[float, float]]:
+    """Seconds and FLOPs of each component of one iteration."""
+    synthesizer, size = distiller.synthesizer, distiller.schedule.batch_size
+    with torch.no_grad():
+        images = synthesizer.sample(size)
+        test_view = synthesizer.views.test_view(images)
+        logits = synthesizer.scoring_teacher(test_view)
+    batch, _ = synthesizer.student_batch()
+    refill = synthesizer.student_batch
+
+    def student_step() -> None:
+        synthesizer.student_batch = lambda: (batch, {})
+        try:
+            distiller.student_step()
+        finally:
+            synthesizer.student_batch = refill
+
+    student, objective = distiller.student, distiller.objective
+    parts: dict[str, Callable[[], object]] = {
+        "generate one batch (no grad)": lambda: synthesizer.sample(size),
+        "test view": lambda: synthesizer.views.test_view(images),
+        "train view": lambda: synthesizer.views.train_view(images),
+        "teacher scoring forward": lambda: torch.no_grad()(synthesizer.scoring_teacher)(test_view),
+        "mixture fit (one batch)": lambda: synthesizer.selection.keep_mask(logits, size),
+        "student step (ready batch)": student_step,
+        "generator step": lambda: synthesizer.generator_step(student, objective),
+        "student batch (refill)": refill,
+    }
+    return {name: (timed(part, reps), flops(part)) for name, part in parts.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m tadfkd.bench.components", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--setting", choices=sorted(bench.SETTINGS), default="fashion_mnist")
+    parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    overrides = [*bench.SETTINGS[args.setting], "runtime.device=cpu"]
+    cfg = bench.bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
+    distiller = bench.build(cfg, device, published=False, seed=0)
+    for _ in range(2):
+        distiller.iterate()
+    distiller.meter = EpochMeter()
+    iteration = timed(distiller.iterate, 3)
+    steps = distiller.schedule.student_steps
+    generated = float(distiller.meter.sums[schema.GENERATED]) / distiller.schedule.batch_size
+    per_step_batches = generated / (4 * steps)  # 1 untimed + 3 timed iterations
+    found = components(distiller, args.reps)
+    print(
+        f"CPU: {bench.device_name(device)}, {args.threads} thread(s); setting {args.setting}, "
+        f"precision {distiller.precision.name}, generation "
+        f"{str(distiller.synthesizer.generation_dtype or 'fp32').removeprefix('torch.')}, "
+        f"scoring {str(distiller.synthesizer.scoring_dtype or 'fp32').removeprefix('torch.')}; "
+        f"{per_step_batches:.2f} generated batches per student step"
+    )
+    print(f"{'component':<32}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
+    for name, (seconds, count) in found.items():
+        rate = count / seconds / 1e9 if seconds > 0 else 0.0
+        print(f"{name:<32}{seconds * 1e3:>9.2f}{count / 1e9:>9.3f}{rate:>9.1f}")
+    estimate = (
+        steps * (found["student batch (refill)"][0] + found["student step (ready batch)"][0])
+        + found["generator step"][0]
+    )
+    print(
+        f"one iteration: {iteration * 1e3:.0f} ms timed; {estimate * 1e3:.0f} ms from the "
+        f"components ({steps} x (student batch + student step) + generator step)"
+    )
+    return found
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Building a distillation run from a composed config: the one place where teacher, student,
+generator, views, selection, objective, optimisers and schedule are wired together (used by the
+job, the benchmark and the tests)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from tadfkd.base.errors import DatasetMissing
+from tadfkd.data.sources import load_split, make_loader
+from tadfkd.data.views import Views
+from tadfkd.distillation.loop import Distiller, Schedule
+from tadfkd.distillation.nonfinite import NonFiniteGuard
+from tadfkd.distillation.precision import Precision, prepare_model, resolve_precision
+from tadfkd.distillation.synthesizer import Synthesizer
+from tadfkd.run.runtime import build
+from tadfkd.teachers.folding import fold_batchnorm
+from tadfkd.teachers.loading import Teacher
+
+log = logging.getLogger(__name__)
+
+# speed.scoring / speed.generation -> the autocast dtype of the selection's scoring forward or
+# of the generator's forward (None: fp32); auto follows the training precision
+LOW_PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def forward_dtype(setting: str, precision: Precision) -> torch.dtype | None:
+    """A ``speed.scoring`` / ``speed.generation`` value as an autocast dtype (None: fp32);
+    ``auto`` follows the training precision, bf16 or fp32 (fp16 training keeps it fp32)."""
+    if setting == "auto":
+        return precision.dtype if precision.name == "bf16" else None
+    return LOW_PRECISION_DTYPES[setting]
+
+
+def schedule_of(cfg: DictConfig) -> Schedule:
+    """The ``trainer`` node as a ``Schedule``."""
+    trainer = cfg.trainer
+    return Schedule(
+        epochs=int(trainer.epochs),
+        iters_per_epoch=int(trainer.iters_per_epoch),
+        student_steps=int(trainer.student_steps),
+        batch_size=int(trainer.batch_size),
+        published_scheduler_offset=bool(trainer.published_scheduler_offset),
+    )
+
+
+def on_cuda_if_auto(setting: str | bool, device: torch.device) -> bool:
+    """A ``speed`` switch: ``auto`` is on for CUDA, off elsewhere; true / false as given."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def use_channels_last(setting: str | bool) -> bool:
+    """``speed.channels_last``: ``auto`` is on, on CUDA and on a CPU alike (oneDNN's CPU
+    convolutions are faster in that layout, in bf16 and in fp32: docs/performance.md)."""
+    return True if setting == "auto" else bool(setting)
+
+
+def inference_teacher(
+    cfg: DictConfig, teacher: torch.nn.Module, device: torch.device, channels_last: bool
+):
+    """The teacher of the no-grad forwards: with BatchNorm folded (``speed.fold_teacher_bn``),
+    checked on a fixed random batch of the dataset's shape (no global RNG is drawn)."""
+    if not cfg.speed.fold_teacher_bn:
+        return teacher
+    dataset = cfg.dataset
+    shape = (2, int(dataset.channels), int(dataset.image_size), int(dataset.image_size))
+    draw = torch.Generator(device=device).manual_seed(0)
+    example = torch.randn(shape, generator=draw, device=device)
+    if channels_last:
+        example = example.contiguous(memory_format=torch.channels_last)
+    return fold_batchnorm(teacher, example)
+
+
+def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> Distiller:
+    """A ``Distiller`` for ``teacher`` (loaded) with everything else built from ``cfg``; the
+    student is initialised before the generator, from the global RNG (seed it first)."""
+    speed = cfg.speed
+    precision = Precision(resolve_precision(str(speed.precision), device), device)
+    channels_last = use_channels_last(speed.channels_last)
+    teacher_model = prepare_model(teacher.model, device, channels_last)
+    scoring_teacher = inference_teacher(cfg, teacher_model, device, channels_last)
+    student = prepare_model(build(cfg.student), device, channels_last)
+    generator = prepare_model(build(cfg.generator), device, channels_last)
+    if speed.compile:
+        for model in {
+            id(m): m for m in (teacher_model, scoring_teacher, student, generator)
+        }.values():
+            model.compile()  # in place: parameters, hooks and state dicts keep their names
+    schedule = schedule_of(cfg)
+    student_optimizer = build(cfg.optimizer.student)(student.parameters())
+    guard = NonFiniteGuard(str(cfg.runtime.on_nonfinite))
+    objective = build(cfg.method)
+    synthesizer = Synthesizer(
+        generator=generator,
+        generator_optimizer=build(cfg.optimizer.generator)(generator.parameters()),
+        teacher=teacher_model,
+        views=Views(
+            teacher.mean,
+            teacher.std,
+            int(cfg.dataset.views.crop_padding),
+            bool(cfg.dataset.views.flip),
+        ),
+        selection=build(cfg.selection),
+        batch_size=schedule.batch_size,
+        device=device,
+        precision=precision,
+        guard=guard,
+        scoring_teacher=scoring_teacher,
+        adaptive_rounds=speed.refill == "adaptive",
+        bucket_rounds=on_cuda_if_auto(speed.static_shapes, device),
+        scoring_dtype=forward_dtype(str(speed.scoring), precision),
+        generation_dtype=forward_dtype(str(speed.generation), precision),
+        inputs=objective.inputs,
+    )
+    return Distiller(
+        teacher=teacher_model,
+        student=student,
+        synthesizer=synthesizer,
+        objective=objective,
+        student_optimizer=student_optimizer,
+        scheduler=build(cfg.optimizer.scheduler)(student_optimizer),
+        schedule=schedule,
+        device=device,
+        precision=precision,
+    )
+
+
+def load_test_set(cfg: DictConfig, teacher: Teacher) -> DataLoader | None:
+    """The test set normalised for ``teacher``, in batches; None (after one note) when it is
+    absent and ``runtime.require_test_set`` is false, else its absence is a ``UserError``."""
+    try:
+        test_set = load_split(
+            cfg.dataset.name,
+            cfg.paths.data,
+            "test",
+            mean=teacher.mean,
+            std=teacher.std,
+            download=bool(cfg.runtime.download),
+        )
+    except DatasetMissing as error:
+        if cfg.runtime.require_test_set:
+            raise
+        log.info(
+            f"note: {error} Training without evaluation (runtime.require_test_set=false): "
+            "teacher and student accuracies are not measured and are null in results.json."
+        )
+        return None
+    return make_loader(
+        test_set,
+        int(cfg.runtime.eval_batch_size),
+        shuffle=False,
+        num_workers=int(cfg.runtime.num_workers),
+    )

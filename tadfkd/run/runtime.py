@@ -1,0 +1,232 @@
+"""Where and how a job runs: its device, CPU threads and random seeds, and building objects
+from config nodes. Shared by the distillation job, the teacher job and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tadfkd.base.errors import UserError
+
+
+def build(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, passing a ``UserError`` raised while building through as is."""
+    try:
+        return instantiate(node, *args, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
+
+
+def command_line_overrides() -> list[str]:
+    """The run's overrides as typed on the command line, interpolations unresolved (none
+    outside Hydra): resolving them would run their resolvers (an unset ``${oc.env:...}``) and
+    write what they resolve to (a secret) wherever the overrides go."""
+    if not HydraConfig.initialized():
+        return []
+    return [str(item) for item in OmegaConf.to_container(HydraConfig.get().overrides.task)]
+
+
+def check_resolvable(cfg: DictConfig) -> None:
+    """Resolve every interpolation of ``cfg`` once, before any work: one that cannot be (an
+    unset environment variable, a key that does not exist) is a ``UserError`` naming the key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "a config value"
+        why = str(error).splitlines()[0] if str(error) else type(error).__name__
+        why = re.sub(r"^\w+ raised while resolving interpolation: ", "", why).strip('"')
+        raise UserError(
+            f"{key} cannot be resolved ({why}); set what it refers to (e.g. the environment "
+            f"variable), or give {key} a value."
+        ) from None
+
+
+# Environment variables whose values never reach a run's files or W&B (``runtime.secret_env``
+# adds others); values shorter than this are not matched (they would match everywhere).
+SECRET_ENV = ("WANDB_API_KEY",)
+SHORTEST_SECRET = 6
+REDACTED = "<redacted>"
+
+
+def secret_values(extra_names: Sequence[str] = ()) -> list[str]:
+    """The values of ``SECRET_ENV`` and ``extra_names`` in this process's environment."""
+    values = (os.environ.get(name, "") for name in (*SECRET_ENV, *extra_names))
+    return [value for value in values if len(value) >= SHORTEST_SECRET]
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret value in it replaced by ``REDACTED``."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact_secrets(cfg: DictConfig) -> None:
+    """Replace, in ``cfg``, every value that resolves to text holding a secret (e.g. an
+    interpolated ``${oc.env:WANDB_API_KEY}``) by that text with the secret ``REDACTED``, so
+    that nothing downstream (the run's identity in its checkpoint, results.json, run.log, the
+    W&B config, name, group and tags) ever holds it."""
+    extra = OmegaConf.select(cfg, "runtime.secret_env")
+    names = [str(name) for name in extra] if OmegaConf.is_list(extra) else []
+    secrets = secret_values(names)
+    if not secrets:
+        return
+
+    def walk(node: Any) -> None:
+        keys = range(len(node)) if OmegaConf.is_list(node) else list(node.keys())
+        for key in keys:
+            value = node[key]
+            if OmegaConf.is_config(value):
+                walk(value)
+            elif isinstance(value, str) and redact(value, secrets) != value:
+                node[key] = redact(value, secrets)
+
+    walk(cfg)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` and ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"runtime.device={name} was asked for but no CUDA device is available; use cpu."
+        )
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(
+            f"runtime.device={name} is not a device name; use auto, cpu or cuda."
+        ) from error
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(
+            f"runtime.device={name} cannot train a network here; use auto, cpu or cuda."
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"runtime.device={name} does not exist: this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s)."
+        )
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cores_available() -> int:
+    """CPU cores this process may run on (its affinity mask: a SLURM or taskset allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def jobs_side_by_side() -> int:
+    """How many jobs of this process's sweep run at once on this machine: the batch size of
+    hydra's submitit-local launcher in a multirun, else 1 (a single run, the sequential basic
+    launcher, or a cluster job with its own allocation)."""
+    if not HydraConfig.initialized():
+        return 1
+    hydra = HydraConfig.get()
+    launcher = str(hydra.launcher.get("_target_", ""))
+    if hydra.mode != RunMode.MULTIRUN or not launcher.endswith("LocalLauncher"):
+        return 1
+    return max(1, int(hydra.sweeper.get("max_batch_size") or 1))
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes of this machine have spent busy since boot (``/proc/stat``),
+    or None where that file does not exist (not Linux)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy
+    ticks = [int(value) for value in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def busy_cores_of_others(window: float = 0.3) -> float:
+    """How many cores other processes keep busy, measured over ``window`` seconds of this
+    process sleeping (0 where it cannot be measured)."""
+    before = machine_busy_seconds()
+    if before is None:
+        return 0.0
+    own_before, start = time.process_time(), time.perf_counter()
+    time.sleep(window)
+    after = machine_busy_seconds()
+    own = time.process_time() - own_before
+    elapsed = time.perf_counter() - start
+    return max(0.0, (after - before - own) / elapsed)
+
+
+def auto_threads(cores: int, side_by_side: int, busy: float) -> int:
+    """``runtime.threads=auto``: this job's share of the ``cores`` among the jobs running
+    ``side_by_side``, less the cores other processes keep ``busy`` (rounded, at least 1).
+
+    A thread that shares a core with a busy process stalls every parallel region of the
+    others: on 2 cores beside one busy process, 2 threads ran a digits job up to 18x slower
+    than 1 (docs/performance.md)."""
+    share = max(1, cores // side_by_side)
+    free = cores - round(busy)
+    return max(1, min(share, free))
+
+
+def set_threads(threads: int | str) -> int:
+    """Set torch's CPU threads: ``auto`` is ``auto_threads`` of the cores available, the jobs
+    side by side and the busy cores of other processes measured now; a number is taken as is.
+    Returns the count."""
+    if threads == "auto":
+        count = auto_threads(cores_available(), jobs_side_by_side(), busy_cores_of_others())
+    else:
+        count = int(threads)
+    torch.set_num_threads(count)
+    return count
+
+
+def source_commit() -> str | None:
+    """The git commit of this code (with ``+dirty`` when it has uncommitted changes), or None
+    outside a git checkout: recorded with every result so a report says what code made it."""
+    repository = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repository), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head
