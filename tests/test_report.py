@@ -338,3 +338,65 @@ def test_an_unwritable_out_and_a_missing_ceiling_are_one_sentence(sweep, tmp_pat
     assert report_main([str(sweep), "--out", str(tmp_path / "o"), "--ceiling", str(missing)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--ceiling {missing} is not a file" in err[0]
+
+
+class FakeWandbRun:
+    """What the W&B public API gives for one run of a group (the fields the report reads)."""
+
+    def __init__(self, name, state, summary, rows=()):
+        self.name, self.state, self.summary, self.rows = name, state, summary, list(rows)
+        self.config = {"seed": 0, "method": {"name": "tadfkd"}, "teacher": {"name": "good"}}
+
+    def scan_history(self, keys):
+        return [{key: row[key] for key in keys if key in row} for row in self.rows]
+
+
+def test_a_wandb_group_is_read_as_jobs_with_their_history(monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    rows = [
+        {"acc/student": 0.5, "health/agreement": 0.7, "selection/rate": 0.4, "loss/student": 2.0},
+        {"acc/student": 0.6, "health/agreement": 0.8, "selection/rate": 0.5, "loss/student": 1.0},
+    ]
+    summary = {
+        "student_final_acc": 0.6,
+        "student_best_acc": 0.6,
+        "student_last10_acc": 0.55,
+        "teacher_acc": 0.98,
+        "dataset": "digits",
+        "teacher": "good",
+        "student": "digits_cnn_s",
+        "method": "tadfkd",
+        "seed": 0,
+    }
+    group = [
+        FakeWandbRun("done", "finished", summary, rows),
+        FakeWandbRun("live", "running", {}),
+        FakeWandbRun("crashed", "crashed", {}),
+        FakeWandbRun("odd", "finished", {**summary, "student_best_acc": 7.0}, rows),
+    ]
+    seen = {}
+
+    class Api:
+        def __init__(self, timeout):
+            pass
+
+        def runs(self, path, filters):
+            seen.update(path=path, filters=filters)
+            return group
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    runs, out = report.read_source("me/tadfkd/sweep_digits")
+    assert seen == {"path": "me/tadfkd", "filters": {"group": "sweep_digits"}}
+    assert out == Path("reports") / "sweep_digits"
+    assert [run.status for run in runs] == ["done", "running", "failed", "unreadable"]
+    done = runs[0]
+    assert (done.method, done.teacher, done.student, done.seed) == (
+        "tadfkd",
+        "good",
+        "digits_cnn_s",
+        0,
+    )
+    assert done.results["epoch_accs"] == [0.5, 0.6]
+    assert done.final_health == {"health/agreement": 0.8, "selection/rate": 0.5}
+    assert runs[1].teacher == "good" and runs[2].error == "W&B state crashed"
+    assert "student_best_acc" in runs[3].error
