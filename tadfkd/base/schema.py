@@ -29,7 +29,14 @@ GENERATOR_LOSS = loss_key("generator")
 TEACHER_CLASS_ENTROPY = "health/teacher_class_entropy"  # of the arg-max histogram, / log K
 TEACHER_CONFIDENCE = "health/teacher_confidence"  # mean max softmax probability
 AGREEMENT = "health/agreement"  # teacher-student arg-max agreement
-HEALTH = (TEACHER_CLASS_ENTROPY, TEACHER_CONFIDENCE, AGREEMENT)
+# Every data-free health signal of an epoch (the three above and the selection rate), in the
+# words the report's plots use.
+HEALTH = {
+    TEACHER_CLASS_ENTROPY: "teacher class entropy (fraction of log K)",
+    TEACHER_CONFIDENCE: "teacher confidence (mean max probability)",
+    AGREEMENT: "teacher-student agreement (fraction)",
+    SELECTION_RATE: "selection rate (fraction kept)",
+}
 
 # Averaged per student step: generated batches that contributed to a student batch.
 BATCHES_USED = "selection/batches_used"

@@ -42,9 +42,14 @@ def summarise(accuracies: Sequence[float | None], teacher_acc: float | None) -> 
     }
 
 
-def percent(fraction: float | None) -> str:
-    """A fraction as a percentage with two decimals, or "not measured" for None."""
-    return "not measured" if fraction is None else f"{100 * fraction:.2f}%"
+def percent(
+    fraction: float | None, digits: int = 2, sign: str = "%", missing: str = "not measured"
+) -> str:
+    """A fraction as a percentage with ``digits`` decimals and ``sign``, or ``missing`` when it
+    was not measured (None or NaN)."""
+    if fraction is None or math.isnan(fraction):
+        return missing
+    return f"{100 * fraction:.{digits}f}{sign}"
 
 
 def _written(path: Path, write: Callable[[], None]) -> None:
@@ -119,7 +124,7 @@ def results_problem(results: Any) -> str | None:
     if not isinstance(history, list) or not all(isinstance(row, dict) for row in history):
         return f"{schema.HISTORY} is not a list of per-epoch objects"
     for row in history:
-        for key in (*schema.HEALTH, schema.SELECTION_RATE, schema.STUDENT_ACC):
+        for key in (*schema.HEALTH, schema.STUDENT_ACC):
             if row.get(key) is not None and not is_fraction(row[key]):
                 return f"{schema.HISTORY}'s {key} is {row[key]!r}, not a fraction in [0, 1]"
         if row.get(schema.EPOCH_SECONDS) is not None and not _seconds(row[schema.EPOCH_SECONDS]):
