@@ -1,12 +1,15 @@
 """Report over a sweep, an entry point: ``python -m tadfkd.report <sweep dir | entity/project/group>
-[--out DIR]`` (docs/sweeps.md); what it computes is tadfkd.analysis.report."""
+[--out DIR]`` (docs/sweeps.md): reads the jobs (tadfkd.analysis.jobs) and writes the report
+(tadfkd.analysis.report)."""
 
 import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tadfkd.analysis.report import DEFAULT_COLLAPSE_BELOW, read_source, write_report
+from tadfkd.analysis.jobs import read_source
+from tadfkd.analysis.report import write_report
+from tadfkd.analysis.statistics import DEFAULT_COLLAPSE_BELOW
 from tadfkd.base.errors import UserError
 
 

@@ -10,7 +10,7 @@ from helpers import run_entry
 from omegaconf import OmegaConf
 from scipy import stats
 
-from tadfkd.analysis import report
+from tadfkd.analysis import jobs, markdown, report, statistics
 from tadfkd.base.errors import UserError
 from tadfkd.report import main as report_main
 
@@ -74,7 +74,7 @@ def sweep(tmp_path):
 
 
 def test_summary_numbers_per_method_and_accuracy(sweep, tmp_path):
-    runs = report.read_sweep_directory(sweep)
+    runs = jobs.read_sweep_directory(sweep)
     assert [run.name for run in runs] == ["0_a", "1_b", "2_c", "3_d", "10_e"]
     assert [run.status for run in runs] == ["done", "done", "done", "failed", "running"]
     rows = report.write_report(runs, str(sweep), tmp_path / "out")
@@ -106,7 +106,7 @@ def test_paired_differences_compare_methods_on_the_same_teacher_and_seed(tmp_pat
         make_job(root, f"a_{teacher}{seed}", "tadfkd", teacher, seed, [a])
         make_job(root, f"b_{teacher}{seed}", "dfq", teacher, seed, [b])
     make_job(root, "b_unpaired", "dfq", "hard", 5, [0.1])  # no tadfkd job on seed 5
-    (pair,) = report.paired_differences(report.read_sweep_directory(root))
+    (pair,) = statistics.paired_differences(jobs.read_sweep_directory(root))
     differences = np.array([0.1, -0.05, 0.3])
     assert (pair["first"], pair["second"], pair["pairs"]) == ("tadfkd", "dfq", 3)
     assert pair["mean_difference"] == pytest.approx(differences.mean())
@@ -128,13 +128,13 @@ def test_files_say_what_was_run_partial_and_list_failed_and_running_jobs(sweep, 
         rows = list(csv.DictReader(handle))
     assert float(rows[0]["mean"]) == pytest.approx(0.65)  # fractions in the csv
     with (out / "runs.csv").open() as handle:
-        jobs = {row["job"]: row for row in csv.DictReader(handle)}
-    assert jobs["3_d"]["status"] == "failed" and jobs["0_a"]["health/agreement"] == "0.9"
-    assert jobs["0_a"]["wall_time_s"] == "1.0"
+        by_job = {row["job"]: row for row in csv.DictReader(handle)}
+    assert by_job["3_d"]["status"] == "failed" and by_job["0_a"]["health/agreement"] == "0.9"
+    assert by_job["0_a"]["wall_time_s"] == "1.0"
     # a job's time is the sum of its epochs' times (every launch of a resumed run), not the
     # wall time of its last launch
     epochs = len(json.loads((sweep / "0_a" / "results.json").read_text())["history"])
-    assert jobs["0_a"]["epochs_time_s"] == str(2.0 * epochs)
+    assert by_job["0_a"]["epochs_time_s"] == str(2.0 * epochs)
     assert "the sum of its epochs' times, resumed runs included" in text
     assert "wall time of each job's last launch 1-1 s" in text
     for plot in ("curves.png", "health.png"):
@@ -142,7 +142,7 @@ def test_files_say_what_was_run_partial_and_list_failed_and_running_jobs(sweep, 
 
 
 def test_collapse_threshold_is_configurable(sweep, tmp_path):
-    rows = report.write_report(report.read_sweep_directory(sweep), "s", tmp_path, 0.3)
+    rows = report.write_report(jobs.read_sweep_directory(sweep), "s", tmp_path, 0.3)
     final = next(row for row in rows if row["method"] == "tadfkd" and row["accuracy"] == "final")
     assert final["collapse_rate"] == 0.0
     with pytest.raises(UserError, match="collapse-below"):
@@ -197,7 +197,7 @@ def test_a_malformed_job_file_lists_the_job_as_unreadable(tmp_path, damage, file
     (bad / file).write_text(damage)
     out = tmp_path / "out"
     assert report_main([str(root), "--out", str(out)]) == 0
-    runs = {run.name: run for run in report.read_sweep_directory(root)}
+    runs = {run.name: run for run in jobs.read_sweep_directory(root)}
     assert runs["1_bad"].status == "unreadable" and "unreadable" in runs["1_bad"].error
     assert "1_bad" in (out / "report.md").read_text()
     assert runs["0_good"].status == "done"
@@ -220,17 +220,17 @@ def test_missing_sources_and_unreachable_wandb_are_one_sentence(tmp_path, monkey
 
 def test_a_wandb_group_name_never_writes_outside_reports(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(report, "read_wandb_group", lambda source: [])
-    _, out = report.read_source("me/project/..")
+    monkeypatch.setattr(jobs, "read_wandb_group", lambda source: [])
+    _, out = jobs.read_source("me/project/..")
     assert out.resolve().is_relative_to((tmp_path / "reports").resolve()) and out.name != ".."
     with pytest.raises(UserError, match="not a directory"):
-        report.read_source("../x")
+        jobs.read_source("../x")
 
 
 def test_curves_draw_chance_teacher_and_the_ceiling(sweep, tmp_path):
     ceiling = tmp_path / "ceiling.json"
     ceiling.write_text(json.dumps({"test_acc": 0.856, "arch": "digits_cnn_s"}))
-    runs = report.read_sweep_directory(sweep)
+    runs = jobs.read_sweep_directory(sweep)
     report.write_report(runs, str(sweep), tmp_path / "out", ceiling_file=ceiling)
     text = (tmp_path / "out" / "report.md").read_text()
     assert "Supervised ceiling: the student architecture (digits_cnn_s)" in text and "85.6%" in text
@@ -263,14 +263,14 @@ def test_the_entry_point_reads_bad_input_as_one_sentence_and_loses_nothing(tmp_p
 
 
 def test_the_commit_line_says_which_jobs_recorded_none():
-    assert report.commits_text(["0123456789abcdef"], 0) == "0123456789ab"
-    assert report.commits_text(["0123456789abcdef", "fedcba9876543210"], 0) == (
+    assert markdown.commits_text(["0123456789abcdef"], 0) == "0123456789ab"
+    assert markdown.commits_text(["0123456789abcdef", "fedcba9876543210"], 0) == (
         "0123456789ab, fedcba987654"
     )
-    assert report.commits_text(["0123456789abcdef"], 8) == (
+    assert markdown.commits_text(["0123456789abcdef"], 8) == (
         "0123456789ab (not recorded by 8 jobs: older code)"
     )
-    assert report.commits_text([], 3) == "not recorded"
+    assert markdown.commits_text([], 3) == "not recorded"
 
 
 # Fields of results.json a report reads, each wrongly typed or out of range (issue 24).
@@ -301,14 +301,14 @@ def test_a_wrongly_typed_or_out_of_range_field_makes_the_job_unreadable(tmp_path
     (bad / "results.json").write_text(json.dumps(results))  # NaN and Infinity as Python writes
     out = tmp_path / "out"
     assert report_main([str(root), "--out", str(out)]) == 0
-    runs = {run.name: run for run in report.read_sweep_directory(root)}
+    runs = {run.name: run for run in jobs.read_sweep_directory(root)}
     assert runs["1_bad"].status == "unreadable", runs["1_bad"]
     assert key in runs["1_bad"].error
     numbers = (out / "report.md").read_text().split("## Failed or unreadable jobs")[0]
     assert not any(shown in numbers for shown in ("inf", "nan", "500.0", "-300.0")), numbers
     rows = {row["job"]: row for row in csv.DictReader((out / "runs.csv").open())}
     assert rows["1_bad"]["status"] == "unreadable" and rows["1_bad"]["student_final_acc"] == ""
-    [final] = [row for row in report.method_summary(list(runs.values()), 0.5)][:1]
+    [final] = [row for row in statistics.method_summary(list(runs.values()), 0.5)][:1]
     assert final["n"] == 1  # the good job only: NaN is never a measured job
 
 
@@ -385,7 +385,7 @@ def test_a_wandb_group_is_read_as_jobs_with_their_history(monkeypatch):
             return group
 
     monkeypatch.setattr(wandb, "Api", Api)
-    runs, out = report.read_source("me/tadfkd/sweep_digits")
+    runs, out = jobs.read_source("me/tadfkd/sweep_digits")
     assert seen == {"path": "me/tadfkd", "filters": {"group": "sweep_digits"}}
     assert out == Path("reports") / "sweep_digits"
     assert [run.status for run in runs] == ["done", "running", "failed", "unreadable"]

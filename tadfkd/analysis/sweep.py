@@ -43,7 +43,7 @@ def planned_jobs(config: DictConfig) -> list[list[str]]:
 def summary_line(sweep_dir: Path, report_path: Path | None) -> tuple[str, int, int]:
     """``sweep: N jobs, D done, F failed (dirs), R not finished (dirs); report: path``, the
     number failed and the number not finished."""
-    from tadfkd.analysis.report import read_sweep_directory
+    from tadfkd.analysis.jobs import read_sweep_directory
 
     try:
         runs = read_sweep_directory(sweep_dir)
@@ -112,7 +112,8 @@ class SweepReport(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         report_path, report_error = None, None
         if config.get("report"):
-            from tadfkd.analysis.report import read_sweep_directory, write_report
+            from tadfkd.analysis.jobs import read_sweep_directory
+            from tadfkd.analysis.report import write_report
 
             try:
                 write_report(read_sweep_directory(sweep_dir), str(sweep_dir), sweep_dir)
