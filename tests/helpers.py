@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tadfkd.distillation.loop import Distiller
@@ -33,6 +34,13 @@ def compose_config(
     node unless ``hydra_node`` is false: the job's own config, as ``distil`` receives it)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name, overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def dataset_source(name: str, data: str | Path = "unused", *overrides: str):
+    """The source ``dataset=<name>`` reads its files with (its ``source`` node, built), under
+    ``paths.data=data`` and with further overrides (``dataset.source.folders.3=/elsewhere``)."""
+    cfg = compose_config([f"dataset={name}", f"paths.data={data}", *overrides], hydra_node=False)
+    return instantiate(cfg.dataset.source)
 
 
 def options(group: str) -> list[str]:
