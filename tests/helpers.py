@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tadfkd.data.loading import Augmentation
 from tadfkd.distillation.loop import Distiller
 from tadfkd.models import build_classifier
 from tadfkd.run.builder import build_distiller
@@ -41,6 +42,25 @@ def dataset_source(name: str, data: str | Path = "unused", *overrides: str):
     ``paths.data=data`` and with further overrides (``dataset.source.folders.3=/elsewhere``)."""
     cfg = compose_config([f"dataset={name}", f"paths.data={data}", *overrides], hydra_node=False)
     return instantiate(cfg.dataset.source)
+
+
+def configured(name: str) -> Augmentation:
+    """The teacher-training augmentation of ``conf/dataset/<name>.yaml``."""
+    node = compose_config([f"dataset={name}"]).dataset.augmentation
+    return Augmentation(int(node.crop_padding), bool(node.flip))
+
+
+def translations(image: torch.Tensor, padding: int, fill: torch.Tensor) -> list[torch.Tensor]:
+    """Every crop of ``image`` (C, H, W) padded with per-channel ``fill`` (C,) by ``padding``."""
+    channels, height, width = image.shape
+    padded = fill.view(-1, 1, 1).expand(channels, height + 2 * padding, width + 2 * padding)
+    padded = padded.clone()
+    padded[:, padding : padding + height, padding : padding + width] = image
+    return [
+        padded[:, top : top + height, left : left + width]
+        for top in range(2 * padding + 1)
+        for left in range(2 * padding + 1)
+    ]
 
 
 def options(group: str) -> list[str]:
