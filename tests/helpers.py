@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tadfkd.data.loading import Augmentation
 from tadfkd.distillation.loop import Distiller
 from tadfkd.models import build_classifier
 from tadfkd.run.builder import build_distiller
@@ -33,6 +35,32 @@ def compose_config(
     node unless ``hydra_node`` is false: the job's own config, as ``distil`` receives it)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name, overrides=list(overrides), return_hydra_config=hydra_node)
+
+
+def dataset_source(name: str, data: str | Path = "unused", *overrides: str):
+    """The source ``dataset=<name>`` reads its files with (its ``source`` node, built), under
+    ``paths.data=data`` and with further overrides (``dataset.source.folders.3=/elsewhere``)."""
+    cfg = compose_config([f"dataset={name}", f"paths.data={data}", *overrides], hydra_node=False)
+    return instantiate(cfg.dataset.source)
+
+
+def configured(name: str) -> Augmentation:
+    """The teacher-training augmentation of ``conf/dataset/<name>.yaml``."""
+    node = compose_config([f"dataset={name}"]).dataset.augmentation
+    return Augmentation(int(node.crop_padding), bool(node.flip))
+
+
+def translations(image: torch.Tensor, padding: int, fill: torch.Tensor) -> list[torch.Tensor]:
+    """Every crop of ``image`` (C, H, W) padded with per-channel ``fill`` (C,) by ``padding``."""
+    channels, height, width = image.shape
+    padded = fill.view(-1, 1, 1).expand(channels, height + 2 * padding, width + 2 * padding)
+    padded = padded.clone()
+    padded[:, padding : padding + height, padding : padding + width] = image
+    return [
+        padded[:, top : top + height, left : left + width]
+        for top in range(2 * padding + 1)
+        for left in range(2 * padding + 1)
+    ]
 
 
 def options(group: str) -> list[str]:

@@ -1,27 +1,29 @@
-"""Datasets: digits split, Fashion-MNIST, CIFAR and Tiny-ImageNet read from files in the
-official formats."""
+"""Datasets: the digits split, Fashion-MNIST's IDX files, the dataset options, transforms and
+loaders, each dataset read through the source its ``conf/dataset/<name>.yaml`` builds, and the
+same tensors as before the sources (CIFAR and Tiny-ImageNet: tests/test_data_cifar_folders.py)."""
 
 from __future__ import annotations
 
-import pickle
+import hashlib
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fakedata import write_fake_cifar, write_fake_fashion_mnist, write_fake_tinyimagenet, write_idx
-from helpers import compose_config, options
-from torchvision.datasets import CIFAR10, CIFAR100
+import torchvision.datasets
+from fakedata import write_fake_cifar, write_fake_fashion_mnist, write_idx
+from helpers import compose_config, configured, dataset_source, options, translations
+from hydra.errors import MissingConfigException
 
-from tadfkd.base.errors import UserError
-from tadfkd.data import sources as data
-from tadfkd.data.sources import Augmentation, ImageTransform, load_split, make_loader
+from tadfkd.base.errors import DatasetMissing, UserError
+from tadfkd.data import cifar
+from tadfkd.data.idx import IDX_IMAGES, IDX_LABELS, read_idx
+from tadfkd.data.loading import Augmentation, ImageTransform, load_split, make_loader
+from tadfkd.run.checks import check_same_run, run_identity
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @pytest.fixture(autouse=True)
@@ -31,43 +33,30 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "download_and_extract_archive", fail)
-    monkeypatch.setattr(data, "FashionMNIST", fail)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", fail)
+    # the downloaders the IDX datasets' YAML names, looked up when their source is built
+    for name in ("FashionMNIST", "MNIST", "KMNIST"):
+        monkeypatch.setattr(torchvision.datasets, name, fail)
 
 
 @pytest.fixture
-def no_system_fashion_mnist(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Debian's folder replaced by an empty one, so that tests see only the files they write."""
-    folder = tmp_path / "system-fashion-mnist"
-    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", folder)
-    return folder
+def no_system_fashion_mnist(tmp_path: Path) -> Path:
+    """An empty folder to stand in for Debian's, so that tests see only the files they write."""
+    return tmp_path / "system-fashion-mnist"
 
 
-def configured(name: str) -> Augmentation:
-    """The teacher-training augmentation of ``conf/dataset/<name>.yaml``."""
-    node = compose_config([f"dataset={name}"]).dataset.augmentation
-    return Augmentation(int(node.crop_padding), bool(node.flip))
-
-
-def translations(image: torch.Tensor, padding: int, fill: torch.Tensor) -> list[torch.Tensor]:
-    """Every crop of ``image`` (C, H, W) padded with per-channel ``fill`` (C,) by ``padding``."""
-    channels, height, width = image.shape
-    padded = fill.view(-1, 1, 1).expand(channels, height + 2 * padding, width + 2 * padding)
-    padded = padded.clone()
-    padded[:, padding : padding + height, padding : padding + width] = image
-    return [
-        padded[:, top : top + height, left : left + width]
-        for top in range(2 * padding + 1)
-        for left in range(2 * padding + 1)
-    ]
+def fashion_mnist(data: Path, system: Path):
+    """Fashion-MNIST's source under ``paths.data=data`` with ``system`` for Debian's folder
+    (the last one its YAML lists)."""
+    return dataset_source("fashion_mnist", data, f"dataset.source.folders.3={system}")
 
 
 # ---- digits -------------------------------------------------------------------------------
 
 
 def test_digits_split_sizes_shapes_and_range() -> None:
-    train = load_split("digits", "unused", "train", (0.5,), (0.5,))
-    test = load_split("digits", "unused", "test", (0.5,), (0.5,))
+    train = load_split(dataset_source("digits"), "train", (0.5,), (0.5,))
+    test = load_split(dataset_source("digits"), "test", (0.5,), (0.5,))
     assert (len(train), len(test)) == (1347, 450)
     image, label = train[0]
     assert image.shape == (1, 16, 16) and image.dtype == torch.float32
@@ -79,18 +68,18 @@ def test_digits_split_sizes_shapes_and_range() -> None:
 
 
 def test_digits_split_is_fixed_and_disjoint() -> None:
-    first = load_split("digits", "unused", "test", (0.0,), (1.0,))
-    second = load_split("digits", "unused", "test", (0.0,), (1.0,))
+    first = load_split(dataset_source("digits"), "test", (0.0,), (1.0,))
+    second = load_split(dataset_source("digits"), "test", (0.0,), (1.0,))
     assert torch.equal(first.images, second.images)
     assert torch.equal(first.labels, second.labels)
-    train = load_split("digits", "unused", "train", (0.0,), (1.0,))
+    train = load_split(dataset_source("digits"), "train", (0.0,), (1.0,))
     train_rows = {tuple(image.flatten().tolist()) for image in train.images}
     assert not any(tuple(image.flatten().tolist()) in train_rows for image in first.images)
 
 
 def test_digits_split_is_stratified() -> None:
-    train = load_split("digits", "unused", "train", (0.0,), (1.0,))
-    test = load_split("digits", "unused", "test", (0.0,), (1.0,))
+    train = load_split(dataset_source("digits"), "train", (0.0,), (1.0,))
+    test = load_split(dataset_source("digits"), "test", (0.0,), (1.0,))
     train_counts = torch.bincount(train.labels, minlength=10)
     test_counts = torch.bincount(test.labels, minlength=10)
     # each class is split 3:1 up to rounding
@@ -99,9 +88,9 @@ def test_digits_split_is_stratified() -> None:
 
 
 def test_digits_augmentation_shifts_but_never_mirrors() -> None:
-    plain = load_split("digits", "unused", "train", (0.5,), (0.5,))
+    plain = load_split(dataset_source("digits"), "train", (0.5,), (0.5,))
     augmented = load_split(
-        "digits", "unused", "train", (0.5,), (0.5,), augmentation=configured("digits")
+        dataset_source("digits"), "train", (0.5,), (0.5,), augmentation=configured("digits")
     )
     torch.manual_seed(0)
     black = torch.tensor([-1.0])  # (0 - 0.5) / 0.5
@@ -116,252 +105,10 @@ def test_digits_augmentation_shifts_but_never_mirrors() -> None:
     assert asymmetric >= 10  # for these a flip would have failed the check above
 
 
-# ---- CIFAR --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("name", "torchvision_class"), [("cifar10", CIFAR10), ("cifar100", CIFAR100)]
-)
-def test_cifar_reads_the_same_as_torchvision(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, torchvision_class: type[CIFAR10]
-) -> None:
-    write_fake_cifar(tmp_path, name, n_train=20, n_test=10, seed=1)
-    # torchvision's own reader, its md5 check bypassed, is the reference for the format
-    monkeypatch.setattr(torchvision_class, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(torchvision_class, "_load_meta", lambda self: None)
-    mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(3, 1, 1)
-    for split, size in (("train", 20), ("test", 10)):
-        ours = load_split(name, str(tmp_path), split, CIFAR_MEAN, CIFAR_STD, download=False)
-        reference = torchvision_class(str(tmp_path), train=split == "train", download=False)
-        assert len(ours) == len(reference) == size
-        for index in range(size):
-            image, label = ours[index]
-            reference_image, reference_label = reference[index]
-            expected = torch.from_numpy(np.array(reference_image)).permute(2, 0, 1)
-            assert image.shape == (3, 32, 32) and image.dtype == torch.float32
-            assert torch.allclose(image, (expected.float() / 255 - mean) / std)
-            assert label == reference_label
-
-
-def python2_cifar_pickle(data: np.ndarray, labels: list[int]) -> bytes:
-    """A batch dict pickled as Python 2 with numpy 1 did for the official files.
-
-    Python 3 cannot write this encoding (byte strings as ``str``, ``numpy.core`` globals), so
-    the opcodes are assembled by hand; ``data`` is uint8 (N, 3072) with N < 256.
-    """
-
-    def short_string(text: bytes) -> bytes:
-        return b"U" + bytes([len(text)]) + text
-
-    array = (
-        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
-        + b"K\x00\x85"  # shape (0,)
-        + short_string(b"b")
-        + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
-        + b"(K\x01K"
-        + bytes([len(data)])
-        + b"M\x00\x0c\x86"  # state: version 1, shape (N, 3072)
-        + b"cnumpy\ndtype\n"
-        + short_string(b"u1")
-        + b"K\x00K\x01\x87R(K\x03"
-        + short_string(b"|")
-        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"  # dtype uint8
-        + b"\x89T"  # not Fortran order; raw bytes as a Python 2 str
-        + len(data.tobytes()).to_bytes(4, "little")
-        + data.tobytes()
-        + b"tb"
-    )
-    label_list = b"](" + b"".join(b"K" + bytes([label]) for label in labels) + b"e"
-    return (
-        b"\x80\x02}(" + short_string(b"data") + array + short_string(b"labels") + label_list + b"u."
-    )
-
-
-def test_cifar_reads_python2_pickles(tmp_path: Path) -> None:
-    folder = write_fake_cifar(tmp_path, "cifar10")
-    images = np.random.default_rng(2).integers(0, 256, (3, 3072), dtype=np.uint8)
-    (folder / "test_batch").write_bytes(python2_cifar_pickle(images, [7, 0, 9]))
-    test = load_split("cifar10", str(tmp_path), "test", (0, 0, 0), (1, 1, 1))
-    assert [label for _, label in test] == [7, 0, 9]
-    expected = torch.from_numpy(images).view(3, 3, 32, 32).float() / 255
-    assert torch.allclose(torch.stack([image for image, _ in test]), expected)
-
-
-def test_cifar_augmentation_is_a_shift_or_mirrored_shift(tmp_path: Path) -> None:
-    write_fake_cifar(tmp_path, "cifar10")
-    plain = load_split("cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD)
-    augmented = load_split(
-        "cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, configured("cifar10")
-    )
-    black = -torch.tensor(CIFAR_MEAN) / torch.tensor(CIFAR_STD)
-    torch.manual_seed(0)
-    outcomes = set()
-    for _ in range(10):
-        original, label = plain[3]
-        image, augmented_label = augmented[3]
-        assert image.shape == (3, 32, 32) and augmented_label == label
-        shifted = any(torch.allclose(image, crop) for crop in translations(original, 4, black))
-        flipped = original.flip(-1)
-        mirrored = any(torch.allclose(image, crop) for crop in translations(flipped, 4, black))
-        assert shifted or mirrored
-        outcomes.add((shifted, mirrored))
-    assert len(outcomes) == 2  # both flipped and unflipped crops occur
-
-
-def test_cifar_missing_without_download_names_the_folder(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="cifar-10-batches-py") as raised:
-        load_split("cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, download=False)
-    message = str(raised.value)
-    assert str(tmp_path) in message and "runtime.download=false" in message
-    assert "paths.data=/path" in message  # a key that exists
-
-
-@pytest.mark.parametrize(
-    ("name", "folder"), [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")]
-)
-def test_cifar_failed_download_names_the_folder(tmp_path: Path, name: str, folder: str) -> None:
-    with pytest.raises(UserError, match="could not be downloaded") as raised:
-        load_split(name, str(tmp_path), "test", CIFAR_MEAN, CIFAR_STD, download=True)
-    message = str(raised.value)
-    assert folder in message and str(tmp_path) in message and "URLError" in message
-
-
-def test_cifar_missing_is_downloaded_then_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = []
-
-    def fake_download(url: str, root: str, filename: str, md5: str) -> None:
-        calls.append((url, filename, md5))
-        write_fake_cifar(root, "cifar100", n_train=7, n_test=5)
-
-    monkeypatch.setattr(data, "download_and_extract_archive", fake_download)
-    test = load_split("cifar100", str(tmp_path), "test", CIFAR_MEAN, CIFAR_STD)
-    assert len(test) == 5
-    assert calls == [(CIFAR100.url, CIFAR100.filename, CIFAR100.tgz_md5)]
-    load_split("cifar100", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD)
-    assert len(calls) == 1  # present files are not fetched again
-
-
-def test_cifar_partial_folder_counts_as_missing(tmp_path: Path) -> None:
-    folder = write_fake_cifar(tmp_path, "cifar10")
-    (folder / "data_batch_3").unlink()
-    load_split("cifar10", str(tmp_path), "test", CIFAR_MEAN, CIFAR_STD, download=False)
-    with pytest.raises(UserError, match="cifar-10-batches-py"):
-        load_split("cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, download=False)
-
-
-class Exploit:
-    """Unpickling this would call ``print``: a stand-in for code in a foreign file."""
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (print, ("code ran",))
-
-
-@pytest.mark.parametrize(
-    "content",
-    [
-        {"data": Exploit(), "labels": []},
-        {"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]},
-        {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]},
-        ["not", "a", "dict"],
-    ],
-    ids=["code", "shape", "label-range", "not-a-dict"],
-)
-def test_cifar_foreign_file_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: object
-) -> None:
-    folder = write_fake_cifar(tmp_path, "cifar10")
-    (folder / "test_batch").write_bytes(pickle.dumps(content, protocol=2))
-    with pytest.raises(UserError, match="test_batch is not a CIFAR-10 batch file"):
-        load_split("cifar10", str(tmp_path), "test", CIFAR_MEAN, CIFAR_STD)
-    assert "code ran" not in capsys.readouterr().out
-
-
-# ---- Tiny-ImageNet ------------------------------------------------------------------------
-
-
-def check_tiny_test_split(folder: Path, n_classes: int, n_val_per_class: int) -> None:
-    """Load the test split and check that every image sits in, and is labelled as, its class."""
-    test = load_split("tinyimagenet", str(folder.parent), "test", IMAGENET_MEAN, IMAGENET_STD)
-    wnids = sorted((folder / "wnids.txt").read_text().split())
-    annotated = dict(
-        line.split("\t")[:2]
-        for line in (folder / "val" / "val_annotations.txt").read_text().splitlines()
-    )
-    assert len(test) == n_classes * n_val_per_class
-    assert test.classes == wnids
-    for path, label in test.samples:
-        assert annotated[Path(path).name] == wnids[label] == Path(path).parent.name
-    assert not (folder / "val" / "images").exists()
-
-
-def test_tinyimagenet_train_split(tmp_path: Path) -> None:
-    folder = write_fake_tinyimagenet(tmp_path, n_classes=3, n_train_per_class=2)
-    train = load_split("tinyimagenet", str(tmp_path), "train", IMAGENET_MEAN, IMAGENET_STD)
-    wnids = sorted((folder / "wnids.txt").read_text().split())
-    assert len(train) == 6 and train.classes == wnids
-    for path, label in train.samples:
-        assert Path(path).parent.parent.name == wnids[label]
-    image, label = train[0]
-    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and label == 0
-
-
-def test_tinyimagenet_sorts_validation_images_once(tmp_path: Path) -> None:
-    folder = write_fake_tinyimagenet(tmp_path, n_classes=4, n_val_per_class=3)
-    check_tiny_test_split(folder, 4, 3)
-    check_tiny_test_split(folder, 4, 3)  # a second call finds the sort done
-
-
-def test_tinyimagenet_finishes_an_interrupted_sort(tmp_path: Path) -> None:
-    folder = write_fake_tinyimagenet(tmp_path, n_classes=3, n_val_per_class=4)
-    val = folder / "val"
-    # as if a first run was killed after moving half of the images
-    for line in (val / "val_annotations.txt").read_text().splitlines()[:6]:
-        file_name, wnid = line.split("\t")[:2]
-        (val / wnid).mkdir(exist_ok=True)
-        (val / "images" / file_name).rename(val / wnid / file_name)
-    check_tiny_test_split(folder, 3, 4)
-
-
-def test_tinyimagenet_grayscale_becomes_rgb_and_augments(tmp_path: Path) -> None:
-    write_fake_tinyimagenet(tmp_path)
-    test = load_split("tinyimagenet", str(tmp_path), "test", IMAGENET_MEAN, IMAGENET_STD)
-    grayscale = next(i for i, (path, _) in enumerate(test.samples) if path.endswith("val_0.JPEG"))
-    image, _ = test[grayscale]
-    assert image.shape == (3, 64, 64)
-    # the three channels agree once the per-channel normalisation is undone
-    pixels = image * torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    pixels += torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    assert torch.allclose(pixels, pixels[:1].expand(3, -1, -1), atol=1e-5)
-    augmented = load_split(
-        "tinyimagenet",
-        str(tmp_path),
-        "train",
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        configured("tinyimagenet"),
-    )
-    assert augmented[0][0].shape == (3, 64, 64)
-
-
-def test_tinyimagenet_missing_names_the_folder(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="tiny-imagenet-200") as raised:
-        load_split("tinyimagenet", str(tmp_path), "train", IMAGENET_MEAN, IMAGENET_STD)
-    assert str(tmp_path) in str(raised.value)
-
-
-def test_tinyimagenet_lost_validation_image_is_reported(tmp_path: Path) -> None:
-    folder = write_fake_tinyimagenet(tmp_path)
-    (folder / "val" / "images" / "val_1.JPEG").unlink()
-    with pytest.raises(UserError, match=r"val_1\.JPEG"):
-        load_split("tinyimagenet", str(tmp_path), "test", IMAGENET_MEAN, IMAGENET_STD)
-
-
 # ---- Fashion-MNIST ------------------------------------------------------------------------
 
 FMNIST_MEAN, FMNIST_STD = (0.2860,), (0.3530,)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # `make data`
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -370,15 +117,19 @@ def test_fashion_mnist_reads_the_idx_files_gzipped_or_not_in_each_layout(
     tmp_path: Path, no_system_fashion_mnist: Path, gz: bool, layout: str
 ) -> None:
     folder = write_fake_fashion_mnist(tmp_path / "data" / layout, n_train=12, n_test=7, gz=gz)
-    train = load_split("fashion_mnist", str(tmp_path / "data"), "train", FMNIST_MEAN, FMNIST_STD)
-    test = load_split("fashion_mnist", str(tmp_path / "data"), "test", FMNIST_MEAN, FMNIST_STD)
+    train = load_split(
+        fashion_mnist(tmp_path / "data", no_system_fashion_mnist), "train", FMNIST_MEAN, FMNIST_STD
+    )
+    test = load_split(
+        fashion_mnist(tmp_path / "data", no_system_fashion_mnist), "test", FMNIST_MEAN, FMNIST_STD
+    )
     assert (len(train), len(test)) == (12, 7)
     image, label = test[3]
     assert image.shape == (1, 28, 28) and 0 <= label < 10
     # the pixels and labels written, in order, normalised with the given constants
     suffix = ".gz" if gz else ""
-    raw = data.read_idx(folder / f"t10k-images-idx3-ubyte{suffix}", 2051)
-    labels = data.read_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", 2049)
+    raw = read_idx(folder / f"t10k-images-idx3-ubyte{suffix}", IDX_IMAGES)
+    labels = read_idx(folder / f"t10k-labels-idx1-ubyte{suffix}", IDX_LABELS)
     expected = (torch.from_numpy(raw[3].copy()).float() / 255 - FMNIST_MEAN[0]) / FMNIST_STD[0]
     assert torch.allclose(image[0], expected) and label == int(labels[3])
 
@@ -387,7 +138,9 @@ def test_fashion_mnist_falls_back_to_debians_folder(
     tmp_path: Path, no_system_fashion_mnist: Path
 ) -> None:
     write_fake_fashion_mnist(no_system_fashion_mnist, n_train=5, n_test=3)
-    test = load_split("fashion_mnist", str(tmp_path / "empty"), "test", FMNIST_MEAN, FMNIST_STD)
+    test = load_split(
+        fashion_mnist(tmp_path / "empty", no_system_fashion_mnist), "test", FMNIST_MEAN, FMNIST_STD
+    )
     assert len(test) == 3
 
 
@@ -395,8 +148,14 @@ def test_missing_fashion_mnist_names_both_ways_to_get_it(
     tmp_path: Path, no_system_fashion_mnist: Path
 ) -> None:
     for download in (False, True):  # with download on, the (offline) download fails
-        with pytest.raises(data.DatasetMissing) as caught:
-            load_split("fashion_mnist", str(tmp_path), "test", (0.5,), (0.5,), download=download)
+        with pytest.raises(DatasetMissing) as caught:
+            load_split(
+                fashion_mnist(tmp_path, no_system_fashion_mnist),
+                "test",
+                (0.5,),
+                (0.5,),
+                download=download,
+            )
         message = str(caught.value)
         assert "make data" in message and "FashionMNIST/raw" in message
         assert ("runtime.download=false" in message) is not download
@@ -434,17 +193,23 @@ def test_damaged_fashion_mnist_files_are_one_sentence(
         images.unlink()
         images.with_name(images.name + ".gz").write_bytes(b"not gzip at all")
     with pytest.raises(UserError, match=reason) as caught:
-        load_split("fashion_mnist", str(tmp_path), "test", FMNIST_MEAN, FMNIST_STD)
+        load_split(
+            fashion_mnist(tmp_path, no_system_fashion_mnist), "test", FMNIST_MEAN, FMNIST_STD
+        )
     assert "dataset-fashion-mnist" in str(caught.value)
 
 
 @pytest.mark.skipif(
-    not (data.FASHION_MNIST_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
+    not (DEBIAN_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz").is_file(),
     reason="Debian's dataset-fashion-mnist is not installed (make data)",
 )
 def test_debians_fashion_mnist_is_the_official_dataset() -> None:
-    train = load_split("fashion_mnist", "/nonexistent", "train", FMNIST_MEAN, FMNIST_STD)
-    test = load_split("fashion_mnist", "/nonexistent", "test", FMNIST_MEAN, FMNIST_STD)
+    train = load_split(
+        dataset_source("fashion_mnist", "/nonexistent"), "train", FMNIST_MEAN, FMNIST_STD
+    )
+    test = load_split(
+        dataset_source("fashion_mnist", "/nonexistent"), "test", FMNIST_MEAN, FMNIST_STD
+    )
     assert (len(train), len(test)) == (60000, 10000)
     assert torch.bincount(test.labels).tolist() == [1000] * 10
     pixels = train.images.float() / 255
@@ -456,13 +221,15 @@ def test_debians_fashion_mnist_is_the_official_dataset() -> None:
 # ---- names, arguments and loaders ---------------------------------------------------------
 
 
-def test_every_dataset_option_names_a_reader_and_its_images_fit_it() -> None:
-    # What a dataset is lives in its config option only; the code holds the readers.
+def test_every_dataset_option_builds_a_source_and_its_images_fit_it() -> None:
+    # What a dataset is lives in its config option only; the code holds readers of formats.
     for option in options("dataset"):
         node = compose_config([f"dataset={option}"]).dataset
-        assert node.name == option and node.name in data.LOADERS
+        assert node.name == option and node.source._target_.startswith("tadfkd.data.")
         assert node.image_size % 4 == 0 and node.channels in (1, 3) and node.num_classes >= 2
-    digits = load_split("digits", "unused", "test", (0.5,), (0.5,))
+        source = dataset_source(option)
+        assert callable(source.read) and source.title
+    digits = load_split(dataset_source("digits"), "test", (0.5,), (0.5,))
     assert digits[0][0].shape == (1, 16, 16)  # conf/dataset/digits.yaml: 16 px, 1 channel
 
 
@@ -485,15 +252,16 @@ def test_random_erasing_zeroes_one_rectangle_after_normalisation() -> None:
 
 
 def test_unknown_dataset_lists_known_ones() -> None:
-    with pytest.raises(UserError, match="digits, fashion_mnist, cifar10, cifar100, tinyimagenet"):
-        load_split("mnist", "data", "train", (0.5,), (0.5,))
+    with pytest.raises(MissingConfigException, match="Could not find 'dataset/emnist'") as caught:
+        compose_config(["dataset=emnist"])
+    assert all(f"\t{option}\n" in str(caught.value) for option in options("dataset"))
 
 
 def test_bad_split_and_channel_count_are_user_errors() -> None:
     with pytest.raises(UserError, match="'val'"):
-        load_split("digits", "unused", "val", (0.5,), (0.5,))
+        load_split(dataset_source("digits"), "val", (0.5,), (0.5,))
     with pytest.raises(UserError, match="one value per channel"):
-        load_split("digits", "unused", "train", CIFAR_MEAN, CIFAR_STD)
+        load_split(dataset_source("digits"), "train", CIFAR_MEAN, CIFAR_STD)
 
 
 def test_transform_normalises_uint8_like_to_tensor() -> None:
@@ -507,7 +275,7 @@ def test_transform_normalises_uint8_like_to_tensor() -> None:
 
 
 def test_loader_order_depends_only_on_the_seed() -> None:
-    dataset = load_split("digits", "unused", "test", (0.5,), (0.5,))
+    dataset = load_split(dataset_source("digits"), "test", (0.5,), (0.5,))
 
     def labels(seed: int) -> torch.Tensor:
         loader = make_loader(dataset, 64, shuffle=True, seed=seed)
@@ -523,10 +291,89 @@ def test_loader_order_depends_only_on_the_seed() -> None:
 def test_loader_with_workers_augments_deterministically(tmp_path: Path) -> None:
     write_fake_cifar(tmp_path, "cifar10")
     dataset = load_split(
-        "cifar10", str(tmp_path), "train", CIFAR_MEAN, CIFAR_STD, configured("cifar10")
+        dataset_source("cifar10", tmp_path), "train", CIFAR_MEAN, CIFAR_STD, configured("cifar10")
     )
 
     def first_batch(seed: int) -> torch.Tensor:
         return next(iter(make_loader(dataset, 8, True, num_workers=2, seed=seed)))[0]
 
     assert torch.equal(first_batch(5), first_batch(5))
+
+
+# ---- the same tensors as the readers before the YAML sources ------------------------------
+
+# sha256 of the batches (images, labels) of make_loader(split, 7, seed=3) over the files the
+# fakedata writers write with their defaults: the training split in order, the test split in
+# order, and the training split augmented and shuffled after torch.manual_seed(0); taken from
+# the per-dataset readers the sources replaced (tadfkd/data/sources.py at 078f690)
+BEFORE = {
+    "digits": (
+        "d8b55d74e1ae7f425dd79c806345607af5e5c1701d8995dea8a3fccb66328ddc",
+        "ae212af0d8c444561a179be2cc6273055e22105876a6f32083a389a4835100ec",
+        "43996d80c5db0a5b68e94556cc94db1b68cc2e91678bbf09ad75661a3a8acef6",
+    ),
+    "fashion_mnist": (
+        "f4cc4d9491db55df573e2c48e9eaf6fa0a7ee38f8671f2f20616d738601072ee",
+        "83eb17bd4675a5f8ee80283d231c19e7f4acd1e1f0276d16c305f33d50482dca",
+        "3e901e0a71687263d06a1a846fbcf98be08594a928980f39c78882dd26267928",
+    ),
+    "cifar10": (
+        "7517d019536972727fbe687b58d8c56404874483930fe46d0a9721554044e7b8",
+        "45651dd115a7d4e100df21423f0bcc8997cae8de9bcc99bd511d3049d46114ed",
+        "613e642093d7142473173190505f46467cb61b853933ee2b44fce6a1a3fac65b",
+    ),
+    "cifar100": (
+        "ba0e992085e5f1f404c02a238f6a467b471a7d0fd86f22ca68be11fea878246f",
+        "8961c61d4eb5a8d5474ce8d0dc3edd00b6f48f80bd66a0967f08eeb7a1090b23",
+        "dfd9c6eee7a966da6aead54aea11ab2951bb411451c8c12cb15bba3f2865cc59",
+    ),
+}
+# normalisation and augmentation (crop padding, flip, erasing) of each digest
+SETTINGS = {
+    "digits": ((0.5,), (0.5,), Augmentation(2, False)),
+    "fashion_mnist": (FMNIST_MEAN, FMNIST_STD, Augmentation(2, True, 0.5)),
+    "cifar10": (CIFAR_MEAN, CIFAR_STD, Augmentation(4, True)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), Augmentation(4, True)),
+}
+
+
+def batches_digest(dataset, augmentation_seed: int | None = None) -> str:
+    digest = hashlib.sha256()
+    if augmentation_seed is not None:
+        torch.manual_seed(augmentation_seed)
+    shuffle = augmentation_seed is not None
+    for images, labels in make_loader(dataset, 7, shuffle=shuffle, seed=3):
+        digest.update(images.numpy().tobytes())
+        digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_sources_give_the_tensors_the_previous_readers_gave(
+    tmp_path: Path, no_system_fashion_mnist: Path, name: str
+) -> None:
+    if name == "fashion_mnist":
+        write_fake_fashion_mnist(tmp_path / "fashion-mnist")
+        source = fashion_mnist(tmp_path, no_system_fashion_mnist)
+    else:
+        if name.startswith("cifar"):
+            write_fake_cifar(tmp_path, name)
+        source = dataset_source(name, tmp_path)
+    mean, std, augmentation = SETTINGS[name]
+    train = load_split(source, "train", mean, std, download=False)
+    test = load_split(source, "test", mean, std, download=False)
+    augmented = load_split(source, "train", mean, std, augmentation, download=False)
+    digests = (batches_digest(train), batches_digest(test), batches_digest(augmented, 0))
+    assert digests == BEFORE[name]
+
+
+def test_where_a_dataset_is_read_from_is_no_part_of_what_a_run_computes() -> None:
+    def identity(*overrides: str) -> dict:
+        cfg = compose_config(["dataset=fashion_mnist", *overrides], hydra_node=False)
+        return run_identity(cfg, "a" * 64)
+
+    base = identity()
+    assert not any(key.startswith("dataset.source") for key in base)
+    assert "dataset.name" in base and "dataset.image_size" in base
+    moved = identity("paths.data=/elsewhere", "dataset.source.folders=[/x]")
+    check_same_run(base, moved, Path("checkpoint.pt"))

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, compose_config, options, run_entry
+from helpers import ROOT, compose_config, dataset_source, options, run_entry
 from hydra.utils import instantiate
 
-from tadfkd.data import sources as data
-from tadfkd.data.sources import load_split, make_loader
+from tadfkd.data.loading import load_split, make_loader
 from tadfkd.distillation.evaluation import evaluate
 from tadfkd.models import ARCHITECTURES, build_classifier
 from tadfkd.run.teacher_job import output_path
@@ -199,7 +198,8 @@ ZOOS = {
     "digits": (DIGITS_ZOO, "## The digits zoo", "digits"),
     "fashion_mnist": (FMNIST_ZOO, "## The Fashion-MNIST zoo", "fashion_mnist"),
 }
-HAVE_FASHION_MNIST = (data.FASHION_MNIST_SYSTEM_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
+# Debian's dataset-fashion-mnist (`make data`), the last folder of conf/dataset/fashion_mnist.yaml
+HAVE_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").is_file()
 
 
 def zoo_teacher(option: str):
@@ -272,7 +272,7 @@ def test_digits_teacher_has_the_accuracy_of_its_metadata(option):
     metadata = zoo_metadata(option)
     assert metadata["arch"] == teacher.arch and metadata["mean"] == list(teacher.mean)
     assert metadata["sha256"] == teacher.sha256
-    test_set = load_split("digits", "", "test", mean=teacher.mean, std=teacher.std)
+    test_set = load_split(dataset_source("digits"), "test", mean=teacher.mean, std=teacher.std)
     accuracy = evaluate(
         teacher.model, make_loader(test_set, 1024, shuffle=False), torch.device("cpu")
     )
@@ -286,7 +286,9 @@ def test_fashion_mnist_teacher_has_the_accuracy_of_its_metadata(option):
     teacher = instantiate(zoo_teacher(option))
     metadata = zoo_metadata(option)
     assert metadata["sha256"] == teacher.sha256
-    test_set = load_split("fashion_mnist", "data", "test", mean=teacher.mean, std=teacher.std)
+    test_set = load_split(
+        dataset_source("fashion_mnist", "data"), "test", mean=teacher.mean, std=teacher.std
+    )
     accuracy = evaluate(
         teacher.model, make_loader(test_set, 1000, shuffle=False), torch.device("cpu")
     )

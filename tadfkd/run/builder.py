@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from tadfkd.base.errors import DatasetMissing
-from tadfkd.data.sources import load_split, make_loader
+from tadfkd.data.loading import load_split, make_loader
 from tadfkd.data.views import Views
 from tadfkd.distillation.loop import Distiller, Schedule
 from tadfkd.distillation.nonfinite import NonFiniteGuard
@@ -134,8 +134,7 @@ def load_test_set(cfg: DictConfig, teacher: Teacher) -> DataLoader | None:
     absent and ``runtime.require_test_set`` is false, else its absence is a ``UserError``."""
     try:
         test_set = load_split(
-            cfg.dataset.name,
-            cfg.paths.data,
+            build(cfg.dataset.source),
             "test",
             mean=teacher.mean,
             std=teacher.std,

@@ -22,8 +22,9 @@ from tadfkd.base.errors import UserError
 MAX_SEED = 2**32 - 1  # numpy's seed range
 # Top-level nodes that never change what a run computes (so a run may resume with others).
 RUNTIME_NODES = ("runtime", "logger", "paths", "hydra", "resume", "report", "plan")
-# Paths that locate an input rather than define it: the teacher is identified by its sha256.
-LOCATION_KEYS = ("teacher.checkpoint",)
+# Keys (and nodes) that locate an input rather than define it: the teacher is identified by
+# its sha256, a dataset by its name and shapes, not by where and how its files are read.
+LOCATION_KEYS = ("teacher.checkpoint", "dataset.source")
 
 
 @dataclass(frozen=True)
@@ -296,10 +297,12 @@ def run_identity(cfg: DictConfig, teacher_sha256: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
+        if prefix[:-1] in LOCATION_KEYS:
+            return
         if isinstance(node, dict):
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
-        elif prefix[:-1] not in LOCATION_KEYS:
+        else:
             flat[prefix[:-1]] = node
 
     for key in cfg:  # node by node, so that the hydra node (in tests) is never resolved

@@ -20,12 +20,13 @@ from torch.utils.data import DataLoader
 
 from tadfkd.base.errors import UserError
 from tadfkd.base.files import probe_writable, reason, write_json
-from tadfkd.data.sources import Augmentation, load_split, make_loader
+from tadfkd.data.loading import Augmentation, load_split, make_loader
 from tadfkd.distillation.evaluation import evaluate
 from tadfkd.models import build_classifier
 from tadfkd.run.checks import validate
 from tadfkd.run.rundir import save_hydra_record
 from tadfkd.run.runtime import (
+    build,
     resolve_device,
     seed_everything,
     set_threads,
@@ -99,10 +100,10 @@ def loaders(cfg: DictConfig) -> tuple[DataLoader, DataLoader]:
         bool(cfg.dataset.augmentation.flip),
         float(recipe.erase),
     )
+    source = build(cfg.dataset.source)
     splits = {
         split: load_split(
-            cfg.dataset.name,
-            cfg.paths.data,
+            source,
             split,
             mean=teacher.mean,
             std=teacher.std,
