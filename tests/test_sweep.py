@@ -236,3 +236,35 @@ def test_a_report_that_cannot_be_written_ends_the_sweep_with_code_7(tmp_path, ca
     code, out, err = sweep_end(tmp_path, capsys)
     assert code == 7 and "1 done, 0 failed" in out and "report:" not in out
     assert "the report could not be written (the report cannot be written into" in err
+
+
+@pytest.mark.slow
+def test_relaunching_the_same_sweep_finishes_only_what_is_missing(tmp_path):
+    # An interrupted sweep, relaunched with the same command (the same sweep directory): the
+    # finished job is left as it is, the missing one runs, and the report counts both.
+    sweep_dir = tmp_path / "sweep_relaunch"
+    command = [
+        "hydra/launcher=local",
+        "hydra.sweeper.max_batch_size=2",
+        "method=tadfkd,basic",
+        *TINY,
+        "report=true",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    first = multirun(*command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    jobs = sorted(path.parent for path in sweep_dir.glob("*/results.json"))
+    assert len(jobs) == 2
+    kept, lost = jobs
+    kept_bytes = (kept / "results.json").read_bytes()
+    for path in sorted(lost.rglob("*"), reverse=True):  # as if the sweep stopped before it
+        path.unlink() if path.is_file() else path.rmdir()
+    lost.rmdir()
+
+    again = multirun(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"sweep {sweep_dir}: 2 jobs, 2 done, 0 failed" in again.stdout
+    assert "already finished; nothing to do" in (kept / "run.log").read_text()
+    assert (kept / "results.json").read_bytes() == kept_bytes
+    assert json.loads((lost / "results.json").read_text())["method"] in {"tadfkd", "basic"}
+    assert "summed over 2 launches" in (sweep_dir / "report.md").read_text()

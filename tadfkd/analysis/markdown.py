@@ -159,12 +159,32 @@ def report_markdown(
     pairs: list[dict[str, Any]],
     ceiling: dict[str, Any] | None,
     collapse_below: float,
+    launches: tuple[float, int, int, list[str]] | None = None,
 ) -> str:
-    """The text of ``report.md``."""
+    """The text of ``report.md``; ``launches``: the sweep's wall time over its launches
+    (``launches.sweep_wall_time``), stated when known."""
     lines = header_lines(source, runs, ceiling, collapse_below)
+    if launches is not None:
+        lines.insert(5, launches_sentence(*launches))
     lines += method_lines(summary) + teacher_lines(runs) + pair_lines(pairs)
     lines += plot_lines() + problem_lines(runs)
     return "\n".join(lines) + "\n"
+
+
+def launches_sentence(seconds: float, count: int, stopped: int, cpus: list[str]) -> str:
+    """The sweep's wall time, summed over its launches, and the CPUs it ran on."""
+    hours, minutes = divmod(round(seconds / 60), 60)
+    stopped_words = (
+        f" ({stopped} of them stopped before the end, counted to the last file they wrote)"
+        if stopped
+        else ""
+    )
+    return (
+        f"Sweep wall time: {hours} h {minutes:02d} min ({seconds:.0f} s), summed over "
+        f"{count} launch{'es' if count != 1 else ''}{stopped_words}"
+        + (f"; CPU: {', '.join(map(cell, cpus))}" if cpus else "")
+        + "."
+    )
 
 
 def method_lines(summary: list[dict[str, Any]]) -> list[str]:

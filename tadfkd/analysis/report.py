@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tadfkd.analysis.jobs import Run, ceiling_of, check_ceiling_file
+from tadfkd.analysis.launches import sweep_wall_time
 from tadfkd.analysis.markdown import report_markdown
 from tadfkd.analysis.plots import plot_curves, plot_health
 from tadfkd.analysis.statistics import DEFAULT_COLLAPSE_BELOW, method_summary, paired_differences
@@ -88,7 +89,8 @@ def write_report(
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_csvs(runs, summary, pairs, out)
-        text = report_markdown(source, runs, summary, pairs, ceiling, collapse_below)
+        launches = sweep_wall_time(Path(source)) if Path(source).is_dir() else None
+        text = report_markdown(source, runs, summary, pairs, ceiling, collapse_below, launches)
         (out / "report.md").write_text(text)
         plot_curves(runs, out / "curves.png", ceiling)
         plot_health(runs, out / "health.png")

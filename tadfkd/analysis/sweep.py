@@ -1,11 +1,13 @@
 """A multirun from launch to report: the Hydra callback around a sweep.
 
 Before any job (``plan=true``): list the jobs the sweep would launch, with their overrides, and
-stop. After the last job, whatever happened: one summary line (jobs done / failed / total, the
-failed jobs' directories, the report's path), the report written into the sweep directory when
-``report`` is true (the presets set it), and an exit code that is not 0 when the sweep is not
-complete: 5 when a job failed, else 6 when a job was left unrun (e.g. another launch held it),
-else 7 when the report could not be written, with one sentence saying which.
+stop. Each launch is recorded in the sweep directory (``launches``: a sweep relaunched after an
+interruption sums its sittings' wall time). After the last job, whatever happened: one summary
+line (jobs done / failed / total, the failed jobs' directories, the report's path), the report
+written into the sweep directory when ``report`` is true (the presets set it), and an exit code
+that is not 0 when the sweep is not complete: 5 when a job failed, else 6 when a job was left
+unrun (e.g. another launch held it), else 7 when the report could not be written, with one
+sentence saying which.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from tadfkd.analysis.launches import record_launch
 from tadfkd.base.errors import UserError
+from tadfkd.run.runtime import cpu_name
 
 FAILED_JOBS_EXIT_CODE = 5
 UNFINISHED_JOBS_EXIT_CODE = 6
@@ -96,6 +100,8 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("plan"):
+            if "recipe" not in config:  # the teacher job's multirun is no sweep to report
+                record_launch(Path(str(config.hydra.sweep.dir)), "started", cpu_name())
             return
         try:
             jobs = planned_jobs(config)
@@ -110,6 +116,7 @@ class SweepReport(Callback):
         if "recipe" in config:  # the teacher job's multirun writes teacher files, no results
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        record_launch(sweep_dir, "ended")
         report_path, report_error = None, None
         if config.get("report"):
             from tadfkd.analysis.jobs import read_sweep_directory

@@ -38,7 +38,7 @@ from tadfkd.distillation.meter import EpochMeter
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
 from tadfkd.distillation.synthesizer import Scorer
 from tadfkd.run.builder import build_distiller
-from tadfkd.run.runtime import resolve_device
+from tadfkd.run.runtime import cpu_name, resolve_device
 from tadfkd.teachers.loading import random_teacher
 
 EPOCH_ITERS = 36
@@ -292,19 +292,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{cpu_name()} (bf16 units: {'yes' if cpu_has_bf16() else 'no'})"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what torch reports elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
-    return str(capabilities.get("cpu_name", "unknown CPU"))
 
 
 def print_table(
