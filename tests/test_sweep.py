@@ -32,7 +32,7 @@ def test_every_sweep_preset_composes_with_teachers_methods_and_seeds(preset):
     params = cfg.hydra.sweeper.params
     assert {"teacher", "method", "seed"} <= set(params)
     assert len(str(params.seed).split(",")) >= 2
-    assert f"sweep_{preset}_" in cfg.hydra.sweep.dir
+    assert f"sweep_{preset}" in cfg.hydra.sweep.dir
     assert cfg.report is True  # the presets write their report when the last job ends
     for method in str(params.method).split(","):
         assert method in options("method")
