@@ -71,7 +71,6 @@ class Objective:
         self.name = name
         self.student_loss = student_loss
         self.terms = {key: term for key, term in generator_terms.items() if term.weight}
-        self._teacher_hooks: ForwardHooks | None = None
 
     def attach(
         self, teacher: nn.Module, student: nn.Module, inference_teacher: nn.Module | None = None
@@ -80,9 +79,9 @@ class Objective:
         forward (the one with gradients), e.g. every BatchNorm2d's input statistics for
         ``BNStatistics``. ``inference_teacher`` (default ``teacher``) runs the student steps'
         no-grad forwards."""
-        self._teacher_hooks = ForwardHooks(teacher)
+        hooks = ForwardHooks(teacher)  # one set for all terms: each records what it reads
         for term in self.terms.values():
-            term.attach(self._teacher_hooks)
+            term.attach(hooks)
 
     def student(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
