@@ -84,9 +84,19 @@ CASES = {
         ["was trained on fashion_mnist", "not on dataset digits", "check_teacher_dataset=false"],
     ),
     "negative loss weight": (
-        ["method.weights.bn=-100"],
+        ["method.generator_terms.bn.weight=-100"],
         2,
-        ["method.weights.bn=-100", "at least 0"],
+        ["method.generator_terms.bn.weight=-100", "at least 0"],
+    ),
+    "unknown loss term class": (
+        ["method.generator_terms.bn._target_=tadfkd.distillation.terms.BNStats"],
+        2,
+        ["method.generator_terms.bn._target_='tadfkd.distillation.terms.BNStats'", "imported"],
+    ),
+    "infinite temperature": (
+        ["method.generator_terms.adversarial.temperature=inf"],
+        2,
+        ["method.generator_terms.adversarial.temperature=inf must be a finite positive"],
     ),
     "infinite learning rate": (["optimizer.student.lr=inf"], 2, ["lr=inf must be a finite"]),
     "zero teacher std": (["teacher.std=[0]"], 2, ["teacher.std=[0] must be a list of positive"]),

@@ -81,7 +81,7 @@ def test_every_method_option_builds_its_objective(option):
     cfg = resolved(compose_config([f"method={option}"]))
     objective = instantiate(cfg.method)
     assert objective.name == cfg.method.name == option
-    assert sum(objective.weights.values()) > 0
+    assert sum(term.weight for term in objective.terms.values()) > 0
 
 
 def test_selection_options_build_and_select():

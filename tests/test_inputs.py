@@ -14,6 +14,7 @@ from helpers import compose_config, tiny_distiller
 
 from tadfkd.base.errors import UserError
 from tadfkd.distillation.objectives import Objective
+from tadfkd.distillation.terms import StudentL1
 from tadfkd.run.checks import validate
 
 
@@ -134,9 +135,9 @@ def test_fresh_noise_methods_draw_new_noise_for_every_student_batch():
 
 def test_inputs_are_checked_with_one_sentence():
     with pytest.raises(UserError, match="method.inputs has unknown key"):
-        Objective("x", inputs={"augmentation": False})
+        Objective("x", StudentL1(), {}, inputs={"augmentation": False})
     with pytest.raises(UserError, match="method.inputs.sample_mode='test' is unknown"):
-        Objective("x", inputs={"sample_mode": "test"})
+        Objective("x", StudentL1(), {}, inputs={"sample_mode": "test"})
     with pytest.raises(UserError, match="must be train or eval"):
         validate(compose_config(["method.inputs.student_mode=half"], hydra_node=False))
     with pytest.raises(UserError, match="selection refill cannot"):

@@ -10,7 +10,8 @@ from torch import nn
 
 from tadfkd.base.errors import UserError
 from tadfkd.distillation import losses
-from tadfkd.distillation.objectives import GeneratorBatch, Objective
+from tadfkd.distillation import terms as T
+from tadfkd.distillation.objectives import Objective
 from tadfkd.distillation.recorders import ForwardHooks, bn_statistics_term
 
 
@@ -215,16 +216,21 @@ def test_hooks_by_path_record_inputs_outputs_and_only_forwards_with_gradients_wh
 
 
 def test_objective_weights_the_tadfkd_generator_terms():
-    objective = Objective(
-        "tadfkd", weights={"adversarial": 1.0, "bn": 10.0, "tv": 1.5e-5, "l2": 6e-3}
-    )
+    generator_terms = {
+        "adversarial": T.AdversarialJS(1.0, temperature=3.0),
+        "bn": T.BNStatistics(10.0),
+        "tv": T.TotalVariation(1.5e-5),
+        "l2": T.L2Prior(6e-3),
+        "class_prior": T.ClassPrior(0.0),  # weight 0: left out, not computed
+    }
+    objective = Objective("tadfkd", T.StudentL1(), generator_terms)
     teacher = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 5))
     teacher.eval().requires_grad_(False)
     images = torch.rand(3, 1, 4, 4)
     objective.attach(teacher, nn.Identity())
     t = teacher(images)  # with gradients enabled: the hooks record the BN term
     s = torch.randn(3, 5)
-    total, terms = objective.generator(GeneratorBatch(images, s, t))
+    total, terms = objective.generator(T.GeneratorBatch(images, s, t))
     bn = bn_statistics_term(teacher[1], teacher[0](images))
     expected = (
         losses.adversarial_js(s, t, 3.0)
@@ -236,10 +242,14 @@ def test_objective_weights_the_tadfkd_generator_terms():
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_objective_rejects_unknown_terms_and_losses():
-    with pytest.raises(UserError, match="unknown term"):
-        Objective("x", weights={"adversarial": 1.0, "typo": 1.0})
-    with pytest.raises(UserError, match="student_loss"):
-        Objective("x", student_loss="l3")
-    with pytest.raises(UserError, match="adversarial"):
-        Objective("x", adversarial="wasserstein")
+def test_objective_rejects_what_is_no_loss_term():
+    with pytest.raises(UserError, match=r"method.generator_terms.typo is 1.0, not a loss term"):
+        Objective("x", T.StudentL1(), {"adversarial": T.AdversarialL1(1.0), "typo": 1.0})
+    with pytest.raises(UserError, match="generator_terms.bn is a node without a _target_"):
+        Objective("x", T.StudentL1(), {"bn": {"weight": 1.0}})
+    with pytest.raises(UserError, match="method.student_loss is 'l3', not a student loss"):
+        Objective("x", "l3", {})
+    with pytest.raises(
+        UserError, match="method.student_loss is an instance of L1Loss, not a student loss"
+    ):
+        Objective("x", nn.L1Loss(), {})

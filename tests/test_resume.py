@@ -305,6 +305,46 @@ def test_resuming_with_other_settings_is_refused_but_runtime_settings_may_change
         check_same_run(base, identity(teacher="b" * 64), Path("checkpoint.pt"))
 
 
+# The ``method.*`` part of each method's run identity as the code before loss terms were objects
+# (commit 078f690) wrote it into its checkpoints: ``method.weights``, ``method.student_loss``, ...
+FORMER_METHOD_IDENTITIES = json.loads(
+    (Path(__file__).parent / "former_method_identities.json").read_text()
+)
+
+
+def in_former_form(identity: dict, method: str) -> dict:
+    """``identity`` with its ``method.*`` keys as the former code wrote them for ``method``."""
+    kept = {key: value for key, value in identity.items() if not key.startswith("method.")}
+    return kept | FORMER_METHOD_IDENTITIES[method]
+
+
+@pytest.mark.parametrize("method", sorted(FORMER_METHOD_IDENTITIES))
+def test_a_checkpoint_with_the_former_loss_weights_resumes_with_the_same_method(method):
+    current = run_identity(compose_config([*TINY, f"method={method}"], hydra_node=False), "a" * 64)
+    former = in_former_form(current, method)
+    assert not any(key.startswith("method.generator_terms.") for key in former)
+    check_same_run(former, current, Path("checkpoint.pt"))
+    if "method.weights.bn" in former:  # another weight is still another run
+        changed = {**former, "method.weights.bn": 5.0}
+        with pytest.raises(UserError, match="method.generator_terms.bn.weight=5.0 there"):
+            check_same_run(changed, current, Path("checkpoint.pt"))
+
+
+def test_a_run_directory_of_the_former_code_resumes_and_trains_on(tmp_path, tiny_job):
+    OmegaConf.update(tiny_job, "trainer.epochs", 2)
+    uninterrupted = distil(tiny_job, tmp_path)
+    state = read_checkpoint(tmp_path / PREVIOUS)  # after epoch 1
+    for name in (LATEST, PREVIOUS, schema.RESULTS_FILE, STUDENT_FILE):
+        (tmp_path / name).unlink()
+    state["identity"] = in_former_form(state["identity"], "tadfkd")
+    save_checkpoint(tmp_path, state)  # a run the former code stopped after its first epoch
+    resumed = distil(tiny_job, tmp_path)
+    assert resumed[schema.EPOCH_ACCS] == uninterrupted[schema.EPOCH_ACCS]
+    identity = read_checkpoint(tmp_path / LATEST)["identity"]  # written again in today's form
+    assert identity["method.generator_terms.bn.weight"] == 10.0
+    assert "method.weights.bn" not in identity
+
+
 # -- through run.py -----------------------------------------------------------------------------
 def start(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return start_entry(*TINY, *overrides, f"hydra.run.dir={run_dir}", env=env)

@@ -356,10 +356,11 @@ def cases(fixtures: Fixtures) -> list[Case]:
         ),
         # 6. nonsense values
         Case("teacher of another dataset", [*run, "teacher=fmnist_cnn"]),
-        Case("negative loss weight", [*run, "method.weights.bn=-100"]),
+        Case("negative loss weight", [*run, "method.generator_terms.bn.weight=-100"]),
         Case("infinite student learning rate", [*run, "optimizer.student.lr=inf"]),
         Case("NaN generator learning rate", [*run, "optimizer.generator.lr=nan"]),
-        Case("infinite temperature", [*run, "method.temperature=inf"]),
+        Case("infinite temperature", [*run, "method.generator_terms.adversarial.temperature=inf"]),
+        Case("unknown loss term class", [*run, "method.generator_terms.bn._target_=x.BNStats"]),
         Case("zero teacher std", [*run, "teacher.std=[0]"]),
         Case("teacher mean not a number", [*run, "teacher.mean=[abc]"]),
         Case("empty teacher checkpoint", [*run, "teacher.checkpoint="]),

@@ -10,8 +10,9 @@ in alternation, iteration by iteration, so that drift in a shared machine hits b
 
 - fast: this project's ``Distiller`` (autocast per ``--precision``, channels-last on CUDA,
   several generated batches scored in one teacher forward with one mixture per batch);
-- published-style: fp32, teacher logits recomputed in chunks of 32 for the selection, the
-  mixture fitted by scikit-learn on the CPU, one batch generated and selected at a time.
+- published-style (``tadfkd.bench.published``): fp32, teacher logits recomputed in chunks of 32
+  for the selection, the mixture fitted by scikit-learn on the CPU, one batch generated and
+  selected at a time.
 
 One iteration is ``student_steps`` student steps plus one generator step; an epoch is 36.
 FLOPs are those torch's ``FlopCounterMode`` counts (convolutions and matrix products, forward
@@ -25,14 +26,13 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
-from sklearn.mixture import GaussianMixture
 from torch.utils.flop_counter import FlopCounterMode
 
 from tadfkd.base import schema
+from tadfkd.bench.published import PUBLISHED_STYLE, PublishedStyleScorer
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
@@ -50,42 +50,6 @@ SETTINGS = {
     "small": [],
     "fashion_mnist": ["experiment=fashion_mnist"],
 }
-# What makes the published-style path: fp32, no channels-last, one batch per refill round.
-PUBLISHED_STYLE = [
-    "speed.precision=fp32",
-    "speed.channels_last=false",
-    "speed.refill=single",
-    "speed.static_shapes=false",
-    "speed.fold_teacher_bn=false",
-    "speed.scoring=fp32",
-    "speed.generation=fp32",
-]
-
-
-class PublishedStyleScorer:
-    """The reference implementation's selection, for timing only (plugged into the
-    synthesizer's ``scorer`` seam): the teacher's logits of the whole test view give the
-    pseudo-labels, then they are recomputed in chunks of 32 and scikit-learn's
-    ``GaussianMixture`` is fitted on the CPU, one batch at a time."""
-
-    def __init__(self, teacher: torch.nn.Module, threshold: float) -> None:
-        self.teacher = teacher
-        self.threshold = threshold
-
-    @torch.no_grad()
-    def __call__(self, test_view: torch.Tensor) -> torch.Tensor:
-        labels = self.teacher(test_view).argmax(dim=1)
-        logits = torch.cat([self.teacher(chunk) for chunk in test_view.split(32)])
-        losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-        losses = losses.cpu().numpy().astype(np.float64)
-        span = losses.max() - losses.min()
-        if span == 0:  # the reference yields NaN here; keep everything instead
-            return torch.ones(test_view.shape[0], dtype=torch.bool, device=test_view.device)
-        normalised = ((losses - losses.min()) / span).reshape(-1, 1)
-        mixture = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4)
-        mixture.fit(normalised)
-        clean = mixture.predict_proba(normalised)[:, mixture.means_.argmin()]
-        return torch.from_numpy(clean > self.threshold).to(test_view.device)
 
 
 def bench_config(overrides: list[str]) -> DictConfig:
@@ -101,8 +65,9 @@ def build(cfg: DictConfig, device: torch.device, published: bool, seed: int) -> 
     distiller = build_distiller(cfg, random_teacher(cfg.teacher), device)
     if published:
         synthesizer = distiller.synthesizer
-        threshold = cfg.selection.threshold
-        synthesizer.scorer = PublishedStyleScorer(synthesizer.scoring_teacher, threshold)
+        synthesizer.scorer = PublishedStyleScorer(
+            synthesizer.scoring_teacher, synthesizer.selection
+        )
     return distiller
 
 

@@ -17,6 +17,7 @@ since all of them sit at the clean end of the normalised range.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,24 @@ def clean_posterior(
     constant = (losses.amax(dim=1) == losses.amin(dim=1)).unsqueeze(1)
     posterior = fit_two_gaussians(normalised, max_iter=max_iter, tol=tol, reg_covar=reg_covar)
     return torch.where(constant, torch.ones_like(posterior), posterior)
+
+
+class Selection(Protocol):
+    """What the synthesizer and the benchmark ask of a selection rule (``conf/selection/``,
+    built by ``_target_``): a rule is any class with these members.
+
+    ``enabled``: whether the synthesizer scores generated samples at all (false: every sample
+    is kept, unscored, and the generator step uses the whole batch). ``max_batches``: generated
+    batches allowed per student batch before the student trains on fewer samples.
+    """
+
+    enabled: bool
+    max_batches: int
+
+    def keep_mask(self, teacher_logits: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """Boolean mask (N,) of the samples to keep, from the teacher's logits (N, K) on the
+        test views of N / ``chunk_size`` generated batches of ``chunk_size`` samples each."""
+        ...
 
 
 class GMMSelection:

@@ -20,9 +20,10 @@ from tadfkd.base import schema
 from tadfkd.base.errors import UserError
 from tadfkd.data.views import Inputs, Views
 from tadfkd.distillation.nonfinite import NonFiniteGuard
-from tadfkd.distillation.objectives import GeneratorBatch, Objective
+from tadfkd.distillation.objectives import Objective
 from tadfkd.distillation.precision import Precision, autocast_to
-from tadfkd.distillation.selection import GMMSelection, NoSelection, fill_order
+from tadfkd.distillation.selection import Selection, fill_order
+from tadfkd.distillation.terms import GeneratorBatch
 
 # test views of whole generated batches (N, C, H, W), N a multiple of the batch size -> keep (N,)
 Scorer = Callable[[torch.Tensor], torch.Tensor]
@@ -48,7 +49,7 @@ class Synthesizer:
         generator_optimizer: torch.optim.Optimizer,
         teacher: nn.Module,
         views: Views,
-        selection: GMMSelection | NoSelection,
+        selection: Selection,
         batch_size: int,
         device: torch.device,
         precision: Precision | None = None,

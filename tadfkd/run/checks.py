@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from tadfkd.base.errors import UserError
+from tadfkd.run.legacy import current_form
 
 MAX_SEED = 2**32 - 1  # numpy's seed range
 # Top-level nodes that never change what a run computes (so a run may resume with others).
@@ -169,7 +170,6 @@ RULES: tuple[Rule, ...] = (
     Rule("selection.tol", number(0, open_low=True), "a positive number", optional=True),
     Rule("selection.reg_covar", number(0), "a number of at least 0", optional=True),
     Rule("selection.max_batches", whole(1), POSITIVE, optional=True),
-    Rule("method.temperature", number(0, open_low=True), "a positive number", optional=True),
     Rule("method.inputs.augment", boolean, "true or false", optional=True),
     Rule("method.inputs.sample_mode", one_of("train", "eval"), "train or eval", optional=True),
     Rule("method.inputs.student_mode", one_of("train", "eval"), "train or eval", optional=True),
@@ -198,11 +198,13 @@ RULES: tuple[Rule, ...] = (
     Rule("recipe.augment", boolean, "true or false", optional=True),
     Rule("recipe.erase", number(0, 1), "a probability in [0, 1]", optional=True),
     # -- Ranges of weights, rates, normalisation, timeouts and names (helpers above POSITIVE) --
-    Rule("method.weights.*", finite(0), "a finite number of at least 0", optional=True),
+    Rule("method.generator_terms.*.weight", finite(0), "a finite number of at least 0"),
     Rule("optimizer.student.lr", finite(0, True), "a finite positive number", optional=True),
     Rule("optimizer.generator.lr", finite(0, True), "a finite positive number", optional=True),
     Rule("recipe.lr", finite(0, True), "a finite positive number", optional=True),
-    Rule("method.temperature", finite(0, True), "a finite positive number", optional=True),
+    Rule("method.generator_terms.*.temperature", finite(0, True), "a finite positive number", True),
+    Rule("method.student_loss.temperature", finite(0, True), "a finite positive number", True),
+    Rule("method.generator_terms.*.detach_teacher", boolean, "true or false", optional=True),
     Rule("teacher.mean", finite_list(finite(-math.inf)), "a list of finite numbers, e.g. [0.5]"),
     Rule(
         "teacher.std", finite_list(finite(0, True)), "a list of positive finite numbers, e.g. [0.5]"
@@ -246,13 +248,15 @@ def check_rules(cfg: DictConfig, prefix: str = "") -> None:
 
 
 def _keys(cfg: DictConfig, pattern: str) -> list[str]:
-    """The keys a rule applies to: itself, or for ``group.*`` every key of that mapping."""
-    if not pattern.endswith(".*"):
+    """The keys a rule applies to: itself, or with each ``*`` every key of the mapping there
+    (``method.generator_terms.*.weight``: the weight of every term)."""
+    mapping, star, rest = pattern.partition(".*")
+    if not star:
         return [pattern]
-    present, node = _value(cfg, pattern[:-2])
+    present, node = _value(cfg, mapping)
     if not present or not OmegaConf.is_dict(node):
         return []
-    return [f"{pattern[:-2]}.{key}" for key in node]
+    return [key for child in node for key in _keys(cfg, f"{mapping}.{child}{rest}")]
 
 
 def _check(cfg: DictConfig, rule: Rule, key: str) -> None:
@@ -317,7 +321,9 @@ def run_identity(cfg: DictConfig, teacher_sha256: str) -> dict[str, Any]:
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume the checkpoint at ``path`` with settings that compute something else."""
+    """Refuse to resume the checkpoint at ``path`` with settings that compute something else
+    (``saved`` may be in a former form: ``legacy.current_form``)."""
+    saved = current_form(saved)
     differing = sorted(
         key for key in saved.keys() | current.keys() if saved.get(key) != current.get(key)
     )

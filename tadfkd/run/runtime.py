@@ -23,14 +23,24 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tadfkd.base.errors import UserError
 
+# Hydra's message for a ``_target_`` that names nothing importable: the target and its node.
+UNLOCATABLE = re.compile(r"Error locating target '(?P<target>[^']*)'.*full_key: (?P<key>\S+)", re.S)
+
 
 def build(node: Any, *args: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, passing a ``UserError`` raised while building through as is."""
+    """``hydra.utils.instantiate``, passing a ``UserError`` raised while building through as is;
+    a ``_target_`` that names nothing importable is a ``UserError`` naming its node."""
     try:
         return instantiate(node, *args, **kwargs)
     except InstantiationException as error:
         if isinstance(error.__cause__, UserError):
             raise error.__cause__ from None
+        unlocatable = UNLOCATABLE.search(str(error))
+        if unlocatable:
+            raise UserError(
+                f"{unlocatable['key']}._target_={unlocatable['target']!r} names no class that "
+                "can be imported; check its spelling, and that its module is on the Python path."
+            ) from None
         raise
 
 
