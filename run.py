@@ -2,18 +2,21 @@
 
 import contextlib
 import sys
-from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tadfkd.base.errors import Interrupted, RunDirectoryInUse, RunStopped, UserError
+from tadfkd.base.errors import (
+    Interrupted,
+    RunDirectoryInUse,
+    UserError,
+    exit_on_known_errors,
+    headline,
+)
+from tadfkd.run.context import JobContext, hydra_context
 from tadfkd.run.job import distil
 from tadfkd.run.results import clear_failure, echo_traceback, record_failure
-from tadfkd.run.rundir import RECORD_FOLDER, hydra_record, save_hydra_record
-from tadfkd.run.runtime import command_line_overrides
+from tadfkd.run.rundir import RECORD_FOLDER, save_hydra_record
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -23,38 +26,35 @@ def main(cfg: DictConfig) -> float | None:
     In a multirun a failed job writes its traceback to ``failed.json`` in its run directory and
     returns None, so that the sweep carries on (the report marks the job failed).
     """
-    hydra_config = HydraConfig.get()
-    run_dir = Path(hydra_config.runtime.output_dir)
-    record = hydra_record(cfg)  # written into run_dir/.hydra once the run is accepted
-    try:
-        results = distil(cfg, run_dir, record)
-    except Interrupted as stop:  # ends a sweep too; re-running it resumes this job
-        print(f"stopped: {stop}", file=sys.stderr)
-        sys.exit(stop.exit_code)
-    except Exception as error:
-        if hydra_config.mode == RunMode.MULTIRUN:
-            # A user mistake reads as in a single run; a bug shows its traceback. Either way
-            # failed.json records it and the sweep carries on, except in a directory that
-            # another live run holds: that run's files are left as they are.
-            if isinstance(error, UserError | RunStopped):
-                print(f"error: {error}", file=sys.stderr, flush=True)
-            else:
-                echo_traceback(error)
-            if not isinstance(error, RunDirectoryInUse):
-                record_failure(run_dir, error, command_line_overrides())
-                if not (run_dir / RECORD_FOLDER).exists():  # the report labels the job by it
-                    with contextlib.suppress(UserError):  # failed.json says why, either way
-                        save_hydra_record(run_dir, record)
+    context = hydra_context(cfg)
+    with exit_on_known_errors():
+        try:
+            results = distil(cfg, context)
+        except Exception as error:
+            # a stop signal ends a sweep too; re-running it resumes this job
+            if not context.multirun or isinstance(error, Interrupted):
+                raise
+            record_failed_job(error, context)
             return None
-        if isinstance(error, UserError):
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(error, RunStopped):
-            print(f"stopped: {error}", file=sys.stderr)
-            sys.exit(error.exit_code)
-        raise
-    clear_failure(run_dir)
+    clear_failure(context.run_dir)
     return results["student_final_acc"]
+
+
+def record_failed_job(error: Exception, context: JobContext) -> None:
+    """A sweep's job failed: a user's mistake reads as in a single run, a bug shows its
+    traceback; either way ``failed.json`` records it and the sweep carries on, except in a
+    directory that another live run holds: that run's files are left as they are."""
+    line = headline(error)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        echo_traceback(error)
+    if isinstance(error, RunDirectoryInUse):
+        return
+    record_failure(context.run_dir, error, context.overrides)
+    if not (context.run_dir / RECORD_FOLDER).exists():  # the report labels the job by it
+        with contextlib.suppress(UserError):  # failed.json says why, either way
+            save_hydra_record(context.run_dir, context.record)
 
 
 if __name__ == "__main__":

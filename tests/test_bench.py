@@ -9,6 +9,7 @@ from helpers import ROOT
 
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
+from tadfkd.bench import setting
 from tadfkd.bench import threads as bench_threads
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
 from tadfkd.teachers.loading import read_state_dict
@@ -97,16 +98,16 @@ def test_on_a_gpu_the_fast_path_beats_the_published_style_path_on_cifar(capsys):
 
 def test_the_published_style_path_differs_only_through_its_seam_and_settings():
     # unfolded, so that loading trained weights into the teacher reaches its scoring forward
-    cfg = bench.bench_config(
+    cfg = setting.bench_config(
         ["runtime.device=cpu", "trainer.batch_size=64", "speed.fold_teacher_bn=false"]
     )
-    published_cfg = bench.bench_config(
-        ["runtime.device=cpu", "trainer.batch_size=64", *bench.PUBLISHED_STYLE]
+    published_cfg = setting.bench_config(
+        ["runtime.device=cpu", "trainer.batch_size=64", *setting.PUBLISHED_STYLE]
     )
     cpu = torch.device("cpu")
-    fast = bench.build(cfg, cpu, published=False, seed=0).synthesizer
-    published = bench.build(published_cfg, cpu, published=True, seed=0).synthesizer
-    assert isinstance(published.scorer, bench.PublishedStyleScorer)
+    fast = setting.build_path(cfg, cpu, published=False, seed=0).synthesizer
+    published = setting.build_path(published_cfg, cpu, published=True, seed=0).synthesizer
+    assert isinstance(published.scorer, setting.PublishedStyleScorer)
     assert not published.adaptive_rounds and published.precision.name == "fp32"
     assert fast.adaptive_rounds and fast.scorer == fast.score
     trained = read_state_dict(ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt")

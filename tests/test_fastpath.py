@@ -13,7 +13,7 @@ import tadfkd.distillation.precision
 import tadfkd.distillation.synthesizer
 from tadfkd.base import schema
 from tadfkd.base.errors import UserError
-from tadfkd.bench import compare as bench
+from tadfkd.bench.setting import bench_config, build_path
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.precision import Precision, cpu_has_bf16, resolve_precision
 from tadfkd.distillation.selection import fill_order
@@ -41,8 +41,8 @@ def small(
     overrides = [f"speed.precision={precision}", f"trainer.batch_size={batch_size}"]
     overrides.append(f"speed.generation={generation}")
     overrides.append(f"speed.fold_teacher_bn={fold}")
-    cfg = bench.bench_config([*overrides, f"runtime.device={device}"])
-    return bench.build(cfg, torch.device(device), published=False, seed=0)
+    cfg = bench_config([*overrides, f"runtime.device={device}"])
+    return build_path(cfg, torch.device(device), published=False, seed=0)
 
 
 def feed_noise(synthesizer: Synthesizer, noise: list[torch.Tensor]) -> None:
@@ -275,7 +275,7 @@ def test_a_trained_teacher_keeps_the_same_samples_folded_or_not():
         synthesizer = small(batch_size=128, fold=fold).synthesizer
         synthesizer.teacher.load_state_dict(read_state_dict(DIGITS_TEACHER))
         if fold:
-            synthesizer.scoring_teacher = fold_batchnorm(
+            synthesizer.inference_teacher = fold_batchnorm(
                 synthesizer.teacher, torch.randn(2, 1, 16, 16)
             )
         torch.manual_seed(8)

@@ -13,6 +13,7 @@ from tadfkd.distillation.objectives import Objective
 from tadfkd.distillation.recorders import bn_statistics_term
 from tadfkd.distillation.terms import GeneratorBatch
 from tadfkd.models import build_classifier
+from tadfkd.run.context import JobContext
 from tadfkd.run.job import distil
 
 METHODS = options("method")
@@ -224,7 +225,8 @@ def test_every_method_composes_and_builds_on_every_published_dataset(experiment)
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_one_digits_epoch_end_to_end(method, tmp_path):
-    results = distil(job_config(["debug=tiny", "runtime.device=cpu", f"method={method}"]), tmp_path)
+    cfg = job_config(["debug=tiny", "runtime.device=cpu", f"method={method}"])
+    results = distil(cfg, JobContext(tmp_path))
     assert results["method"] == method
     assert 0.0 <= results["student_final_acc"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["method"] == method

@@ -14,10 +14,33 @@ import pytest
 from helpers import ROOT, assert_user_error, environment, run_entry, start_entry
 
 from tadfkd.base import files, schema
-from tadfkd.base.errors import UserError
+from tadfkd.base.errors import (
+    Interrupted,
+    NonFiniteLoss,
+    RunDirectoryInUse,
+    SignalReceived,
+    UserError,
+    exit_code,
+    headline,
+)
 from tadfkd.run.rundir import RECORD_FOLDER, save_hydra_record
 
 TINY = ["debug=tiny", "runtime.device=cpu", "runtime.threads=1", "logger=none"]
+
+
+def test_one_table_gives_the_exit_code_and_line_of_every_way_a_job_ends():
+    ends = {
+        UserError("x"): (2, "error: x"),
+        RunDirectoryInUse("x"): (2, "error: x"),
+        NonFiniteLoss("x"): (4, "stopped: x"),
+        Interrupted("x", "SIGTERM"): (3, "stopped: x"),
+        Interrupted("x", "SIGINT"): (130, "stopped: x"),  # what a shell expects of Ctrl-C
+        SignalReceived("SIGUSR1"): (3, None),
+        SignalReceived("SIGINT"): (130, None),
+        ValueError("a bug"): (1, None),  # its traceback shows
+    }
+    for error, (code, line) in ends.items():
+        assert (exit_code(error), headline(error)) == (code, line), error
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

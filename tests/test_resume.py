@@ -45,8 +45,10 @@ from tadfkd.run.checkpoint import (
     set_rng_state,
 )
 from tadfkd.run.checks import check_same_run, run_identity
-from tadfkd.run.job import CHECKPOINT_KEYS, distil
+from tadfkd.run.context import JobContext
+from tadfkd.run.job import distil
 from tadfkd.run.results import STUDENT_FILE
+from tadfkd.run.resume import CHECKPOINT_KEYS
 from tadfkd.run.tracking import WandbTracker
 
 # Eight epochs: even on an idle machine (about 0.1 s an epoch) three kills land before the end.
@@ -195,7 +197,7 @@ def test_disk_full_while_writing_the_results_keeps_the_checkpoint_to_write_them(
     monkeypatch.setattr(torch, "save", save)
     monkeypatch.setattr(os, "write", write)
     with pytest.raises(UserError) as refused:
-        distil(tiny_job, tmp_path)
+        distil(tiny_job, JobContext(tmp_path))
     monkeypatch.undo()
     assert str(refused.value) == (
         f"could not write {tmp_path / name} (No space left on device); the run's checkpoint is "
@@ -205,7 +207,8 @@ def test_disk_full_while_writing_the_results_keeps_the_checkpoint_to_write_them(
     assert not list(tmp_path.glob(f".{name}.*")), "a temporary file was left behind"
     saved = load_checkpoint(tmp_path, CHECKPOINT_KEYS)[0]["distiller"]
     assert saved["epoch"] == 1  # the finished run's checkpoint
-    results = distil(tiny_job, tmp_path)  # the re-run writes both, training nothing again
+    # the re-run writes both, training nothing again
+    results = distil(tiny_job, JobContext(tmp_path))
     assert json.loads((tmp_path / schema.RESULTS_FILE).read_text()) == results
     assert results[schema.EPOCH_ACCS] == [m[schema.STUDENT_ACC] for m in saved["history"]]
     student = torch.load(tmp_path / STUDENT_FILE, weights_only=True)
@@ -560,7 +563,7 @@ def test_a_nonfinite_loss_in_training_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(Objective, "student", student)
     OmegaConf.update(tiny_job, "trainer.epochs", 3)
     with pytest.raises(NonFiniteLoss, match="epoch 2, iteration 1.*last good checkpoint is kept"):
-        distil(tiny_job, tmp_path)
+        distil(tiny_job, JobContext(tmp_path))
     assert load_checkpoint(tmp_path)[0]["distiller"]["epoch"] == 1
 
 
@@ -581,7 +584,7 @@ def test_sigterm_before_training_stops_and_says_nothing_was_checkpointed(
     before = signal.getsignal(signal.SIGTERM)
     sigterm_while_the_teacher_is_evaluated(monkeypatch)
     with pytest.raises(Interrupted) as stopped:
-        distil(tiny_job, tmp_path)
+        distil(tiny_job, JobContext(tmp_path))
     assert str(stopped.value) == (
         "SIGTERM received outside the training loop; nothing was checkpointed yet; re-run the "
         "same command to start the run."
@@ -591,12 +594,12 @@ def test_sigterm_before_training_stops_and_says_nothing_was_checkpointed(
 
 
 def test_sigterm_before_a_resumed_run_trains_keeps_its_checkpoint(tmp_path, monkeypatch, tiny_job):
-    distil(tiny_job, tmp_path)
+    distil(tiny_job, JobContext(tmp_path))
     (tmp_path / schema.RESULTS_FILE).unlink()  # so that the re-run evaluates the teacher again
     checkpoint = (tmp_path / LATEST).read_bytes()
     sigterm_while_the_teacher_is_evaluated(monkeypatch)
     with pytest.raises(Interrupted, match="SIGTERM received outside the training loop") as stop:
-        distil(tiny_job, tmp_path)
+        distil(tiny_job, JobContext(tmp_path))
     assert f"the last checkpoint in {tmp_path} is kept; re-run the same command to resume" in str(
         stop.value
     )

@@ -12,7 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from tadfkd.analysis.sweep import SweepReport
-from tadfkd.run.job import run_group
+from tadfkd.run.context import JobContext, hydra_context
+from tadfkd.run.tracking import run_group
 
 TINY = ["debug=tiny", "trainer.epochs=2", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]
 TINY += ["trainer.batch_size=8", "runtime.eval_batch_size=256"]
@@ -68,17 +69,20 @@ def test_launcher_presets_pick_submitit_and_cap_parallel_jobs():
     assert slurm.sweeper.max_batch_size == slurm.launcher.array_parallelism
 
 
-def test_jobs_of_one_sweep_share_the_sweep_directory_name_as_wandb_group():
+def test_jobs_of_one_sweep_share_the_sweep_directory_name_as_wandb_group(tmp_path):
     cfg = compose_config(["hydra.mode=MULTIRUN", "hydra.sweep.dir=multirun/sweep_digits_x"])
+    cfg.hydra.runtime.output_dir = str(tmp_path)  # set by Hydra when a job starts
     HydraConfig.instance().set_config(cfg)
     try:
-        assert run_group(cfg) == "sweep_digits_x"
-        cfg.logger.group = "mine"
-        assert run_group(cfg) == "mine"
-        HydraConfig.instance().set_config(compose_config())
-        assert run_group(compose_config()) is None  # a single run has no group
+        context = hydra_context(cfg)  # what run.py reads from Hydra, once
     finally:
         HydraConfig.instance().cfg = None
+    assert context.multirun and context.sweep_dir.name == "sweep_digits_x"
+    assert context.run_dir == tmp_path and context.side_by_side == 1  # the basic launcher
+    assert run_group(cfg, context) == "sweep_digits_x"
+    cfg.logger.group = "mine"
+    assert run_group(cfg, context) == "mine"
+    assert run_group(compose_config(), JobContext(tmp_path)) is None  # a single run has none
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from helpers import assert_user_error, compose_config, read_wandb_run, run_entry
 from tadfkd.base import schema
 from tadfkd.base.errors import Interrupted, NonFiniteLoss
 from tadfkd.distillation.objectives import Objective
+from tadfkd.run.context import JobContext
 from tadfkd.run.job import distil
 from tadfkd.run.tracking import INSTANTIATION_KEYS, WandbTracker
 
@@ -145,7 +146,7 @@ def test_a_stopped_run_is_recorded_with_its_exit_code_not_as_finished(
     cfg = compose_config(overrides, hydra_node=False)
     stop(monkeypatch)
     with pytest.raises(error):
-        distil(cfg, tmp_path)
+        distil(cfg, JobContext(tmp_path))
     run, records = read_wandb_run(tmp_path)
     assert (run["state"], run["exit_code"]) == ("failed", exit_code)
     assert bool(records_of(records, "preempting")) == preempted

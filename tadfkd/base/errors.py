@@ -1,4 +1,10 @@
-"""Errors a user can cause and fix."""
+"""Errors a user can cause and fix, runs stopped early, and the one table of their exit codes."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
 
 
 class UserError(Exception):
@@ -21,26 +27,21 @@ class RunDirectoryInUse(UserError):
 
 class RunStopped(Exception):
     """The run stopped before its last epoch, its state checkpointed (a stop signal, a
-    non-finite loss); the message says why and how to go on. ``run.py`` prints it and exits
-    with ``exit_code``."""
-
-    exit_code = 3
+    non-finite loss); the message says why and how to go on. Entry points print it and exit
+    with its code in ``EXIT_CODES``."""
 
 
 class Interrupted(RunStopped):
     """A stop signal (SIGTERM, SIGUSR1, SIGINT) arrived: the process exits, a sweep included,
-    and the same command resumes it. Exit code 3, or 130 for SIGINT (Ctrl-C), as a shell
-    expects of a process it interrupted."""
+    and the same command resumes it."""
 
     def __init__(self, message: str, signal_name: str) -> None:
         super().__init__(message)
-        self.exit_code = stop_exit_code(signal_name)
+        self.signal_name = signal_name
 
 
 class NonFiniteLoss(RunStopped):
-    """A loss term became NaN or infinite (``trainer.on_nonfinite=stop``)."""
-
-    exit_code = 4
+    """A loss term became NaN or infinite (``runtime.on_nonfinite=stop``)."""
 
 
 class SignalReceived(BaseException):
@@ -50,17 +51,48 @@ class SignalReceived(BaseException):
     (e.g. around a file being read) swallows it. The job turns it into ``Interrupted``."""
 
 
-def stop_exit_code(signal_name: str) -> int:
-    """The exit code of a run stopped by ``signal_name``: 130 for SIGINT (128 + 2, what a shell
-    reports for Ctrl-C), else 3."""
-    return 130 if signal_name == "SIGINT" else RunStopped.exit_code
+# The exit code of a process that ends with an error of each kind, the first that matches
+# (anything else is a bug: 1); a stop signal's code is 130 for SIGINT (128 + 2, what a shell
+# reports for Ctrl-C), the stop's code for the others.
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (NonFiniteLoss, 4),
+    (RunStopped, 3),
+    (SignalReceived, 3),
+    (UserError, 2),
+)
+SIGINT_EXIT_CODE = 130
+
+
+def signal_of(error: BaseException) -> str | None:
+    """The name of the stop signal that ended the run with ``error``, or None."""
+    if isinstance(error, Interrupted):
+        return error.signal_name
+    return str(error) if isinstance(error, SignalReceived) else None
 
 
 def exit_code(error: BaseException) -> int:
-    """The exit code ``run.py`` ends with after ``error``: a stopped run's own (3: a stop signal,
-    130: SIGINT, 4: a non-finite loss), 2 for a user's mistake, 1 for anything else."""
-    if isinstance(error, SignalReceived):
-        return stop_exit_code(str(error))
+    """The exit code an entry point ends with after ``error`` (``EXIT_CODES``)."""
+    if signal_of(error) == "SIGINT":
+        return SIGINT_EXIT_CODE
+    return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)
+
+
+def headline(error: BaseException) -> str | None:
+    """The one line an entry point prints for ``error``: ``stopped: ...`` for a run stopped,
+    ``error: ...`` for a user's mistake; None for a bug (its traceback shows instead)."""
     if isinstance(error, RunStopped):
-        return error.exit_code
-    return 2 if isinstance(error, UserError) else 1
+        return f"stopped: {error}"
+    if isinstance(error, UserError):
+        return f"error: {error}"
+    return None
+
+
+@contextlib.contextmanager
+def exit_on_known_errors() -> Iterator[None]:
+    """Around an entry point's work: a user's mistake or a stopped run prints its ``headline``
+    and exits with its ``exit_code``; any other error goes on up with its traceback."""
+    try:
+        yield
+    except (UserError, RunStopped) as error:
+        print(headline(error), file=sys.stderr, flush=True)
+        sys.exit(exit_code(error))

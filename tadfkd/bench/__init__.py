@@ -1,5 +1,6 @@
-"""Benchmarks: ``python -m tadfkd.bench`` (the fast path against the published-style one,
-``compare``; that path's settings and selection rule: ``published``), ``components`` (where one
-iteration's time goes), ``threads`` (beside a busy process) and ``bad_inputs`` (the reliability
-battery). Top of the stack: imports anything.
+"""Benchmarks: ``python -m tadfkd.bench`` (the fast path against the published-style one:
+``compare``, built by ``setting``, the published-style path's settings and selection rule in
+``published``, timed by ``timing``, ``agreement`` of their keep decisions), ``components``
+(where one iteration's time goes), ``threads`` (beside a busy process) and ``bad_inputs`` (the
+reliability battery, its cases in ``bad_cases``). Top of the stack: imports anything.
 """

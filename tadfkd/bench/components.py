@@ -3,7 +3,7 @@
     python -m tadfkd.bench.components --setting fashion_mnist
     python -m tadfkd.bench.components --setting small --precision fp32
 
-Builds the benchmark's distiller (random weights, ``tadfkd.bench.compare``), runs two warm-up
+Builds the benchmark's distiller (random weights, ``tadfkd.bench.setting``), runs two warm-up
 iterations, then times each component on its own (the median of ``--reps`` calls) and counts its
 FLOPs (torch's ``FlopCounterMode``): one generated batch (no gradients), its test view, its
 train view, the teacher's scoring forward, the mixture fit, one student step on a ready batch,
@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tadfkd.base import schema
-from tadfkd.bench import compare as bench
+from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.distillation.meter import EpochMeter
 
 
@@ -50,9 +50,10 @@ def components(distiller, reps: int) -> dict[str, tuple[float, float]]:
     with torch.no_grad():
         images = synthesizer.sample(size)
         test_view = synthesizer.views.test_view(images)
-        logits = synthesizer.scoring_teacher(test_view)
+        logits = synthesizer.inference_teacher(test_view)
     batch, _ = synthesizer.student_batch()
     refill = synthesizer.student_batch
+    score = torch.no_grad()(synthesizer.inference_teacher)
 
     def student_step() -> None:
         synthesizer.student_batch = lambda: (batch, {})
@@ -66,7 +67,9 @@ def components(distiller, reps: int) -> dict[str, tuple[float, float]]:
         "generate one batch (no grad)": lambda: synthesizer.sample(size),
         "test view": lambda: synthesizer.views.test_view(images),
         "train view": lambda: synthesizer.views.train_view(images),
-        "teacher scoring forward": lambda: torch.no_grad()(synthesizer.scoring_teacher)(test_view),
+        "teacher scoring forward": lambda: torch.no_grad()(synthesizer.inference_teacher)(
+            test_view
+        ),
         "mixture fit (one batch)": lambda: synthesizer.selection.keep_mask(logits, size),
         "student step (ready batch)": student_step,
         "generator step": lambda: synthesizer.generator_step(student, objective),
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser = argparse.ArgumentParser(
         prog="python -m tadfkd.bench.components", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--setting", choices=sorted(bench.SETTINGS), default="fashion_mnist")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="fashion_mnist")
     parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10)
@@ -87,9 +90,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    overrides = [*bench.SETTINGS[args.setting], "runtime.device=cpu"]
-    cfg = bench.bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
-    distiller = bench.build(cfg, device, published=False, seed=0)
+    overrides = [*SETTINGS[args.setting], "runtime.device=cpu"]
+    cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
+    distiller = build_path(cfg, device, published=False, seed=0)
     for _ in range(2):
         distiller.iterate()
     distiller.meter = EpochMeter()
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     per_step_batches = generated / (4 * steps)  # 1 untimed + 3 timed iterations
     found = components(distiller, args.reps)
     print(
-        f"CPU: {bench.device_name(device)}, {args.threads} thread(s); setting {args.setting}, "
+        f"CPU: {device_name(device)}, {args.threads} thread(s); setting {args.setting}, "
         f"precision {distiller.precision.name}, generation "
         f"{str(distiller.synthesizer.generation_dtype or 'fp32').removeprefix('torch.')}, "
         f"scoring {str(distiller.synthesizer.scoring_dtype or 'fp32').removeprefix('torch.')}; "

@@ -4,7 +4,7 @@
     python -m tadfkd.bench.threads --setting fashion_mnist --iters 3
 
 Each configuration is a fresh process that builds the benchmark's distiller (random weights,
-``bench.compare``), sets its threads as the distillation job does, runs one warm-up iteration and
+``bench.setting``), sets its threads as the distillation job does, runs one warm-up iteration and
 times ``--iters`` more. The competing process is started by this script: one single-thread
 process multiplying matrices without pause (another training job, as far as the CPU can tell),
 running for the whole of the timed configuration. Printed: seconds per iteration of each
@@ -42,12 +42,12 @@ COMPETITOR = (
 
 def worker(setting: str, threads: str, iters: int) -> dict[str, float | int]:
     """Build the setting's distiller, set the threads, time ``iters`` iterations (after one)."""
-    from tadfkd.bench import compare as bench
+    from tadfkd.bench.setting import SETTINGS, bench_config, build_path
     from tadfkd.run.runtime import cores_available, set_threads
 
     count = set_threads(str(cores_available()) if threads == "all" else threads)
-    cfg = bench.bench_config([*bench.SETTINGS[setting], "runtime.device=cpu"])
-    distiller = bench.build(cfg, torch.device("cpu"), published=False, seed=0)
+    cfg = bench_config([*SETTINGS[setting], "runtime.device=cpu"])
+    distiller = build_path(cfg, torch.device("cpu"), published=False, seed=0)
     distiller.iterate()
     start = time.perf_counter()
     for _ in range(iters):
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if args.worker:
         print(json.dumps(worker(args.setting, args.worker, args.iters)))
         return {}
-    from tadfkd.bench.compare import device_name
+    from tadfkd.bench.setting import device_name
     from tadfkd.run.runtime import cores_available
 
     cpu = device_name(torch.device("cpu"))

@@ -30,11 +30,11 @@ class Schedule:
     """How long and in what rhythm to train (the names of ``trainer.*`` in the config)."""
 
     epochs: int
-    iters_per_epoch: int = 36
-    student_steps: int = 10
-    batch_size: int = 1024
+    iters_per_epoch: int
+    student_steps: int
+    batch_size: int
     # The reference steps the cosine schedule at the start of each epoch (one step early).
-    published_scheduler_offset: bool = False
+    published_scheduler_offset: bool
 
 
 class Distiller:
@@ -72,7 +72,7 @@ class Distiller:
         self.teacher = teacher.eval()
         # The teacher of the no-grad forwards (student steps, health): the synthesizer's scoring
         # one, e.g. with BatchNorm folded.
-        self.inference_teacher = synthesizer.scoring_teacher.eval()
+        self.inference_teacher = synthesizer.inference_teacher.eval()
         self.student = student.train()
         self.synthesizer = synthesizer
         self.objective = objective

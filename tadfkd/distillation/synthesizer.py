@@ -33,7 +33,7 @@ class Synthesizer:
     """Generated samples for the student, and the generator's own training step.
 
     ``teacher`` is the frozen teacher of the generator step (its BN-statistics hooks and its
-    gradient path); ``scoring_teacher`` (default: ``teacher``) scores samples for the selection,
+    gradient path); ``inference_teacher`` (default: ``teacher``) scores samples for the selection,
     e.g. a copy with BatchNorm folded (``tadfkd.teachers.folding``). ``scorer`` (default:
     ``score``) is the seam through which another selection implementation can be timed or
     tested. Refill rounds: ``adaptive_rounds=False`` generates one batch per round, as the
@@ -54,7 +54,7 @@ class Synthesizer:
         device: torch.device,
         precision: Precision | None = None,
         guard: NonFiniteGuard | None = None,
-        scoring_teacher: nn.Module | None = None,
+        inference_teacher: nn.Module | None = None,
         adaptive_rounds: bool = True,
         bucket_rounds: bool = False,
         scoring_dtype: torch.dtype | None = None,
@@ -64,7 +64,7 @@ class Synthesizer:
         self.generator = generator.train()
         self.optimizer = generator_optimizer
         self.teacher = teacher
-        self.scoring_teacher = scoring_teacher if scoring_teacher is not None else teacher
+        self.inference_teacher = inference_teacher if inference_teacher is not None else teacher
         self.views = views
         self.selection = selection
         self.batch_size = batch_size
@@ -126,7 +126,7 @@ class Synthesizer:
         (``speed.scoring``): the min-max normalised losses amplify bf16 rounding, which changes
         some keep decisions (docs/performance.md has the measured share)."""
         with autocast_to(self.device.type, self.scoring_dtype):
-            logits = self.scoring_teacher(test_views)
+            logits = self.inference_teacher(test_views)
         return self.selection.keep_mask(logits, self.batch_size)
 
     def keep_mask(self, images: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,9 @@ def use_channels_last(setting: str | bool) -> bool:
     return True if setting == "auto" else bool(setting)
 
 
-def inference_teacher(
+def fold_for_inference(
     cfg: DictConfig, teacher: torch.nn.Module, device: torch.device, channels_last: bool
-):
+) -> torch.nn.Module:
     """The teacher of the no-grad forwards: with BatchNorm folded (``speed.fold_teacher_bn``),
     checked on a fixed random batch of the dataset's shape (no global RNG is drawn)."""
     if not cfg.speed.fold_teacher_bn:
@@ -82,12 +82,12 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     precision = Precision(resolve_precision(str(speed.precision), device), device)
     channels_last = use_channels_last(speed.channels_last)
     teacher_model = prepare_model(teacher.model, device, channels_last)
-    scoring_teacher = inference_teacher(cfg, teacher_model, device, channels_last)
+    inference_teacher = fold_for_inference(cfg, teacher_model, device, channels_last)
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
     if speed.compile:
         for model in {
-            id(m): m for m in (teacher_model, scoring_teacher, student, generator)
+            id(m): m for m in (teacher_model, inference_teacher, student, generator)
         }.values():
             model.compile()  # in place: parameters, hooks and state dicts keep their names
     schedule = schedule_of(cfg)
@@ -109,7 +109,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
         device=device,
         precision=precision,
         guard=guard,
-        scoring_teacher=scoring_teacher,
+        inference_teacher=inference_teacher,
         adaptive_rounds=speed.refill == "adaptive",
         bucket_rounds=on_cuda_if_auto(speed.static_shapes, device),
         scoring_dtype=forward_dtype(str(speed.scoring), precision),

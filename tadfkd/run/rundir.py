@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tadfkd.base.errors import RunDirectoryInUse, UserError
+from tadfkd.base.errors import RunDirectoryInUse, UserError, exit_on_known_errors
 from tadfkd.base.files import probe_writable, reason, write_text
 
 LOCK_FILE = ".lock"
@@ -83,23 +81,10 @@ def unlock(run_dir: Path) -> None:
         os.close(descriptor)  # closing the only descriptor releases the flock
 
 
-def hydra_record(task_config: DictConfig) -> dict[str, str]:
-    """What Hydra would write into a run's ``.hydra/`` folder, as YAML texts by file name: the
-    job's ``task_config`` (interpolations unresolved), Hydra's settings and the command line's
-    overrides; empty outside Hydra. Taken when the job starts, before it changes its config."""
-    if not HydraConfig.initialized():
-        return {}
-    hydra = HydraConfig.instance().cfg
-    return {
-        "config.yaml": OmegaConf.to_yaml(task_config),
-        "hydra.yaml": OmegaConf.to_yaml(hydra),
-        "overrides.yaml": OmegaConf.to_yaml(hydra.hydra.overrides.task),
-    }
-
-
 def save_hydra_record(run_dir: Path, record: dict[str, str]) -> None:
-    """Write ``hydra_record``'s files into ``run_dir/.hydra`` (each atomically); a failure of the
-    disk (e.g. full) is one sentence and leaves no partial file."""
+    """Write a job's Hydra ``record`` (``JobContext.record``) into ``run_dir/.hydra`` (each
+    file atomically); a failure of the disk (e.g. full) is one sentence and leaves no partial
+    file."""
     folder = run_dir / RECORD_FOLDER
     for name, text in record.items():
         try:
@@ -119,9 +104,6 @@ class RunDirectory(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = Path(str(config.hydra.run.dir))
-        try:
+        with exit_on_known_errors():
             ensure_writable(run_dir)
             lock(run_dir)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)

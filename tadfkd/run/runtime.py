@@ -14,9 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -42,15 +40,6 @@ def build(node: Any, *args: Any, **kwargs: Any) -> Any:
                 "can be imported; check its spelling, and that its module is on the Python path."
             ) from None
         raise
-
-
-def command_line_overrides() -> list[str]:
-    """The run's overrides as typed on the command line, interpolations unresolved (none
-    outside Hydra): resolving them would run their resolvers (an unset ``${oc.env:...}``) and
-    write what they resolve to (a secret) wherever the overrides go."""
-    if not HydraConfig.initialized():
-        return []
-    return [str(item) for item in OmegaConf.to_container(HydraConfig.get().overrides.task)]
 
 
 def check_resolvable(cfg: DictConfig) -> None:
@@ -151,19 +140,6 @@ def cores_available() -> int:
         return os.cpu_count() or 1
 
 
-def jobs_side_by_side() -> int:
-    """How many jobs of this process's sweep run at once on this machine: the batch size of
-    hydra's submitit-local launcher in a multirun, else 1 (a single run, the sequential basic
-    launcher, or a cluster job with its own allocation)."""
-    if not HydraConfig.initialized():
-        return 1
-    hydra = HydraConfig.get()
-    launcher = str(hydra.launcher.get("_target_", ""))
-    if hydra.mode != RunMode.MULTIRUN or not launcher.endswith("LocalLauncher"):
-        return 1
-    return max(1, int(hydra.sweeper.get("max_batch_size") or 1))
-
-
 def machine_busy_seconds() -> float | None:
     """CPU seconds all processes of this machine have spent busy since boot (``/proc/stat``),
     or None where that file does not exist (not Linux)."""
@@ -206,12 +182,12 @@ def auto_threads(cores: int, side_by_side: int, busy: float) -> int:
     return max(1, min(share, free))
 
 
-def set_threads(threads: int | str) -> int:
-    """Set torch's CPU threads: ``auto`` is ``auto_threads`` of the cores available, the jobs
-    side by side and the busy cores of other processes measured now; a number is taken as is.
-    Returns the count."""
+def set_threads(threads: int | str, side_by_side: int = 1) -> int:
+    """Set torch's CPU threads: ``auto`` is ``auto_threads`` of the cores available, the
+    ``side_by_side`` jobs of a sweep (``JobContext.side_by_side``) and the busy cores of other
+    processes measured now; a number is taken as is. Returns the count."""
     if threads == "auto":
-        count = auto_threads(cores_available(), jobs_side_by_side(), busy_cores_of_others())
+        count = auto_threads(cores_available(), side_by_side, busy_cores_of_others())
     else:
         count = int(threads)
     torch.set_num_threads(count)

@@ -24,13 +24,9 @@ from tadfkd.data.loading import Augmentation, load_split, make_loader
 from tadfkd.distillation.evaluation import evaluate
 from tadfkd.models import build_classifier
 from tadfkd.run.checks import validate
+from tadfkd.run.context import JobContext
 from tadfkd.run.rundir import save_hydra_record
-from tadfkd.run.runtime import (
-    build,
-    resolve_device,
-    seed_everything,
-    set_threads,
-)
+from tadfkd.run.runtime import build, resolve_device, seed_everything, set_threads
 from tadfkd.teachers.loading import save_teacher
 
 # Command-line overrides that change the trained teacher, and so name its file.
@@ -157,24 +153,18 @@ def fit(
     return accuracy
 
 
-def train_teacher(
-    cfg: DictConfig,
-    run_dir: Path,
-    output: Path | None = None,
-    command: str = "",
-    record: dict[str, str] | None = None,
-) -> dict:
+def train_teacher(cfg: DictConfig, context: JobContext, output: Path | None = None) -> dict:
     """Train one teacher and save it to ``output`` (default: ``teacher.checkpoint``); returns
-    its metadata (test accuracy as a fraction; ``command``, the command line that trained it,
-    is recorded). ``record`` (``rundir.hydra_record``) goes into ``run_dir/.hydra`` once every
-    value and the output are checked."""
+    its metadata (test accuracy as a fraction; the command line that trained it, from
+    ``context.overrides``, is recorded). ``context.record`` goes into ``context.run_dir/.hydra``
+    once every value and the output are checked."""
     validate(cfg)
     checkpoint = output or Path(cfg.teacher.checkpoint)
     check_output(checkpoint, bool(cfg.overwrite))
-    save_hydra_record(run_dir, record or {})
+    save_hydra_record(context.run_dir, context.record)
     started = time.perf_counter()
     # Reductions split over threads add in another order: fix the count to fix the result.
-    set_threads(cfg.runtime.threads)
+    set_threads(cfg.runtime.threads, context.side_by_side)
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.runtime.device))
     teacher = cfg.teacher
@@ -194,9 +184,9 @@ def train_teacher(
         "threads": torch.get_num_threads(),
         "test_acc": accuracy,
         "train_time_s": time.perf_counter() - started,
-        "command": command,
+        "command": " ".join(["python -m tadfkd.train_teacher", *context.overrides]),
     }
     metadata = save_teacher(model.cpu(), checkpoint, metadata)
-    write_json(run_dir / "teacher.json", {**metadata, "checkpoint": str(checkpoint)})
+    write_json(context.run_dir / "teacher.json", {**metadata, "checkpoint": str(checkpoint)})
     print(f"saved {checkpoint} (test accuracy {100 * accuracy:.2f}%)")
     return metadata

@@ -4,23 +4,31 @@ A run must never hang on the network: online mode has a bounded init timeout and
 offline mode with a warning that says why (``wandb sync <run dir>/wandb/offline-run-*`` uploads
 it later), and a W&B error while logging warns once and is otherwise ignored: training goes on.
 
-What a W&B run holds: the run's config without Hydra's instantiation keys (``dashboard_config``);
+What a W&B run holds: the run's config without Hydra's instantiation keys (``dashboard_config``),
+a name, a group and tags (``open_tracker``);
 every per-epoch metric against ``epoch`` (``schema.EPOCH``), ``acc/student`` summarised as both
 its last and its best value; the teacher's accuracy and the results in the summary; ``student.pt``
-as a model artifact (``log_model``); and an exit code that is not 0 when the job stopped early.
+as a model artifact (``log_model``, with ``model_metadata``); and an exit code that is not 0 when
+the job stopped early (``finishing``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 from tadfkd.base import schema
+from tadfkd.base.errors import exit_code, signal_of
+from tadfkd.run.checks import RUNTIME_NODES
+from tadfkd.run.context import JobContext
+from tadfkd.run.runtime import build
 
 # Keys that tell Hydra how to build an object, not what the run is.
 INSTANTIATION_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -51,6 +59,97 @@ def dashboard_config(
             node = node.setdefault(parent, {})
         node[leaf] = value
     return {**record, "overrides": list(overrides), "run_dir": str(run_dir)}
+
+
+# Top-level keys a run name leaves out: already in it, or where and how the run goes.
+UNNAMED_KEYS = (
+    *RUNTIME_NODES,
+    "method",
+    "student",
+    "teacher",
+    "seed",
+    "debug",
+    "experiment",
+    "sweep",
+)
+
+
+def run_name(cfg: DictConfig, overrides: Sequence[str]) -> str:
+    """Readable run name, e.g. ``tadfkd-resnet18@cifar10_resnet34_9546-s0``, followed by the
+    command line's ``overrides`` of what is computed (e.g. ``selection.threshold=0.4``), so
+    that the jobs of one sweep have different names."""
+    name = f"{cfg.method.name}-{cfg.student.arch}@{cfg.teacher.name}-s{cfg.seed}"
+    others = [
+        override
+        for override in overrides
+        if override.lstrip("+~").split("=")[0].split(".")[0].split("/")[0] not in UNNAMED_KEYS
+    ]
+    return " ".join([name, *others])
+
+
+def run_group(cfg: DictConfig, context: JobContext) -> str | None:
+    """W&B group: ``logger.group`` when set, else the sweep's name, which every job of one sweep
+    shares (``python -m tadfkd.report entity/project/<group>`` reads them): the sweep
+    directory's name in a multirun, the sweep's id in a W&B agent's job; else none."""
+    group = OmegaConf.select(cfg, "logger.group")
+    if group:
+        return str(group)
+    if context.sweep_dir is not None:
+        return context.sweep_dir.name
+    return os.environ.get("WANDB_SWEEP_ID") or None  # set by `wandb agent` for its jobs
+
+
+def open_tracker(
+    cfg: DictConfig,
+    context: JobContext,
+    run_dir: Path,
+    resolved: Mapping[str, Any],
+    run_id: str | None,
+):
+    """The run's tracker (``logger``) writing under ``run_dir``, its config holding the values
+    ``auto`` resolved to on this machine (``resolved``, e.g. ``{"runtime.threads": 4}``: what
+    a dashboard user filters on); ``run_id`` continues a resumed W&B run."""
+    # The run's config and overrides are data for the tracker, given to its class by hand:
+    # through instantiate they would be config again, their ${...} text resolved.
+    tracker = build(cfg.logger, _partial_=True, _convert_="all")
+    return tracker(
+        directory=run_dir,
+        run_config=dashboard_config(
+            OmegaConf.to_container(cfg, resolve=True), resolved, context.overrides, run_dir
+        ),
+        name=run_name(cfg, context.overrides),
+        group=run_group(cfg, context),
+        tags=[cfg.dataset.name, cfg.teacher.name, cfg.student.arch, cfg.method.name],
+        run_id=run_id,
+    )
+
+
+def model_metadata(
+    results: Mapping[str, Any], identity: Mapping[str, Any], run_dir: Path
+) -> dict[str, Any]:
+    """What the W&B model artifact of ``student.pt`` says it is: the run's labels (the teacher's
+    name, architecture and sha256 among them) and accuracies, W&B run, run directory and the
+    settings that define the run (``checks.run_identity``)."""
+    shown = (*schema.LABEL_FIELDS, "teacher_sha256", *schema.ACCURACY_FIELDS)
+    return {
+        **{key: results[key] for key in shown},
+        schema.TEACHER_ACC_FIELD: results[schema.TEACHER_ACC_FIELD],
+        "wandb_run_id": results["wandb_run_id"],
+        "run_dir": str(run_dir),
+        "identity": dict(identity),
+    }
+
+
+@contextlib.contextmanager
+def finishing(tracker: Any) -> Iterator[None]:
+    """Close ``tracker`` when the block ends: a job that stopped early with its exit code, so
+    that the dashboard shows it as not finished (failed, or preempted by a stop signal)."""
+    try:
+        yield
+    except BaseException as error:
+        tracker.finish(exit_code=exit_code(error), preempted=signal_of(error) is not None)
+        raise
+    tracker.finish()
 
 
 class NullTracker:

@@ -1,0 +1,63 @@
+"""Kept-set agreement of the speed settings (``python -m tadfkd.bench --agreement``): the keep
+decisions of a trained teacher on generated batches, each speed setting that can change them
+against the all-fp32 reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tadfkd.distillation.precision import resolve_precision
+from tadfkd.run.builder import build_distiller
+
+
+def agreement(
+    cfg: DictConfig, device: torch.device, generator_run: Path | None, batches: int = 32
+) -> dict[str, float]:
+    """Keep decisions of the configured (trained) teacher on ``batches`` generated batches,
+    the reference (everything fp32, BatchNorm unfolded) against each speed setting that can
+    change them (folding, bf16 scoring, a bf16 generator forward, this device's default): the
+    share left unchanged by each (fractions; printed as percent)."""
+    default_precision = resolve_precision(str(cfg.speed.precision), device)
+    from tadfkd.run.checkpoint import load_checkpoint
+    from tadfkd.run.runtime import build
+
+    masks: dict[str, torch.Tensor] = {}
+    fp32 = ["speed.precision=fp32"]
+    variants = {
+        "reference (fp32, unfolded)": [*fp32, "speed.fold_teacher_bn=false"],
+        "fold_teacher_bn=true": fp32,
+        "scoring=bf16": [*fp32, "speed.scoring=bf16"],
+        "generation=bf16": [*fp32, "speed.generation=bf16"],
+        "generation=bf16, scoring=bf16": [*fp32, "speed.generation=bf16", "speed.scoring=bf16"],
+        f"this device's default (speed.precision=auto: {default_precision})": [],
+    }
+    for name, overrides in variants.items():
+        variant_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        torch.manual_seed(0)
+        distiller = build_distiller(variant_cfg, build(cfg.teacher), device)
+        synthesizer = distiller.synthesizer
+        if generator_run is not None:
+            saved = load_checkpoint(generator_run)
+            if saved is None:
+                raise SystemExit(f"error: {generator_run} holds no checkpoint")
+            synthesizer.generator.load_state_dict(saved[0]["distiller"]["generator"])
+        torch.manual_seed(1)
+        with torch.no_grad():
+            images = torch.cat(
+                [synthesizer.generate(synthesizer.batch_size) for _ in range(batches)]
+            )
+            masks[name] = synthesizer.keep_mask(images)
+    reference = masks.pop("reference (fp32, unfolded)")
+    print(
+        f"teacher {cfg.teacher.name} ({cfg.teacher.arch}), generator "
+        f"{generator_run or 'untrained'}, {reference.numel()} generated samples, "
+        f"{100 * reference.float().mean():.1f}% kept by the reference (fp32, unfolded)"
+    )
+    shares = {}
+    for name, mask in masks.items():
+        shares[name] = float((mask == reference).float().mean())
+        print(f"{name}: {100 * shares[name]:.2f}% of the keep decisions unchanged")
+    return shares

@@ -1,0 +1,55 @@
+"""The benchmark's settings and the two paths it compares, built from the run's own config with
+random-weight networks (no data or teacher file is needed): the fast path is this project's
+``Distiller``; the published-style path is the same with the ``PUBLISHED_STYLE`` settings and
+the reference's scoring and selection (``bench.published``). Also the machine's name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from tadfkd.bench.published import PublishedStyleScorer
+from tadfkd.distillation.loop import Distiller
+from tadfkd.distillation.precision import cpu_has_bf16
+from tadfkd.run.builder import build_distiller
+from tadfkd.run.runtime import cpu_name
+from tadfkd.teachers.loading import random_teacher
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+# The two settings, as overrides of the run's config: the published CIFAR-10 command, and the
+# digits default (``--small``), both with random-weight networks.
+SETTINGS = {
+    "cifar10": ["experiment=cifar10"],
+    "small": [],
+    "fashion_mnist": ["experiment=fashion_mnist"],
+}
+
+
+def bench_config(overrides: list[str]) -> DictConfig:
+    """The run's config with ``overrides`` (no W&B, no test set needed)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[*overrides, "logger=none"])
+
+
+def build_path(cfg: DictConfig, device: torch.device, published: bool, seed: int) -> Distiller:
+    """The run's ``Distiller`` (published-style: its ``PUBLISHED_STYLE`` settings and scorer)
+    with random-weight networks from ``seed``."""
+    torch.manual_seed(seed)
+    distiller = build_distiller(cfg, random_teacher(cfg.teacher), device)
+    if published:
+        synthesizer = distiller.synthesizer
+        synthesizer.scorer = PublishedStyleScorer(
+            distiller.inference_teacher, synthesizer.selection
+        )
+    return distiller
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and whether it has bf16 units."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} (bf16 units: {'yes' if cpu_has_bf16() else 'no'})"

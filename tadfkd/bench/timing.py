@@ -1,0 +1,188 @@
+"""Timing one path of the benchmark: its iterations timed with the device synchronised, its
+FLOPs counted by torch's ``FlopCounterMode``, a measured matmul rate to compare them with, and
+optionally ``torch.compile`` and one profiled iteration."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tadfkd.base import schema
+from tadfkd.distillation.loop import Distiller
+from tadfkd.distillation.meter import EpochMeter
+from tadfkd.distillation.synthesizer import Scorer
+
+EPOCH_ITERS = 36
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul rate (FLOP/s) of square ``dtype`` matrices on ``device``."""
+    n, reps = (8192, 30) if device.type == "cuda" else (1024, 4)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    synchronise(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    synchronise(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+class PathStats:
+    """Timings and counts of one path over the timed iterations."""
+
+    def __init__(self, distiller: Distiller, device: torch.device) -> None:
+        self.distiller = distiller
+        self.device = device
+        self.seconds: list[float] = []
+        self.selection_seconds = 0.0
+        self.peak_bytes = 0
+        self.flops_per_iteration = 0.0
+        self.flops_per_scored_batch = 0.0
+        self.counted_batches = 0.0
+        self.warmup_seconds = 0.0
+        synthesizer = distiller.synthesizer
+        synthesizer.scorer = self._timed(synthesizer.scorer)
+
+    def _timed(self, scorer: Scorer) -> Scorer:
+        def timed_scorer(test_view: torch.Tensor) -> torch.Tensor:
+            synchronise(self.device)
+            start = time.perf_counter()
+            keep = scorer(test_view)
+            synchronise(self.device)
+            self.selection_seconds += time.perf_counter() - start
+            return keep
+
+        return timed_scorer
+
+    def count_flops(self) -> None:
+        """FLOPs of one iteration, and of generating and scoring one extra batch."""
+        distiller = self.distiller
+        distiller.meter = EpochMeter()
+        with FlopCounterMode(display=False) as counter:
+            distiller.iterate()
+        self.flops_per_iteration = counter.get_total_flops()
+        self.counted_batches = self.batches_generated()
+        synthesizer = distiller.synthesizer
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            synthesizer.keep_mask(synthesizer.generate(distiller.schedule.batch_size))
+        self.flops_per_scored_batch = counter.get_total_flops()
+
+    def batches_generated(self) -> float:
+        """Batches generated in the student steps since the meter was last reset."""
+        return float(self.distiller.meter.sums[schema.GENERATED]) / (
+            self.distiller.schedule.batch_size
+        )
+
+    def start_timing(self) -> None:
+        self.distiller.meter = EpochMeter()
+        self.selection_seconds = 0.0
+
+    def time_iteration(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        synchronise(self.device)
+        start = time.perf_counter()
+        self.distiller.iterate()
+        synchronise(self.device)
+        self.seconds.append(time.perf_counter() - start)
+        if self.device.type == "cuda":
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
+
+    def figures(self, matmuls: dict[str, float]) -> dict[str, float | None]:
+        iters = len(self.seconds)
+        steps = self.distiller.schedule.student_steps
+        size = self.distiller.schedule.batch_size
+        # The median: robust to load spikes from other jobs on a shared machine.
+        per_iteration = statistics.median(self.seconds)
+        batches = self.batches_generated() / iters  # student-step batches per iteration
+        # The counted iteration may have generated a different number of batches.
+        flops = (
+            self.flops_per_iteration
+            + (batches - self.counted_batches) * self.flops_per_scored_batch
+        )
+        used = float(self.distiller.meter.sums[schema.BATCHES_USED]) / iters
+        return {
+            "s_per_iter": per_iteration,
+            "s_per_epoch": per_iteration * EPOCH_ITERS,
+            "samples_per_s": (batches + 1) * size / per_iteration,
+            "batches_generated": batches / steps,
+            "batches_used": used / steps,
+            "selection_share": 100 * self.selection_seconds / sum(self.seconds),
+            "peak_gib": self.peak_bytes / 2**30 if self.device.type == "cuda" else None,
+            "tflop_per_iter": flops / 1e12,
+            "tflops": flops / per_iteration / 1e12,
+            **{
+                f"matmul_share_{name}": 100 * flops / per_iteration / rate
+                for name, rate in matmuls.items()
+            },
+        }
+
+
+def time_paths(paths: dict[str, PathStats], iters: int) -> None:
+    """``iters`` timed iterations of each path, alternating, the order flipped every time."""
+    for stats in paths.values():
+        stats.start_timing()
+    for index in range(iters):
+        order = list(paths.values())
+        for stats in order if index % 2 == 0 else order[::-1]:
+            stats.time_iteration()
+
+
+def compile_path(stats: PathStats) -> None:
+    """``torch.compile`` the path's networks in place, then one warm-up iteration (timed)."""
+    distiller = stats.distiller
+    networks = (distiller.teacher, distiller.inference_teacher, distiller.student)
+    for network in {id(n): n for n in (*networks, distiller.synthesizer.generator)}.values():
+        network.compile()
+    synchronise(stats.device)
+    start = time.perf_counter()
+    distiller.iterate()
+    synchronise(stats.device)
+    stats.warmup_seconds = time.perf_counter() - start
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def profile(distiller: Distiller, device: torch.device, top: int = 15) -> None:
+    """One iteration under torch's profiler: the top kernels (operators on a CPU) by self
+    time, and the host-side counts per iteration: kernel launches, synchronisations, copies."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    synchronise(device)
+    with torch_profile(activities=activities) as profiler:
+        distiller.iterate()
+        synchronise(device)
+    events = profiler.key_averages()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"profile of one fast-path iteration, top {top} by {sort}:")
+    print(events.table(sort_by=sort, row_limit=top))
+
+    def count(*fragments: str) -> int:
+        return sum(e.count for e in events if any(f in e.key for f in fragments))
+
+    if device.type == "cuda":
+        print(
+            f"host-side counts per iteration: kernel launches {count('LaunchKernel')}, "
+            f"synchronisations {count('Synchronize')}, copies {count('Memcpy')}"
+        )
+    else:
+        print(f"host-side counts per iteration: operator calls {count('aten::')} (CPU)")
