@@ -9,6 +9,7 @@ from helpers import ROOT
 
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
+from tadfkd.bench import published as published_path
 from tadfkd.bench import setting
 from tadfkd.bench import threads as bench_threads
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
@@ -102,12 +103,12 @@ def test_the_published_style_path_differs_only_through_its_seam_and_settings():
         ["runtime.device=cpu", "trainer.batch_size=64", "speed.fold_teacher_bn=false"]
     )
     published_cfg = setting.bench_config(
-        ["runtime.device=cpu", "trainer.batch_size=64", *setting.PUBLISHED_STYLE]
+        ["runtime.device=cpu", "trainer.batch_size=64", *published_path.PUBLISHED_STYLE]
     )
     cpu = torch.device("cpu")
     fast = setting.build_path(cfg, cpu, published=False, seed=0).synthesizer
     published = setting.build_path(published_cfg, cpu, published=True, seed=0).synthesizer
-    assert isinstance(published.scorer, setting.PublishedStyleScorer)
+    assert isinstance(published.scorer, published_path.PublishedStyleScorer)
     assert not published.adaptive_rounds and published.precision.name == "fp32"
     assert fast.adaptive_rounds and fast.scorer == fast.score
     trained = read_state_dict(ROOT / "Pretrained_Teachers" / "digits" / "digits_cnn.pt")

@@ -67,9 +67,7 @@ def components(distiller, reps: int) -> dict[str, tuple[float, float]]:
         "generate one batch (no grad)": lambda: synthesizer.sample(size),
         "test view": lambda: synthesizer.views.test_view(images),
         "train view": lambda: synthesizer.views.train_view(images),
-        "teacher scoring forward": lambda: torch.no_grad()(synthesizer.inference_teacher)(
-            test_view
-        ),
+        "teacher scoring forward": lambda: score(test_view),
         "mixture fit (one batch)": lambda: synthesizer.selection.keep_mask(logits, size),
         "student step (ready batch)": student_step,
         "generator step": lambda: synthesizer.generator_step(student, objective),
