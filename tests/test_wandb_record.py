@@ -17,7 +17,7 @@ from tadfkd.base.errors import Interrupted, NonFiniteLoss
 from tadfkd.distillation.objectives import Objective
 from tadfkd.run.context import JobContext
 from tadfkd.run.job import distil
-from tadfkd.run.tracking import INSTANTIATION_KEYS, WandbTracker
+from tadfkd.run.tracking import INSTANTIATION_KEYS, WandbTracker, dashboard_config
 
 # one epoch of one iteration of one student step at batch 8
 TINY = ["debug=tiny", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]
@@ -193,3 +193,17 @@ def test_log_model_is_on_by_default_and_checked_before_any_work():
     assert compose_config(["logger=wandb"]).logger.log_model is True
     result = run_entry(*TINY, "logger=wandb", "logger.log_model=maybe")
     assert_user_error(result, "logger.log_model='maybe' must be true or false")
+
+
+def test_the_dashboard_config_names_each_built_nodes_class_not_its_import_path(tmp_path):
+    terms = {
+        "adversarial": {"_target_": "tadfkd.distillation.terms.AdversarialJS", "weight": 1.0},
+        "tv": {"_target_": "tadfkd.distillation.terms.TotalVariation", "weight": 0.0},
+    }
+    config = {"method": {"generator_terms": terms}, "runtime": {"device": "auto"}}
+    record = dashboard_config(config, {"runtime.device": "cpu"}, ["seed=1"], tmp_path)
+    assert record["method"]["generator_terms"] == {
+        "adversarial": {"weight": 1.0, "class": "AdversarialJS"},
+        "tv": {"weight": 0.0, "class": "TotalVariation"},
+    }
+    assert record["runtime"] == {"device": "cpu"} and record["overrides"] == ["seed=1"]

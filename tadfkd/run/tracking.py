@@ -41,12 +41,16 @@ def dashboard_config(
     run_dir: Path,
 ) -> dict[str, Any]:
     """The config a W&B run records: ``config`` (a resolved container) without
-    ``INSTANTIATION_KEYS``, with the values the job resolved (e.g. ``{"runtime.device": "cuda"}``
+    ``INSTANTIATION_KEYS`` (a built node keeps its class's name as ``class``, so that runs of
+    different loss terms or selection rules can be told apart), with the values the job resolved (e.g. ``{"runtime.device": "cuda"}``
     for ``auto``) in place, plus the command line's ``overrides`` and the ``run_dir``."""
 
     def clean(node: Any) -> Any:
         if isinstance(node, Mapping):
-            return {k: clean(v) for k, v in node.items() if k not in INSTANTIATION_KEYS}
+            kept = {k: clean(v) for k, v in node.items() if k not in INSTANTIATION_KEYS}
+            if isinstance(node.get("_target_"), str):
+                kept["class"] = node["_target_"].rsplit(".", 1)[-1]
+            return kept
         if isinstance(node, list | tuple):
             return [clean(item) for item in node]
         return node
