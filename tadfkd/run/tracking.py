@@ -42,8 +42,9 @@ def dashboard_config(
 ) -> dict[str, Any]:
     """The config a W&B run records: ``config`` (a resolved container) without
     ``INSTANTIATION_KEYS`` (a built node keeps its class's name as ``class``, so that runs of
-    different loss terms or selection rules can be told apart), with the values the job resolved (e.g. ``{"runtime.device": "cuda"}``
-    for ``auto``) in place, plus the command line's ``overrides`` and the ``run_dir``."""
+    different loss terms or selection rules can be told apart), with the values the job
+    resolved (e.g. ``{"runtime.device": "cuda"}`` for ``auto``) in place, plus the command
+    line's ``overrides`` and the ``run_dir``."""
 
     def clean(node: Any) -> Any:
         if isinstance(node, Mapping):
