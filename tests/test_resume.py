@@ -335,13 +335,13 @@ def test_a_checkpoint_with_the_former_loss_weights_resumes_with_the_same_method(
 
 def test_a_run_directory_of_the_former_code_resumes_and_trains_on(tmp_path, tiny_job):
     OmegaConf.update(tiny_job, "trainer.epochs", 2)
-    uninterrupted = distil(tiny_job, tmp_path)
+    uninterrupted = distil(tiny_job, JobContext(tmp_path))
     state = read_checkpoint(tmp_path / PREVIOUS)  # after epoch 1
     for name in (LATEST, PREVIOUS, schema.RESULTS_FILE, STUDENT_FILE):
         (tmp_path / name).unlink()
     state["identity"] = in_former_form(state["identity"], "tadfkd")
     save_checkpoint(tmp_path, state)  # a run the former code stopped after its first epoch
-    resumed = distil(tiny_job, tmp_path)
+    resumed = distil(tiny_job, JobContext(tmp_path))
     assert resumed[schema.EPOCH_ACCS] == uninterrupted[schema.EPOCH_ACCS]
     identity = read_checkpoint(tmp_path / LATEST)["identity"]  # written again in today's form
     assert identity["method.generator_terms.bn.weight"] == 10.0
