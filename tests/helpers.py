@@ -16,6 +16,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch import nn
 
 from tadfkd.data.loading import Augmentation
 from tadfkd.distillation.loop import Distiller
@@ -187,3 +188,19 @@ def tiny_distiller(
     if selection is not None:
         distiller.synthesizer.selection = selection
     return distiller
+
+
+class TinyTeacher(nn.Module):
+    """conv -> BN -> ReLU -> pool -> linear head: one BN layer and penultimate features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 7, 3, padding=1)
+        self.bn = nn.BatchNorm2d(7)
+        self.fc = nn.Linear(7, 5)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))

@@ -4,7 +4,7 @@ and a selection rule defined here, in this test module, plugged in by ``_target_
 
 import pytest
 import torch
-from helpers import CPU, compose_config
+from helpers import CPU, TinyTeacher, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -48,19 +48,6 @@ class KeepFirstHalf:
         keep = torch.zeros(teacher_logits.shape[0] // chunk_size, chunk_size, dtype=torch.bool)
         keep[:, : chunk_size // 2] = True
         return keep.view(-1)
-
-
-class TinyTeacher(nn.Module):
-    """conv -> BN -> ReLU -> pool -> linear head, for the generator objective."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 7, 3, padding=1)
-        self.bn = nn.BatchNorm2d(7)
-        self.fc = nn.Linear(7, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
 
 
 def generator_loss(method_node) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import compose_config, options
+from helpers import TinyTeacher, compose_config, options
 from hydra.utils import instantiate
 from torch import nn
 
@@ -22,22 +22,6 @@ METHODS = options("method")
 def job_config(overrides):
     """The composed job config (no hydra node), as ``distil`` receives it."""
     return compose_config(overrides, hydra_node=False)
-
-
-class TinyTeacher(nn.Module):
-    """conv -> BN -> ReLU -> pool -> linear head: one BN layer and penultimate features."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 7, 3, padding=1)
-        self.bn = nn.BatchNorm2d(7)
-        self.fc = nn.Linear(7, 5)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.bn(self.conv(x))).mean(dim=(2, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 def generator_terms(objective: Objective) -> tuple[torch.Tensor, dict]:
