@@ -94,13 +94,18 @@ def incomplete(failed: int, unfinished: int, report_error: str | None) -> tuple[
     return f"error: the sweep is not complete: {listed}; exit code {code}.", code
 
 
+def is_teacher_job(config: DictConfig) -> bool:
+    """Whether a multirun is the teacher job's (it writes teacher files, no results to report)."""
+    return "recipe" in config
+
+
 class SweepReport(Callback):
     """Hydra callback (``hydra.callbacks``) around a multirun: the plan, the summary line, the
     report and the exit code."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("plan"):
-            if "recipe" not in config:  # the teacher job's multirun is no sweep to report
+            if not is_teacher_job(config):
                 record_launch(Path(str(config.hydra.sweep.dir)), "started", cpu_name())
             return
         try:
@@ -113,7 +118,7 @@ class SweepReport(Callback):
             sys.exit(0)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if "recipe" in config:  # the teacher job's multirun writes teacher files, no results
+        if is_teacher_job(config):
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         record_launch(sweep_dir, "ended")
