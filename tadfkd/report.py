@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tadfkd.analysis.finding import parse_reference
 from tadfkd.analysis.jobs import read_source
 from tadfkd.analysis.report import write_report
 from tadfkd.analysis.statistics import DEFAULT_COLLAPSE_BELOW
@@ -35,11 +36,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="metadata .json of the student trained on real data (default: "
         "Pretrained_Teachers/<dataset>/ceiling_<student>.json when there is one)",
     )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="NAME=FRACTION",
+        help="a published accuracy the finding compares the best method with, e.g. "
+        "'ZSKD (Nayak et al. 2019)=0.7962'; repeatable",
+    )
     args = parser.parse_args(argv)
     try:
+        references = [parse_reference(text) for text in args.reference]
         runs, default_out = read_source(args.source)
         out = args.out or default_out
-        write_report(runs, args.source, out, args.collapse_below, args.ceiling)
+        write_report(runs, args.source, out, args.collapse_below, args.ceiling, references)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

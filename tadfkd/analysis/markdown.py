@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from tadfkd.analysis.finding import Reference, finding_lines
 from tadfkd.analysis.jobs import Run, label
 from tadfkd.analysis.statistics import interval, methods_in_order, teacher_table
 from tadfkd.base import schema
@@ -160,12 +161,15 @@ def report_markdown(
     ceiling: dict[str, Any] | None,
     collapse_below: float,
     launches: tuple[float, int, int, list[str]] | None = None,
+    references: Sequence[Reference] = (),
 ) -> str:
     """The text of ``report.md``; ``launches``: the sweep's wall time over its launches
-    (``launches.sweep_wall_time``), stated when known."""
+    (``launches.sweep_wall_time``), stated when known; ``references``: published figures the
+    finding compares the best method with."""
     lines = header_lines(source, runs, ceiling, collapse_below)
     if launches is not None:
         lines.insert(5, launches_sentence(*launches))
+    lines += finding_lines(runs, summary, pairs, ceiling, references)
     lines += method_lines(summary) + teacher_lines(runs) + pair_lines(pairs)
     lines += plot_lines() + problem_lines(runs)
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tadfkd.analysis.finding import Reference
 from tadfkd.analysis.jobs import Run, ceiling_of, check_ceiling_file
 from tadfkd.analysis.launches import sweep_wall_time
 from tadfkd.analysis.markdown import report_markdown
@@ -74,9 +75,11 @@ def write_report(
     out: Path,
     collapse_below: float = DEFAULT_COLLAPSE_BELOW,
     ceiling_file: Path | None = None,
+    references: Sequence[Reference] = (),
 ) -> list[dict[str, Any]]:
     """Write report.md, report.csv, pairs.csv, runs.csv, curves.png and health.png into
-    ``out``; returns the per-method summary rows (fractions)."""
+    ``out``; returns the per-method summary rows (fractions). ``references``: published figures
+    the report's finding compares the best method with."""
     if not 0 < collapse_below <= 1:
         raise UserError(f"--collapse-below={collapse_below} must be a fraction in (0, 1].")
     check_ceiling_file(ceiling_file)
@@ -90,7 +93,9 @@ def write_report(
         out.mkdir(parents=True, exist_ok=True)
         write_csvs(runs, summary, pairs, out)
         launches = sweep_wall_time(Path(source)) if Path(source).is_dir() else None
-        text = report_markdown(source, runs, summary, pairs, ceiling, collapse_below, launches)
+        text = report_markdown(
+            source, runs, summary, pairs, ceiling, collapse_below, launches, references
+        )
         (out / "report.md").write_text(text)
         plot_curves(runs, out / "curves.png", ceiling)
         plot_health(runs, out / "health.png")
