@@ -126,6 +126,20 @@ def test_the_published_style_path_differs_only_through_its_seam_and_settings():
     assert agreement >= 0.9
 
 
+def test_the_published_style_path_computes_the_bn_statistics_the_references_way():
+    overrides = ["runtime.device=cpu", *published_path.PUBLISHED_STYLE]
+    cfg = published_path.published_style(setting.bench_config(overrides))
+    distiller = setting.build_path(cfg, torch.device("cpu"), published=True, seed=0)
+    terms = distiller.objective.terms
+    assert [type(term).__name__ for term in terms.values() if "BN" in type(term).__name__] == [
+        "PublishedBNStatistics"
+    ]
+    assert not distiller.synthesizer.generator.depthwise_output
+    # a method without the term is left as it is
+    dafl = published_path.published_style(setting.bench_config([*overrides, "method=dafl"]))
+    assert "bn" not in dafl.method.generator_terms
+
+
 def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys):
     shares = bench.main(["--agreement", "--small", "--device", "cpu"])
     out = capsys.readouterr().out

@@ -19,6 +19,7 @@ from tadfkd.distillation.precision import Precision, cpu_has_bf16, resolve_preci
 from tadfkd.distillation.selection import fill_order
 from tadfkd.distillation.synthesizer import Synthesizer
 from tadfkd.models import ARCHITECTURES, build_classifier
+from tadfkd.run.builder import on_cpu_if_auto
 from tadfkd.teachers.folding import fold_batchnorm
 from tadfkd.teachers.loading import read_state_dict
 
@@ -227,6 +228,39 @@ def test_a_channels_last_generator_keeps_its_activations_channels_last():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         generator(torch.randn(8, NZ))
     assert seen == [True]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_depthwise_output_convolution_computes_the_generators_images(channels_last):
+    torch.manual_seed(0)
+    generator = small().synthesizer.generator
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    generator = generator.to(memory_format=layout)
+    calls = []
+    generator.conv_blocks2[3].register_forward_hook(lambda *args: calls.append(1))
+    noise = torch.randn(16, NZ)
+    state = {k: v.clone() for k, v in generator.state_dict().items()}
+    generator.depthwise_output = False
+    with torch.no_grad():
+        published = generator(noise)
+    generator.load_state_dict(state)  # the train-mode forward moved the BN running statistics
+    generator.depthwise_output = True
+    with torch.no_grad():
+        depthwise = generator(noise)
+    torch.testing.assert_close(depthwise, published, rtol=1e-5, atol=1e-6)
+    assert calls == [1]  # the published forward only
+    # with gradients the convolution itself runs (its backward is the faster one)
+    generator(noise).sum().backward()
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [("auto", "cpu", True), ("auto", "cuda", False), (False, "cpu", False), (True, "cuda", True)],
+)
+def test_the_depthwise_output_switch_is_on_for_the_cpu_when_auto(setting, device, expected):
+    assert on_cpu_if_auto(setting, torch.device(device)) is expected
+    assert small().synthesizer.generator.depthwise_output is True  # built on the CPU
 
 
 def test_compiling_keeps_parameter_names_so_checkpoints_load_either_way():

@@ -12,6 +12,7 @@ from tadfkd.base.errors import UserError
 from tadfkd.distillation import losses
 from tadfkd.distillation import terms as T
 from tadfkd.distillation.objectives import Objective
+from tadfkd.bench.published import published_bn_statistics_term
 from tadfkd.distillation.recorders import ForwardHooks, bn_statistics_term
 
 
@@ -195,6 +196,27 @@ def test_bn_statistics_term_by_hand():
     var = torch.tensor([2.0, 1.0])  # biased variances
     expected = (bn.running_var - var).norm() + (bn.running_mean - mean).norm()
     assert bn_statistics_term(bn, x).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_statistics_term_equals_the_published_formula_and_its_gradient(layout, dtype):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    x = (torch.randn(8, 6, 5, 5) * 3 + 1).to(dtype).contiguous(memory_format=layout)
+
+    ours_input = x.clone().requires_grad_()
+    reference_input = x.clone().requires_grad_()
+    ours = bn_statistics_term(bn, ours_input)
+    reference = published_bn_statistics_term(bn, reference_input)
+    ours.backward()
+    reference.backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ours_input.grad.float(), reference_input.grad.float(), rtol=1e-2, atol=1e-5
+    )
 
 
 def test_hooks_by_path_record_inputs_outputs_and_only_forwards_with_gradients_when_asked():

@@ -13,6 +13,7 @@ from tadfkd.distillation.selection import (
     GMMSelection,
     NoSelection,
     clean_posterior,
+    fit_two_gaussians,
     fill_order,
     minmax_normalise,
     pseudo_label_loss,
@@ -62,6 +63,17 @@ def test_vectorised_chunks_equal_one_fit_per_chunk():
     together = clean_posterior(losses)
     one_by_one = torch.cat([clean_posterior(row.view(1, -1)) for row in losses])
     torch.testing.assert_close(together, one_by_one)
+
+
+def test_leaving_the_loop_once_every_chunk_converged_changes_nothing():
+    rng = np.random.default_rng(2)
+    # chunks that converge after different numbers of rounds, and one that never does in 10
+    losses = torch.tensor(rng.gamma(2.0, 0.5, size=(8, 64)))
+    normalised = minmax_normalise(losses)
+    for max_iter, tol in ((10, 1e-2), (10, 1e-9), (3, 1e-2)):
+        early = fit_two_gaussians(normalised, max_iter=max_iter, tol=tol, early_exit=True)
+        full = fit_two_gaussians(normalised, max_iter=max_iter, tol=tol, early_exit=False)
+        assert torch.equal(early, full)
 
 
 def test_posterior_is_a_probability_and_favours_low_losses():

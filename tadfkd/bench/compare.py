@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from tadfkd.bench.agreement import agreement
-from tadfkd.bench.published import PUBLISHED_STYLE
+from tadfkd.bench.published import PUBLISHED_STYLE, published_style
 from tadfkd.bench.setting import (
     SETTINGS,
     bench_config,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     if args.student_steps:
         overrides.append(f"trainer.student_steps={args.student_steps}")
     fast_cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
-    published_cfg = bench_config([*overrides, *PUBLISHED_STYLE])
+    published_cfg = published_style(bench_config([*overrides, *PUBLISHED_STYLE]))
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     thread_counts = [None] if device.type == "cuda" else args.threads

@@ -1,16 +1,19 @@
 """The benchmark's published-style path: the settings and the selection of the reference
 implementation, for timing only. Its scoring forward recomputes the teacher's logits in chunks
-of 32, and its selection rule (named by ``selection._target_``, as any rule is) fits
-scikit-learn's mixture on the CPU.
+of 32, its selection rule (named by ``selection._target_``, as any rule is) fits scikit-learn's
+mixture on the CPU, and its BN-statistics term computes the variance of a transposed copy.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from sklearn.mixture import GaussianMixture
+from torch import nn
 
 from tadfkd.distillation.selection import GMMSelection, Selection, pseudo_label_loss
+from tadfkd.distillation.terms import BNStatistics
 
 # What makes the published-style path: fp32, no channels-last, one batch per refill round,
 # the reference's mixture fit.
@@ -23,7 +26,33 @@ PUBLISHED_STYLE = [
     "speed.fold_teacher_bn=false",
     "speed.scoring=fp32",
     "speed.generation=fp32",
+    "speed.depthwise_output=false",
 ]
+
+
+def published_style(cfg: DictConfig) -> DictConfig:
+    """``cfg`` (composed with ``PUBLISHED_STYLE``) with the method's BN-statistics term, if it
+    has one, computed the reference's way."""
+    terms = cfg.method.get("generator_terms") or {}
+    for name, term in terms.items():
+        if term.get("_target_") == "tadfkd.distillation.terms.BNStatistics":
+            cfg.method.generator_terms[name]._target_ = f"{__name__}.PublishedBNStatistics"
+    return cfg
+
+
+def published_bn_statistics_term(module: nn.BatchNorm2d, inputs: torch.Tensor) -> torch.Tensor:
+    """The reference's statistics of one BatchNorm2d layer's input: the variance of the
+    channel-major copy ``x.permute(1, 0, 2, 3).contiguous().view(C, -1)``."""
+    x = inputs.float()
+    mean = x.mean(dim=(0, 2, 3))
+    var = x.permute(1, 0, 2, 3).contiguous().view(x.shape[1], -1).var(dim=1, unbiased=False)
+    return (module.running_var - var).norm() + (module.running_mean - mean).norm()
+
+
+class PublishedBNStatistics(BNStatistics):
+    """``BNStatistics`` with the reference's computation of the statistics, for timing only."""
+
+    statistic = staticmethod(published_bn_statistics_term)
 
 
 class ScikitLearnGMMSelection(GMMSelection):

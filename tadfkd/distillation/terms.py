@@ -144,13 +144,15 @@ class AdversarialKLElementMean(TemperedAdversarial):
 
 class BNStatistics(GeneratorTerm):
     """DeepInversion's term summed over the teacher's BatchNorm2d layers, from hooks on their
-    inputs in the generator step's forward (``recorders.bn_statistics_term``)."""
+    inputs in the generator step's forward (``statistic``: ``recorders.bn_statistics_term``)."""
+
+    statistic = staticmethod(bn_statistics_term)
 
     def attach(self, hooks: ForwardHooks) -> None:
         super().attach(hooks)
         self.paths = paths_of(hooks.model, nn.BatchNorm2d)
         for path in self.paths:
-            hooks.add(path, "input", bn_statistics_term, with_grad_only=True)
+            hooks.add(path, "input", self.statistic, with_grad_only=True)
 
     def value(self, batch: GeneratorBatch) -> torch.Tensor:
         return torch.stack([self.hooks[path] for path in self.paths]).sum()

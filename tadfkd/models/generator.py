@@ -16,6 +16,12 @@ class Generator(nn.Module):
 
     ``width`` is the channel count of the first two blocks (the last has half of it); the
     published generator has 128. Narrower widths only suit small datasets (the digits default).
+
+    ``depthwise_output`` (``speed.depthwise_output``, off by default): in no-grad forwards, a
+    last convolution with one output channel (grayscale images) runs as a depthwise convolution
+    and a float32 sum over its input channels: the same products and sums, about twice as fast
+    on a CPU, where oneDNN runs a one-output-channel convolution at a tenth of its rate. Forwards
+    with gradients keep the convolution, whose backward is the faster one.
     """
 
     def __init__(
@@ -29,6 +35,7 @@ class Generator(nn.Module):
             )
         self.init_size = img_size // 4
         self.width = width
+        self.depthwise_output = False
         self.l1 = nn.Linear(nz, width * self.init_size**2)
         # TA-DFKD adds the LeakyReLU to DAFL's BN-only first block; it has no parameters.
         self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(width), nn.LeakyReLU(0.2))
@@ -55,4 +62,26 @@ class Generator(nn.Module):
             out = out.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(self.conv_blocks0(out), scale_factor=2)
         out = F.interpolate(self.conv_blocks1(out), scale_factor=2)
+        last = self.conv_blocks2[3]
+        if self.depthwise_output and last.out_channels == 1 and not torch.is_grad_enabled():
+            for layer in self.conv_blocks2[:3]:
+                out = layer(out)
+            return torch.sigmoid(one_output_channel_conv(out, last))
         return self.conv_blocks2(out)
+
+
+def one_output_channel_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` for a convolution with one output channel, as a depthwise convolution of each
+    input channel with its own kernel, summed over the channels in float32 (so under bf16
+    autocast only the per-channel products are rounded, not their sum)."""
+    per_channel = F.conv2d(
+        x,
+        conv.weight.transpose(0, 1),
+        None,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        groups=conv.in_channels,
+    )
+    out = per_channel.sum(dim=1, keepdim=True, dtype=torch.float32)
+    return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)

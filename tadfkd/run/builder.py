@@ -53,6 +53,11 @@ def on_cuda_if_auto(setting: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
+def on_cpu_if_auto(setting: str | bool, device: torch.device) -> bool:
+    """A ``speed`` switch: ``auto`` is on for the CPU, off elsewhere; true / false as given."""
+    return device.type == "cpu" if setting == "auto" else bool(setting)
+
+
 def use_channels_last(setting: str | bool) -> bool:
     """``speed.channels_last``: ``auto`` is on, on CUDA and on a CPU alike (oneDNN's CPU
     convolutions are faster in that layout, in bf16 and in fp32: docs/performance.md)."""
@@ -85,6 +90,8 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     inference_teacher = fold_for_inference(cfg, teacher_model, device, channels_last)
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
+    if hasattr(generator, "depthwise_output"):  # the DAFL generator (tadfkd.models.generator)
+        generator.depthwise_output = on_cpu_if_auto(speed.depthwise_output, device)
     if speed.compile:
         for model in {
             id(m): m for m in (teacher_model, inference_teacher, student, generator)
