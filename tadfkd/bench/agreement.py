@@ -14,12 +14,13 @@ from tadfkd.run.builder import build_distiller
 
 
 def agreement(
-    cfg: DictConfig, device: torch.device, generator_run: Path | None, batches: int = 32
+    cfg: DictConfig, device: torch.device, generator_run: Path | None, samples: int = 4096
 ) -> dict[str, float]:
-    """Keep decisions of the configured (trained) teacher on ``batches`` generated batches,
-    the reference (everything fp32, BatchNorm unfolded) against each speed setting that can
-    change them (folding, bf16 scoring, a bf16 generator forward, this device's default): the
-    share left unchanged by each (fractions; printed as percent)."""
+    """Keep decisions of the configured (trained) teacher on ``samples`` generated samples (in
+    whole batches), the reference (everything fp32, BatchNorm unfolded, the generator's
+    convolutions as published) against each speed setting that can change them (folding, the
+    depthwise output convolution, bf16 scoring, a bf16 generator forward, this device's
+    default): the share left unchanged by each (fractions; printed as percent)."""
     default_precision = resolve_precision(str(cfg.speed.precision), device)
     from tadfkd.run.checkpoint import load_checkpoint
     from tadfkd.run.runtime import build
@@ -27,8 +28,13 @@ def agreement(
     masks: dict[str, torch.Tensor] = {}
     fp32 = ["speed.precision=fp32"]
     variants = {
-        "reference (fp32, unfolded)": [*fp32, "speed.fold_teacher_bn=false"],
-        "fold_teacher_bn=true": fp32,
+        "reference (fp32, unfolded)": [
+            *fp32,
+            "speed.fold_teacher_bn=false",
+            "speed.depthwise_output=false",
+        ],
+        "fold_teacher_bn=true": [*fp32, "speed.depthwise_output=false"],
+        "depthwise_output=true": [*fp32, "speed.depthwise_output=true"],
         "scoring=bf16": [*fp32, "speed.scoring=bf16"],
         "generation=bf16": [*fp32, "speed.generation=bf16"],
         "generation=bf16, scoring=bf16": [*fp32, "speed.generation=bf16", "speed.scoring=bf16"],
@@ -45,6 +51,7 @@ def agreement(
                 raise SystemExit(f"error: {generator_run} holds no checkpoint")
             synthesizer.generator.load_state_dict(saved[0]["distiller"]["generator"])
         torch.manual_seed(1)
+        batches = max(1, samples // synthesizer.batch_size)
         with torch.no_grad():
             images = torch.cat(
                 [synthesizer.generate(synthesizer.batch_size) for _ in range(batches)]
