@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tadfkd.base.errors import UserError
+from tadfkd.bench.published import published_bn_statistics_term
 from tadfkd.distillation import losses
 from tadfkd.distillation import terms as T
 from tadfkd.distillation.objectives import Objective
-from tadfkd.bench.published import published_bn_statistics_term
 from tadfkd.distillation.recorders import ForwardHooks, bn_statistics_term
 
 

@@ -13,8 +13,8 @@ from tadfkd.distillation.selection import (
     GMMSelection,
     NoSelection,
     clean_posterior,
-    fit_two_gaussians,
     fill_order,
+    fit_two_gaussians,
     minmax_normalise,
     pseudo_label_loss,
 )
