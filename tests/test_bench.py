@@ -145,4 +145,5 @@ def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys):
     out = capsys.readouterr().out
     assert "teacher digits_cnn (digits_cnn), generator untrained, 4096 generated samples" in out
     assert shares["fold_teacher_bn=true"] >= 0.999  # float rounding only
+    assert shares["depthwise_output=true"] >= 0.999  # float rounding only
     assert 0.5 < shares["scoring=bf16"] <= 1.0
