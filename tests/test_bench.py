@@ -130,14 +130,12 @@ def test_the_published_style_path_computes_the_bn_statistics_the_references_way(
     overrides = ["runtime.device=cpu", *published_path.PUBLISHED_STYLE]
     cfg = published_path.published_style(setting.bench_config(overrides))
     distiller = setting.build_path(cfg, torch.device("cpu"), published=True, seed=0)
-    terms = distiller.objective.terms
-    assert [type(term).__name__ for term in terms.values() if "BN" in type(term).__name__] == [
-        "PublishedBNStatistics"
-    ]
+    term = distiller.objective.terms["bn"]
+    assert term.statistic is published_path.published_bn_statistics_term
     assert not distiller.synthesizer.generator.depthwise_output
     # a method without the term is left as it is
-    dafl = published_path.published_style(setting.bench_config([*overrides, "method=dafl"]))
-    assert "bn" not in dafl.method.generator_terms
+    dafl = setting.bench_config([*overrides, "method=dafl"])
+    assert published_path.published_style(dafl.copy()) == dafl
 
 
 def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys):

@@ -214,8 +214,9 @@ def test_bn_statistics_term_equals_the_published_formula_and_its_gradient(layout
     ours.backward()
     reference.backward()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2  # bf16 gradients are bf16-rounded
     torch.testing.assert_close(
-        ours_input.grad.float(), reference_input.grad.float(), rtol=1e-2, atol=1e-5
+        ours_input.grad.float(), reference_input.grad.float(), rtol=tolerance, atol=1e-5
     )
 
 

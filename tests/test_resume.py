@@ -308,6 +308,17 @@ def test_resuming_with_other_settings_is_refused_but_runtime_settings_may_change
         check_same_run(base, identity(teacher="b" * 64), Path("checkpoint.pt"))
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_computed():
+    def identity(*overrides: str) -> dict:
+        return run_identity(compose_config([*TINY, *overrides], hydra_node=False), "a" * 64)
+
+    former = identity("speed.depthwise_output=false")
+    del former["speed.depthwise_output"]  # written before the setting existed
+    check_same_run(former, identity("speed.depthwise_output=false"), Path("checkpoint.pt"))
+    with pytest.raises(UserError, match="speed.depthwise_output=False there"):
+        check_same_run(former, identity(), Path("checkpoint.pt"))  # today's default: auto
+
+
 # The ``method.*`` part of each method's run identity as the code before loss terms were objects
 # (commit 078f690) wrote it into its checkpoints: ``method.weights``, ``method.student_loss``, ...
 FORMER_METHOD_IDENTITIES = json.loads(

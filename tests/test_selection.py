@@ -8,6 +8,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
+import tadfkd.distillation.selection
 from tadfkd.base.errors import UserError
 from tadfkd.distillation.selection import (
     GMMSelection,
@@ -65,15 +66,29 @@ def test_vectorised_chunks_equal_one_fit_per_chunk():
     torch.testing.assert_close(together, one_by_one)
 
 
-def test_leaving_the_loop_once_every_chunk_converged_changes_nothing():
+def test_leaving_the_loop_once_every_chunk_converged_changes_nothing(monkeypatch):
     rng = np.random.default_rng(2)
-    # chunks that converge after different numbers of rounds, and one that never does in 10
+    # at tol=1e-2 the chunks converge after different numbers of rounds (all within 4); at
+    # tol=1e-9 none does in 10 rounds; max_iter=3 stops before all have converged
     losses = torch.tensor(rng.gamma(2.0, 0.5, size=(8, 64)))
     normalised = minmax_normalise(losses)
+    rounds = []
+    e_step = tadfkd.distillation.selection._e_step
+    monkeypatch.setattr(
+        tadfkd.distillation.selection,
+        "_e_step",
+        lambda *args: rounds.append(1) or e_step(*args),
+    )
     for max_iter, tol in ((10, 1e-2), (10, 1e-9), (3, 1e-2)):
+        rounds.clear()
         early = fit_two_gaussians(normalised, max_iter=max_iter, tol=tol, early_exit=True)
+        early_rounds = len(rounds)
+        rounds.clear()
         full = fit_two_gaussians(normalised, max_iter=max_iter, tol=tol, early_exit=False)
         assert torch.equal(early, full)
+        assert len(rounds) == max_iter + 1  # every round, then the final E-step
+        if (max_iter, tol) == (10, 1e-2):
+            assert early_rounds < max_iter + 1  # it did leave early
 
 
 def test_posterior_is_a_probability_and_favours_low_losses():

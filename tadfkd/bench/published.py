@@ -31,8 +31,8 @@ PUBLISHED_STYLE = [
 
 
 def published_style(cfg: DictConfig) -> DictConfig:
-    """``cfg`` (composed with ``PUBLISHED_STYLE``) with the method's BN-statistics term, if it
-    has one, computed the reference's way."""
+    """``cfg`` (composed with ``PUBLISHED_STYLE``), changed in place and returned, with the
+    method's BN-statistics term, if it has one, computed the reference's way."""
     terms = cfg.method.get("generator_terms") or {}
     for name, term in terms.items():
         if term.get("_target_") == "tadfkd.distillation.terms.BNStatistics":

@@ -1,7 +1,8 @@
 """The benchmark's settings and the two paths it compares, built from the run's own config with
 random-weight networks (no data or teacher file is needed): the fast path is this project's
-``Distiller``; the published-style path is the same with the ``PUBLISHED_STYLE`` settings and
-the reference's scoring and selection (``bench.published``). Also the machine's name."""
+``Distiller``; the published-style path is the same with the ``PUBLISHED_STYLE`` settings, the
+reference's scoring and selection and (``published_style`` on its config, as ``bench.compare``
+applies it) the reference's BN statistics (``bench.published``). Also the machine's name."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def bench_config(overrides: list[str]) -> DictConfig:
 
 
 def build_path(cfg: DictConfig, device: torch.device, published: bool, seed: int) -> Distiller:
-    """The run's ``Distiller`` (published-style: its ``PUBLISHED_STYLE`` settings and scorer)
-    with random-weight networks from ``seed``."""
+    """The run's ``Distiller`` (published: the reference's scorer; ``cfg`` brings the rest, e.g.
+    ``PUBLISHED_STYLE`` and ``published_style``) with random-weight networks from ``seed``."""
     torch.manual_seed(seed)
     distiller = build_distiller(cfg, random_teacher(cfg.teacher), device)
     if published:

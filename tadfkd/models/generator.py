@@ -63,10 +63,15 @@ class Generator(nn.Module):
         out = F.interpolate(self.conv_blocks0(out), scale_factor=2)
         out = F.interpolate(self.conv_blocks1(out), scale_factor=2)
         last = self.conv_blocks2[3]
-        if self.depthwise_output and last.out_channels == 1 and not torch.is_grad_enabled():
+        if (
+            self.depthwise_output
+            and last.out_channels == 1
+            and last.padding_mode == "zeros"
+            and not torch.is_grad_enabled()
+        ):
             for layer in self.conv_blocks2[:3]:
                 out = layer(out)
-            return torch.sigmoid(one_output_channel_conv(out, last))
+            return self.conv_blocks2[4](one_output_channel_conv(out, last))
         return self.conv_blocks2(out)
 
 

@@ -48,14 +48,10 @@ def schedule_of(cfg: DictConfig) -> Schedule:
     )
 
 
-def on_cuda_if_auto(setting: str | bool, device: torch.device) -> bool:
-    """A ``speed`` switch: ``auto`` is on for CUDA, off elsewhere; true / false as given."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
-
-
-def on_cpu_if_auto(setting: str | bool, device: torch.device) -> bool:
-    """A ``speed`` switch: ``auto`` is on for the CPU, off elsewhere; true / false as given."""
-    return device.type == "cpu" if setting == "auto" else bool(setting)
+def on_if_auto(setting: str | bool, device: torch.device, auto_on: str) -> bool:
+    """A ``speed`` switch: ``auto`` is on for devices of type ``auto_on`` ("cuda" or "cpu"),
+    off elsewhere; true / false as given."""
+    return device.type == auto_on if setting == "auto" else bool(setting)
 
 
 def use_channels_last(setting: str | bool) -> bool:
@@ -91,7 +87,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
     if hasattr(generator, "depthwise_output"):  # the DAFL generator (tadfkd.models.generator)
-        generator.depthwise_output = on_cpu_if_auto(speed.depthwise_output, device)
+        generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
     if speed.compile:
         for model in {
             id(m): m for m in (teacher_model, inference_teacher, student, generator)
@@ -118,7 +114,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
         guard=guard,
         inference_teacher=inference_teacher,
         adaptive_rounds=speed.refill == "adaptive",
-        bucket_rounds=on_cuda_if_auto(speed.static_shapes, device),
+        bucket_rounds=on_if_auto(speed.static_shapes, device, "cuda"),
         scoring_dtype=forward_dtype(str(speed.scoring), precision),
         generation_dtype=forward_dtype(str(speed.generation), precision),
         inputs=objective.inputs,

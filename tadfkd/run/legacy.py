@@ -5,7 +5,9 @@ Before loss terms were objects, a method named its losses from closed menus: ``m
 (term name -> weight), ``method.student_loss`` and ``method.adversarial`` (names),
 ``method.temperature`` and ``method.detach_teacher`` (shared by the terms). Today each term is
 a ``_target_`` node with its own options (``conf/method/``); ``current_form`` rewrites the old
-keys into the keys the same method composes to now.
+keys into the keys the same method composes to now. A setting added to the identity later
+(``ADDED``) is absent from older checkpoints; it is read as the value that reproduces what they
+computed, so that the refusal to resume names the override that continues them exactly.
 """
 
 from __future__ import annotations
@@ -38,13 +40,19 @@ SHARED = {
     "method.detach_teacher": False,
 }
 WEIGHTS = "method.weights."
+# settings added to the run identity later -> what a run written before them computed: resuming
+# such a run is refused with today's default until the override is given
+# (e.g. speed.depthwise_output=false)
+ADDED = {"speed.depthwise_output": False}
 UNTEMPERED = "l1"  # the L1 losses compare raw logits: no temperature
 
 
 def current_form(identity: dict[str, Any]) -> dict[str, Any]:
     """``identity`` (flattened ``a.b.c`` keys, ``checks.run_identity``) with a method in the
-    former form rewritten as ``method.student_loss`` and ``method.generator_terms`` nodes;
-    an identity in today's form is returned as it is."""
+    former form rewritten as ``method.student_loss`` and ``method.generator_terms`` nodes, and
+    the settings added since it was written (``ADDED``) at the values that reproduce what it
+    computed; an identity in today's form is returned as it is."""
+    identity = {**{k: v for k, v in ADDED.items() if k not in identity}, **identity}
     if "method.student_loss" not in identity:
         return identity
     shared = {key: identity.get(key, default) for key, default in SHARED.items()}
