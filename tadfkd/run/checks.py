@@ -147,7 +147,7 @@ RULES: tuple[Rule, ...] = (
     Rule("speed.fold_teacher_bn", boolean, "true or false", optional=True),
     Rule("speed.scoring", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", optional=True),
     Rule("speed.generation", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", True),
-    Rule("speed.depthwise_output", one_of("auto", True, False), "auto, true or false"),
+    Rule("speed.depthwise_output", one_of("auto", True, False), "auto, true or false", True),
     Rule("dataset.num_classes", whole(2), "a whole number of at least 2"),
     Rule("dataset.channels", whole(1), POSITIVE),
     Rule(
