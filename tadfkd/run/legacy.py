@@ -52,7 +52,7 @@ def current_form(identity: dict[str, Any]) -> dict[str, Any]:
     former form rewritten as ``method.student_loss`` and ``method.generator_terms`` nodes, and
     the settings added since it was written (``ADDED``) at the values that reproduce what it
     computed; an identity in today's form is returned as it is."""
-    identity = {**{k: v for k, v in ADDED.items() if k not in identity}, **identity}
+    identity = {**ADDED, **identity}  # a value the identity has wins
     if "method.student_loss" not in identity:
         return identity
     shared = {key: identity.get(key, default) for key, default in SHARED.items()}
