@@ -81,9 +81,8 @@ def bn_statistics_term(module: nn.BatchNorm2d, inputs: torch.Tensor) -> torch.Te
 
     The statistics are those of the published ``x.permute(1, 0, 2, 3).view(C, -1).var(1)``,
     computed over the (N*H*W, C) rows of the input instead: a view, not a copy, for a
-    channels-last input, and two passes (mean, then mean squared deviation) whose forward and
-    backward take about half the time of the transposed copy's on a CPU (equal up to float
-    rounding, ``tests/test_losses.py``).
+    channels-last input, and two passes (mean, then mean squared deviation), without the
+    transposed copy (equal up to float rounding, ``tests/test_losses.py``).
     """
     rows = inputs.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1]).float()
     mean = rows.mean(dim=0)

@@ -19,8 +19,8 @@ class Generator(nn.Module):
 
     ``depthwise_output`` (``speed.depthwise_output``, off by default): in no-grad forwards, a
     last convolution with one output channel (grayscale images) runs as a depthwise convolution
-    and a float32 sum over its input channels: the same products and sums, about twice as fast
-    on a CPU, where oneDNN runs a one-output-channel convolution at a tenth of its rate. Forwards
+    and a float32 sum over its input channels: the same products and sums, faster on a CPU,
+    where oneDNN runs a one-output-channel convolution far below its rate. Forwards
     with gradients keep the convolution, whose backward is the faster one.
     """
 
