@@ -1,5 +1,7 @@
 """Architectures: parameter names and shapes of the published checkpoints, forward shapes."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,6 +183,49 @@ def test_digits_models_take_any_size_divisible_by_4(arch, size):
     model = build_classifier(arch, 10, 1).eval()
     with torch.no_grad():
         assert model(torch.randn(3, 1, size, size)).shape == (3, 10)
+
+
+def relu_before_pool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s forward in the published order, each max pool after its ReLU."""
+    if hasattr(model, "features"):  # DigitsCNN: its features pool before their second ReLU
+        layers = list(model.features)
+        pool = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d))
+        layers[pool], layers[pool + 1] = layers[pool + 1], layers[pool]
+        return model.classifier(nn.Sequential(*layers)(x))
+    out = model.pool0(F.relu(model.block0(x)))  # VGG, the zoo's forward
+    out = model.pool1(F.relu(model.block1(out)))
+    out = model.pool2(F.relu(model.block2(out)))
+    out = F.relu(model.block3(out))
+    if x.shape[-1] >= 64:
+        out = model.pool3(out)
+    out = model.pool4(F.relu(model.block4(out)))
+    return model.classifier(out.flatten(1))
+
+
+@pytest.mark.parametrize("arch", ["digits_cnn", "digits_cnn_s", "vgg8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooling_before_the_relu_computes_the_published_values_and_gradients(arch, dtype):
+    num_classes, channels, size = natural_input(arch)
+    torch.manual_seed(0)
+    model = build_classifier(arch, num_classes, channels).train()
+    published = copy.deepcopy(model)
+    x = torch.randn(4, channels, size, size)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        ours, theirs = model(x), relu_before_pool(published, x)
+    ours.float().square().sum().backward()
+    theirs.float().square().sum().backward()
+    assert torch.equal(ours, theirs)
+    for (name, mine), reference in zip(
+        model.named_parameters(), published.parameters(), strict=True
+    ):
+        assert torch.equal(mine.grad, reference.grad), name
+
+
+def test_the_digits_cnns_keep_their_parameter_names():
+    """Checkpoints of the zoo, trained before the pool moved, load as they did."""
+    names = {k.rsplit(".", 1)[0] for k in build_classifier("digits_cnn", 10, 1).state_dict()}
+    layers = {f"features.{i}" for i in (0, 1, 3, 4, 7, 8)}
+    assert names == layers | {"classifier"}
 
 
 def test_in_channels_changes_only_the_stem():
