@@ -63,6 +63,8 @@ CASES = {
     "teacher/dataset classes": (["dataset=cifar100"], 2, ["10 classes", "100"]),
     "student/teacher classes": (["student.num_classes=5"], 2, ["student", "5 classes"]),
     "unknown on_nonfinite": (["runtime.on_nonfinite=maybe"], 2, ["runtime.on_nonfinite='maybe'"]),
+    "deleted speed setting": (["~speed.scoring"], 2, ["speed.scoring is missing from the config"]),
+    "deleted depthwise switch": (["~speed.depthwise_output"], 2, ["speed.depthwise_output is"]),
     "unknown logger mode": (["logger.mode=onlien"], 2, ["logger.mode='onlien' must be"]),
     "unwritable output dir": (["hydra.run.dir=/dev/null/run"], 2, ["not writable"]),
     "run directory in use": ([], 2, ["/run is in use by another run (process {pid})"]),

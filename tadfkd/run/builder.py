@@ -87,8 +87,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
     if hasattr(generator, "depthwise_output"):  # the DAFL generator (tadfkd.models.generator)
-        setting = speed.get("depthwise_output", "auto")  # absent: the default
-        generator.depthwise_output = on_if_auto(setting, device, "cpu")
+        generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
     if speed.compile:
         for model in {
             id(m): m for m in (teacher_model, inference_teacher, student, generator)

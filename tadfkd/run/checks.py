@@ -37,6 +37,9 @@ class Rule:
     check: Callable[[Any], bool]
     expect: str
     optional: bool = False
+    # absent only together with its whole first node: the teacher job has no ``speed`` node,
+    # a distillation job's ``speed`` node has every key (each one is read)
+    with_node: bool = False
 
 
 def _is_int(value: Any) -> bool:
@@ -117,6 +120,9 @@ NAME = "a name: text without '/', '\\', a newline or other control characters"
 
 
 POSITIVE = "a whole number of at least 1"
+AUTO_BOOL = "auto, true or false"
+AUTO_FP = "auto, fp32, bf16 or fp16"
+
 RULES: tuple[Rule, ...] = (
     Rule("seed", whole(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED}"),
     Rule("trainer.epochs", whole(1), POSITIVE, optional=True),
@@ -137,17 +143,15 @@ RULES: tuple[Rule, ...] = (
     Rule("runtime.on_nonfinite", one_of("stop", "skip"), "stop or skip"),
     Rule("runtime.download", boolean, "true or false"),
     Rule("runtime.require_test_set", boolean, "true or false"),
-    Rule(
-        "speed.precision", one_of("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16", True
-    ),
-    Rule("speed.compile", boolean, "true or false", optional=True),
-    Rule("speed.channels_last", one_of("auto", True, False), "auto, true or false", optional=True),
-    Rule("speed.refill", one_of("adaptive", "single"), "adaptive or single", optional=True),
-    Rule("speed.static_shapes", one_of("auto", True, False), "auto, true or false", True),
-    Rule("speed.fold_teacher_bn", boolean, "true or false", optional=True),
-    Rule("speed.scoring", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", optional=True),
-    Rule("speed.generation", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", True),
-    Rule("speed.depthwise_output", one_of("auto", True, False), "auto, true or false", True),
+    Rule("speed.precision", one_of("auto", "fp32", "bf16", "fp16"), AUTO_FP, with_node=True),
+    Rule("speed.compile", boolean, "true or false", with_node=True),
+    Rule("speed.channels_last", one_of("auto", True, False), AUTO_BOOL, with_node=True),
+    Rule("speed.refill", one_of("adaptive", "single"), "adaptive or single", with_node=True),
+    Rule("speed.static_shapes", one_of("auto", True, False), AUTO_BOOL, with_node=True),
+    Rule("speed.fold_teacher_bn", boolean, "true or false", with_node=True),
+    Rule("speed.scoring", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", with_node=True),
+    Rule("speed.generation", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", with_node=True),
+    Rule("speed.depthwise_output", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("dataset.num_classes", whole(2), "a whole number of at least 2"),
     Rule("dataset.channels", whole(1), POSITIVE),
     Rule(
@@ -264,7 +268,7 @@ def _check(cfg: DictConfig, rule: Rule, key: str) -> None:
     """One value against its rule: a one-sentence ``UserError`` naming ``key`` if it fails."""
     present, value = _value(cfg, key)
     if not present:
-        if rule.optional:
+        if rule.optional or (rule.with_node and not _value(cfg, key.split(".")[0])[0]):
             return
         raise UserError(f"{key} is missing from the config; set {key}=...")
     if not rule.check(value):
