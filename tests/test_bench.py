@@ -10,7 +10,7 @@ from helpers import ROOT
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
 from tadfkd.bench import published as published_path
-from tadfkd.bench import setting
+from tadfkd.bench import setting, timing
 from tadfkd.bench import threads as bench_threads
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
 from tadfkd.teachers.loading import read_state_dict
@@ -88,6 +88,15 @@ def test_profile_prints_the_top_operators_and_the_host_side_counts(capsys):
     assert "profile of one fast-path iteration, top 15 by self_cpu_time_total:" in out
     calls = re.search(r"host-side counts per iteration: operator calls (\d+) \(CPU\)", out)
     assert calls and int(calls.group(1)) > 100
+    split = re.search(r"convolutions and matmuls ([\d.]+) ms \(([\d.]+)%\), other operators", out)
+    assert split and float(split.group(1)) > 0 and 0 < float(split.group(2)) < 100
+
+
+def test_the_dense_operators_are_convolutions_and_matmuls_of_every_backend():
+    dense = ["aten::mkldnn_convolution", "aten::convolution_backward", "aten::cudnn_convolution"]
+    assert all(timing.is_dense(name) for name in [*dense, "aten::addmm", "aten::mm"])
+    other = ["aten::native_batch_norm", "aten::upsample_nearest2d", "aten::copy_", "aten::sum"]
+    assert not any(timing.is_dense(name) for name in other)
 
 
 @pytest.mark.gpu

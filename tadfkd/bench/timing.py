@@ -186,3 +186,27 @@ def profile(distiller: Distiller, device: torch.device, top: int = 15) -> None:
         )
     else:
         print(f"host-side counts per iteration: operator calls {count('aten::')} (CPU)")
+        print(dense_share_line(events))
+
+
+# The operators that carry an iteration's FLOPs: convolutions (forward and backward, every
+# backend's) and matrix products. Everything else (normalisation, activations, pooling and
+# upsampling, reductions, optimiser updates, casts and copies) is memory-bound.
+DENSE_OPERATORS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::linear")
+
+
+def is_dense(name: str) -> bool:
+    return name.startswith("aten::") and ("conv" in name or name in DENSE_OPERATORS)
+
+
+def dense_share_line(events) -> str:
+    """The profiled iteration's operator time (CPU self time) split into convolutions and
+    matmuls, and the rest; with the rest free, the iteration would be 1/share faster."""
+    dense = sum(e.self_cpu_time_total for e in events if is_dense(e.key))
+    other = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) - dense
+    share = dense / (dense + other)
+    return (
+        f"operator time (self, profiled): convolutions and matmuls {dense / 1e3:.1f} ms "
+        f"({100 * share:.1f}%), other operators {other / 1e3:.1f} ms ({100 - 100 * share:.1f}%); "
+        f"were the other operators free, the iteration would run {1 / share:.2f}x faster"
+    )
