@@ -1,6 +1,7 @@
 """The benchmark runs on the CPU in seconds and prints every figure of its table."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -90,6 +91,33 @@ def test_profile_prints_the_top_operators_and_the_host_side_counts(capsys):
     assert calls and int(calls.group(1)) > 100
     split = re.search(r"convolutions and matmuls ([\d.]+) ms \(([\d.]+)%\), other operators", out)
     assert split and float(split.group(1)) > 0 and 0 < float(split.group(2)) < 100
+
+
+def test_the_achieved_rate_is_the_median_of_each_iterations_own_rate():
+    assert timing.iteration_flops([2.0, 3.0, 5.0], 10.0, 3.0, 2.0) == [8.0, 10.0, 14.0]
+    distiller = SimpleNamespace(
+        schedule=SimpleNamespace(student_steps=1, batch_size=4),
+        meter=SimpleNamespace(sums={"selection/batches_used": 9.0}),
+    )
+    stats = SimpleNamespace(
+        distiller=distiller,
+        device=torch.device("cpu"),
+        # iterations of 2, 3 and 5 batches; the slowest did the most work
+        seconds=[1.0, 1.0, 2.0],
+        batch_counts=[2.0, 3.0, 5.0],
+        batches_generated=lambda: 10.0,
+        flops_per_iteration=10.0,
+        counted_batches=3.0,
+        flops_per_scored_batch=2.0,
+        selection_seconds=0.0,
+        peak_bytes=0,
+    )
+    figures = timing.PathStats.figures(stats, {"bf16": 1e12})
+    assert figures["s_per_iter"] == 1.0  # the median time
+    assert figures["tflop_per_iter"] * 1e12 == pytest.approx(32.0 / 3)
+    # rates 8, 10 and 7 FLOP/s: their median, not the mean work over the median time (10.7)
+    assert figures["tflops"] * 1e12 == pytest.approx(8.0)
+    assert figures["matmul_share_bf16"] == pytest.approx(100 * 8.0 / 1e12)
 
 
 def test_the_dense_operators_are_convolutions_and_matmuls_of_every_backend():

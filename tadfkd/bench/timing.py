@@ -44,6 +44,7 @@ class PathStats:
         self.distiller = distiller
         self.device = device
         self.seconds: list[float] = []
+        self.batch_counts: list[float] = []  # batches each timed iteration generated
         self.selection_seconds = 0.0
         self.peak_bytes = 0
         self.flops_per_iteration = 0.0
@@ -90,11 +91,13 @@ class PathStats:
     def time_iteration(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        before = self.batches_generated()
         synchronise(self.device)
         start = time.perf_counter()
         self.distiller.iterate()
         synchronise(self.device)
         self.seconds.append(time.perf_counter() - start)
+        self.batch_counts.append(self.batches_generated() - before)
         if self.device.type == "cuda":
             self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
 
@@ -105,11 +108,16 @@ class PathStats:
         # The median: robust to load spikes from other jobs on a shared machine.
         per_iteration = statistics.median(self.seconds)
         batches = self.batches_generated() / iters  # student-step batches per iteration
-        # The counted iteration may have generated a different number of batches.
-        flops = (
-            self.flops_per_iteration
-            + (batches - self.counted_batches) * self.flops_per_scored_batch
+        flops_each = iteration_flops(
+            self.batch_counts,
+            self.flops_per_iteration,
+            self.counted_batches,
+            self.flops_per_scored_batch,
         )
+        flops = statistics.fmean(flops_each)
+        # The median of each iteration's own rate: an iteration that generated more batches
+        # is slower and did more work, so its rate compares like with like.
+        rate = statistics.median(f / t for f, t in zip(flops_each, self.seconds, strict=True))
         used = float(self.distiller.meter.sums[schema.BATCHES_USED]) / iters
         return {
             "s_per_iter": per_iteration,
@@ -120,12 +128,18 @@ class PathStats:
             "selection_share": 100 * self.selection_seconds / sum(self.seconds),
             "peak_gib": self.peak_bytes / 2**30 if self.device.type == "cuda" else None,
             "tflop_per_iter": flops / 1e12,
-            "tflops": flops / per_iteration / 1e12,
-            **{
-                f"matmul_share_{name}": 100 * flops / per_iteration / rate
-                for name, rate in matmuls.items()
-            },
+            "tflops": rate / 1e12,
+            **{f"matmul_share_{name}": 100 * rate / matmul for name, matmul in matmuls.items()},
         }
+
+
+def iteration_flops(
+    batch_counts: list[float], counted: float, counted_batches: float, per_batch: float
+) -> list[float]:
+    """FLOPs of each timed iteration: those ``counted`` in one iteration that generated
+    ``counted_batches`` batches, corrected by ``per_batch`` (generating and scoring one batch)
+    for the batches each timed iteration generated."""
+    return [counted + (count - counted_batches) * per_batch for count in batch_counts]
 
 
 def time_paths(paths: dict[str, PathStats], iters: int) -> None:
