@@ -20,13 +20,15 @@ def changed(before: list[torch.Tensor], module: nn.Module) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
 
 
-def test_refill_generates_until_the_student_batch_is_full():
+@pytest.mark.parametrize(("refill", "rounds"), [("adaptive", 2), ("single", 3)])
+def test_refill_generates_until_the_student_batch_is_full(refill, rounds):
     selection = KeepEvery(3)  # keeps 6 of 16: three batches give 18 >= 16
-    synthesizer = tiny_distiller(selection=selection).synthesizer
+    synthesizer = tiny_distiller(f"speed.refill={refill}", selection=selection).synthesizer
     batch, counters = synthesizer.student_batch()
     assert batch.shape == (16, 1, 16, 16)
-    # One batch first (no selection rate known yet), then the two it takes at 6 kept a batch.
-    assert selection.calls == 2
+    # adaptive: one batch first (no selection rate known yet), then the two it takes at 6 kept
+    # a batch, scored together; single: one batch a round
+    assert selection.calls == rounds
     assert counters[schema.KEPT] == 18 and counters[schema.GENERATED] == 48
 
 

@@ -19,7 +19,7 @@ from tadfkd.distillation.precision import Precision, cpu_has_bf16, resolve_preci
 from tadfkd.distillation.selection import fill_order
 from tadfkd.distillation.synthesizer import Synthesizer
 from tadfkd.models import ARCHITECTURES, build_classifier
-from tadfkd.run.builder import on_if_auto
+from tadfkd.run.builder import adaptive_refill, on_if_auto
 from tadfkd.teachers.folding import fold_batchnorm
 from tadfkd.teachers.loading import read_state_dict
 
@@ -68,6 +68,7 @@ def test_scoring_several_batches_together_keeps_exactly_what_one_at_a_time_keeps
         if name == "one at a time":  # the reference's refill: one batch, then decide
             synthesizer.adaptive_rounds = False
         else:
+            synthesizer.adaptive_rounds = True  # speed.refill=adaptive (auto on CUDA)
             synthesizer.selection_rate = 0.1  # plans ~11 batches in one round: more than needed
         feed_noise(synthesizer, noise)
         torch.manual_seed(2)  # the train views' crop draws
@@ -81,6 +82,7 @@ def test_scoring_several_batches_together_keeps_exactly_what_one_at_a_time_keeps
 
 def test_the_generator_runs_once_per_batch_so_its_batch_norm_sees_one_batch():
     synthesizer = small(batch_size=32).synthesizer
+    synthesizer.adaptive_rounds = True  # rounds of several batches
     synthesizer.selection_rate = 0.25
     seen = []
     synthesizer.generator.conv_blocks0[0].register_forward_hook(
@@ -92,6 +94,7 @@ def test_the_generator_runs_once_per_batch_so_its_batch_norm_sees_one_batch():
 
 def test_the_refill_plans_rounds_from_the_last_selection_rate_within_the_bound():
     synthesizer = small(batch_size=100).synthesizer
+    synthesizer.adaptive_rounds = True
     assert synthesizer.batches_per_round(100) == 1  # no rate known yet
     synthesizer.selection_rate = 1.0
     assert synthesizer.batches_per_round(100) == 1
@@ -267,6 +270,31 @@ def test_the_depthwise_output_switch_is_on_for_the_cpu_when_auto(setting, device
     assert on_if_auto(setting, torch.device(device), "cpu") is expected
 
 
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [
+        ("auto", "cuda", True),
+        ("auto", "cpu", False),
+        ("adaptive", "cpu", True),
+        ("single", "cuda", False),
+    ],
+)
+def test_the_refill_is_adaptive_on_cuda_and_one_batch_a_round_on_a_cpu_when_auto(
+    setting, device, expected
+):
+    assert adaptive_refill(setting, torch.device(device)) is expected
+
+
+def test_a_cpu_refill_generates_no_batch_beyond_the_one_that_fills_the_student_batch():
+    synthesizer = small(batch_size=32).synthesizer  # speed.refill=auto, built on the CPU
+    assert synthesizer.adaptive_rounds is False
+    for _ in range(4):
+        _, counters = synthesizer.student_batch()
+        assert counters[schema.GENERATED] == 32 * counters[schema.BATCHES_USED]
+    cfg = bench_config(["speed.refill=adaptive"])
+    assert build_path(cfg, CPU, published=False, seed=0).synthesizer.adaptive_rounds is True
+
+
 def test_the_builder_sets_the_generators_depthwise_output_from_the_switch():
     assert small().synthesizer.generator.depthwise_output is True  # auto, built on the CPU
     cfg = bench_config(["speed.depthwise_output=false"])
@@ -332,7 +360,7 @@ def test_a_trained_teacher_keeps_the_same_samples_folded_or_not():
 
 def test_static_shapes_round_refill_rounds_up_to_powers_of_two():
     synthesizer = small(batch_size=100).synthesizer
-    synthesizer.bucket_rounds = True
+    synthesizer.adaptive_rounds = synthesizer.bucket_rounds = True
     synthesizer.selection_rate = 0.4
     assert synthesizer.batches_per_round(100) == 4  # 3 needed
     synthesizer.selection_rate = 0.05

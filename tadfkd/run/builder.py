@@ -54,6 +54,13 @@ def on_if_auto(setting: str | bool, device: torch.device, auto_on: str) -> bool:
     return device.type == auto_on if setting == "auto" else bool(setting)
 
 
+def adaptive_refill(setting: str, device: torch.device) -> bool:
+    """``speed.refill``: ``auto`` sizes the rounds adaptively on CUDA, where a round costs a
+    host synchronisation, and generates one batch a round on a CPU, where batches generated
+    beyond the one that fills the student batch are pure waste (docs/performance.md)."""
+    return device.type == "cuda" if setting == "auto" else setting == "adaptive"
+
+
 def use_channels_last(setting: str | bool) -> bool:
     """``speed.channels_last``: ``auto`` is on, on CUDA and on a CPU alike (oneDNN's CPU
     convolutions are faster in that layout, in bf16 and in fp32: docs/performance.md)."""
@@ -113,7 +120,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
         precision=precision,
         guard=guard,
         inference_teacher=inference_teacher,
-        adaptive_rounds=speed.refill == "adaptive",
+        adaptive_rounds=adaptive_refill(speed.refill, device),
         bucket_rounds=on_if_auto(speed.static_shapes, device, "cuda"),
         scoring_dtype=forward_dtype(str(speed.scoring), precision),
         generation_dtype=forward_dtype(str(speed.generation), precision),

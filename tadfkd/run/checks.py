@@ -122,6 +122,7 @@ NAME = "a name: text without '/', '\\', a newline or other control characters"
 POSITIVE = "a whole number of at least 1"
 AUTO_BOOL = "auto, true or false"
 AUTO_FP = "auto, fp32, bf16 or fp16"
+AUTO_REFILL = "auto, adaptive or single"
 
 RULES: tuple[Rule, ...] = (
     Rule("seed", whole(0, MAX_SEED), f"a whole number from 0 to {MAX_SEED}"),
@@ -146,7 +147,7 @@ RULES: tuple[Rule, ...] = (
     Rule("speed.precision", one_of("auto", "fp32", "bf16", "fp16"), AUTO_FP, with_node=True),
     Rule("speed.compile", boolean, "true or false", with_node=True),
     Rule("speed.channels_last", one_of("auto", True, False), AUTO_BOOL, with_node=True),
-    Rule("speed.refill", one_of("adaptive", "single"), "adaptive or single", with_node=True),
+    Rule("speed.refill", one_of("auto", "adaptive", "single"), AUTO_REFILL, with_node=True),
     Rule("speed.static_shapes", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.fold_teacher_bn", boolean, "true or false", with_node=True),
     Rule("speed.scoring", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", with_node=True),
