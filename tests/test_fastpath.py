@@ -75,7 +75,8 @@ def test_scoring_several_batches_together_keeps_exactly_what_one_at_a_time_keeps
         batches[name], counters = synthesizer.student_batch()
         used = counters[schema.BATCHES_USED]
         batches[name + " used"] = used
-        assert counters[schema.GENERATED] / size >= used
+        if name == "together":  # one round planned more batches than the student batch used
+            assert counters[schema.GENERATED] / size > used
     assert batches["together used"] == batches["one at a time used"] > 1
     torch.testing.assert_close(batches["together"], batches["one at a time"])
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tadfkd.base.errors import UserError
+from tadfkd.distillation.objectives import stage_ends
 from tadfkd.models import ARCHITECTURES, Generator, build_classifier, classifier_layer
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -185,14 +186,9 @@ def test_digits_models_take_any_size_divisible_by_4(arch, size):
         assert model(torch.randn(3, 1, size, size)).shape == (3, 10)
 
 
-def relu_before_pool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model``'s forward in the published order, each max pool after its ReLU."""
-    if hasattr(model, "features"):  # DigitsCNN: its features pool before their second ReLU
-        layers = list(model.features)
-        pool = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d))
-        layers[pool], layers[pool + 1] = layers[pool + 1], layers[pool]
-        return model.classifier(nn.Sequential(*layers)(x))
-    out = model.pool0(F.relu(model.block0(x)))  # VGG, the zoo's forward
+def vgg_published_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The zoo's VGG forward: each max pool after its ReLU."""
+    out = model.pool0(F.relu(model.block0(x)))
     out = model.pool1(F.relu(model.block1(out)))
     out = model.pool2(F.relu(model.block2(out)))
     out = F.relu(model.block3(out))
@@ -202,16 +198,15 @@ def relu_before_pool(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.classifier(out.flatten(1))
 
 
-@pytest.mark.parametrize("arch", ["digits_cnn", "digits_cnn_s", "vgg8"])
+@pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pooling_before_the_relu_computes_the_published_values_and_gradients(arch, dtype):
-    num_classes, channels, size = natural_input(arch)
+def test_vgg_pooling_before_the_relu_computes_the_published_values_and_gradients(size, dtype):
     torch.manual_seed(0)
-    model = build_classifier(arch, num_classes, channels).train()
+    model = build_classifier("vgg8", 10, 3).train().to(memory_format=torch.channels_last)
     published = copy.deepcopy(model)
-    x = torch.randn(4, channels, size, size)
+    x = torch.randn(4, 3, size, size).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        ours, theirs = model(x), relu_before_pool(published, x)
+        ours, theirs = model(x), vgg_published_forward(published, x)
     ours.float().square().sum().backward()
     theirs.float().square().sum().backward()
     assert torch.equal(ours, theirs)
@@ -221,11 +216,22 @@ def test_pooling_before_the_relu_computes_the_published_values_and_gradients(arc
         assert torch.equal(mine.grad, reference.grad), name
 
 
-def test_the_digits_cnns_keep_their_parameter_names():
-    """Checkpoints of the zoo, trained before the pool moved, load as they did."""
-    names = {k.rsplit(".", 1)[0] for k in build_classifier("digits_cnn", 10, 1).state_dict()}
-    layers = {f"features.{i}" for i in (0, 1, 3, 4, 7, 8)}
-    assert names == layers | {"classifier"}
+def test_vgg_pooling_before_the_relu_leaves_the_stage_ends_unchanged():
+    """ZSKT's attention maps are the last module output at each resolution (``stage_ends``):
+    the pool outputs, which now precede the ReLU, are never one."""
+    torch.manual_seed(0)
+    model = build_classifier("vgg8", 10, 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = {}
+    for name in ("ours", "published"):
+        network = copy.deepcopy(model)
+        stages = stage_ends(network)
+        with torch.no_grad():
+            network(x) if name == "ours" else vgg_published_forward(network, x)
+        maps[name] = stages.take()
+    assert maps["ours"].keys() == maps["published"].keys() and len(maps["ours"]) >= 3
+    for size, tensor in maps["ours"].items():
+        assert torch.equal(tensor, maps["published"][size]), size
 
 
 def test_in_channels_changes_only_the_stem():

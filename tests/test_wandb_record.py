@@ -71,6 +71,7 @@ def test_a_run_records_epochs_summaries_resolved_config_and_the_student_artifact
     assert config["runtime"]["device"] == results["device"] != "auto"
     assert isinstance(config["runtime"]["threads"], int)
     assert config["speed"]["precision"] in ("fp32", "bf16")
+    assert config["speed"]["refill"] == "single"  # auto, on the CPU
     assert config["selection"]["threshold"] == 0.4
     assert config["overrides"] == overrides and config["run_dir"] == str(tmp_path)
     assert not keys_anywhere(config) & set(INSTANTIATION_KEYS)

@@ -218,6 +218,8 @@ def dense_share_line(events) -> str:
     matmuls, and the rest; with the rest free, the iteration would be 1/share faster."""
     dense = sum(e.self_cpu_time_total for e in events if is_dense(e.key))
     other = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) - dense
+    if dense == 0:
+        return f"operator time (self, profiled): no convolution or matmul; {other / 1e3:.1f} ms"
     share = dense / (dense + other)
     return (
         f"operator time (self, profiled): convolutions and matmuls {dense / 1e3:.1f} ms "

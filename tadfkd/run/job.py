@@ -140,6 +140,7 @@ def train_and_record(
         "runtime.device": str(device),
         "runtime.threads": threads,
         "speed.precision": distiller.precision.name,
+        "speed.refill": "adaptive" if distiller.synthesizer.adaptive_rounds else "single",
     }
     run_id = saved[0]["wandb_run_id"] if saved is not None else None
     tracker = open_tracker(cfg, context, run_dir, resolved, run_id)
