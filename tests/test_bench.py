@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import ROOT
+from threadpoolctl import threadpool_info
 
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
@@ -118,6 +119,20 @@ def test_the_achieved_rate_is_the_median_of_each_iterations_own_rate():
     # rates 8, 10 and 7 FLOP/s: their median, not the mean work over the median time (10.7)
     assert figures["tflops"] * 1e12 == pytest.approx(8.0)
     assert figures["matmul_share_bf16"] == pytest.approx(100 * 8.0 / 1e12)
+
+
+def test_numpys_blas_threads_are_held_to_the_timed_thread_count(monkeypatch):
+    seen = []
+
+    def record(*args):
+        blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        seen.append((torch.get_num_threads(), blas))
+        return {}
+
+    monkeypatch.setattr(bench, "time_setting", record)
+    bench.main(["--small", "--device", "cpu", "--threads", "1,2"])
+    assert [threads for threads, _ in seen] == [1, 2]
+    assert all(blas and set(blas) == {threads} for threads, blas in seen)
 
 
 def test_the_dense_operators_are_convolutions_and_matmuls_of_every_backend():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from threadpoolctl import threadpool_limits
 
 from tadfkd.bench.agreement import agreement
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
@@ -205,7 +206,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     for threads in thread_counts:
         if threads is not None:
             torch.set_num_threads(threads)
-        figures = time_setting(fast_cfg, published_cfg, device, precision, args)
+        # numpy's BLAS (the published-style path's scikit-learn mixture) keeps its own thread
+        # pool, all cores by default: held to the same count, so that neither path uses more
+        with threadpool_limits(limits=threads):
+            figures = time_setting(fast_cfg, published_cfg, device, precision, args)
     return figures
 
 
