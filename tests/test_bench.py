@@ -106,7 +106,6 @@ def test_the_achieved_rate_is_the_median_of_each_iterations_own_rate():
         # iterations of 2, 3 and 5 batches; the slowest did the most work
         seconds=[1.0, 1.0, 2.0],
         batch_counts=[2.0, 3.0, 5.0],
-        batches_generated=lambda: 10.0,
         flops_per_iteration=10.0,
         counted_batches=3.0,
         flops_per_scored_batch=2.0,

@@ -107,7 +107,7 @@ class PathStats:
         size = self.distiller.schedule.batch_size
         # The median: robust to load spikes from other jobs on a shared machine.
         per_iteration = statistics.median(self.seconds)
-        batches = self.batches_generated() / iters  # student-step batches per iteration
+        batches = statistics.fmean(self.batch_counts)  # student-step batches per iteration
         flops_each = iteration_flops(
             self.batch_counts,
             self.flops_per_iteration,
