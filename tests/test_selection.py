@@ -1,4 +1,4 @@
-"""Clean-sample selection: torch mixture fit against scikit-learn, degenerate batches, refill."""
+"""Clean-sample selection: the mixture fit against scikit-learn, degenerate batches, refill."""
 
 import warnings
 
@@ -13,6 +13,8 @@ from tadfkd.base.errors import UserError
 from tadfkd.distillation.selection import (
     GMMSelection,
     NoSelection,
+    _m_step,
+    _two_means_split,
     clean_posterior,
     fill_order,
     fit_two_gaussians,
@@ -31,7 +33,7 @@ def teacher_like_logits(rng: np.random.Generator, n: int, classes: int = 10) -> 
 
 def sklearn_keep(losses: torch.Tensor, threshold: float, seed: int) -> np.ndarray:
     """The reference's selection: scikit-learn GaussianMixture on min-max normalised losses."""
-    x = minmax_normalise(losses.double().view(1, -1))[0].numpy().reshape(-1, 1)
+    x = minmax_normalise(losses.double().numpy()).reshape(-1, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         gmm = GaussianMixture(
@@ -58,37 +60,57 @@ def test_kept_sets_match_scikit_learn_on_many_random_batches():
     assert ours_vs_reference >= reference_vs_itself
 
 
-def test_vectorised_chunks_equal_one_fit_per_chunk():
+def test_chunks_are_fitted_independently_and_come_back_on_the_losses_device():
     rng = np.random.default_rng(1)
     losses = torch.tensor(rng.gamma(2.0, 0.5, size=(6, 128)))
     together = clean_posterior(losses)
-    one_by_one = torch.cat([clean_posterior(row.view(1, -1)) for row in losses])
-    torch.testing.assert_close(together, one_by_one)
+    assert together.dtype == torch.float32 and together.device == losses.device
+    for row, posterior in zip(losses, together, strict=True):
+        torch.testing.assert_close(posterior, clean_posterior(row.view(1, -1))[0])
 
 
-def test_leaving_the_loop_once_every_chunk_converged_changes_nothing(monkeypatch):
+def test_from_the_same_start_the_fit_is_scikit_learns_em():
+    # scikit-learn started from our initial mixture (the 2-means split) runs the same rounds and
+    # stops at the same one: posteriors equal to float64 rounding
     rng = np.random.default_rng(2)
-    # at tol=1e-2 the chunks converge after different numbers of rounds (all within 4); at
-    # tol=1e-9 none does in 10 rounds; max_iter=3 stops before all have converged
-    losses = torch.tensor(rng.gamma(2.0, 0.5, size=(8, 64)))
-    normalised = minmax_normalise(losses)
+    stopped_early = 0
+    for _ in range(60):
+        losses, _ = pseudo_label_loss(teacher_like_logits(rng, 64))
+        x = minmax_normalise(losses.double().numpy())
+        upper = _two_means_split(x).astype(np.float64)
+        weights, means, variances = _m_step(x, (1.0 - upper, upper), 5e-4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            gmm = GaussianMixture(
+                n_components=2,
+                max_iter=10,
+                tol=1e-2,
+                reg_covar=5e-4,
+                weights_init=weights,
+                means_init=np.array(means).reshape(2, 1),
+                precisions_init=(1.0 / np.array(variances)).reshape(2, 1, 1),
+            ).fit(x.reshape(-1, 1))
+        stopped_early += gmm.n_iter_ < 10
+        reference = gmm.predict_proba(x.reshape(-1, 1))[:, gmm.means_.argmin()]
+        np.testing.assert_allclose(fit_two_gaussians(x), reference, rtol=0, atol=1e-9)
+    assert stopped_early > 0  # the stop at tol was exercised
+
+
+def test_max_iter_bounds_the_rounds(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = minmax_normalise(rng.gamma(2.0, 0.5, size=64))
     rounds = []
     e_step = tadfkd.distillation.selection._e_step
     monkeypatch.setattr(
-        tadfkd.distillation.selection,
-        "_e_step",
-        lambda *args: rounds.append(1) or e_step(*args),
+        tadfkd.distillation.selection, "_e_step", lambda *args: rounds.append(1) or e_step(*args)
     )
-    for max_iter, tol in ((10, 1e-2), (10, 1e-9), (3, 1e-2)):
+    for max_iter, tol, expected in ((3, 1e-9, 4), (10, 1e-9, 11), (10, 1e-2, None)):
         rounds.clear()
-        early = fit_two_gaussians(normalised, max_iter=max_iter, tol=tol, early_exit=True)
-        early_rounds = len(rounds)
-        rounds.clear()
-        full = fit_two_gaussians(normalised, max_iter=max_iter, tol=tol, early_exit=False)
-        assert torch.equal(early, full)
-        assert len(rounds) == max_iter + 1  # every round, then the final E-step
-        if (max_iter, tol) == (10, 1e-2):
-            assert early_rounds < max_iter + 1  # it did leave early
+        fit_two_gaussians(x, max_iter=max_iter, tol=tol)
+        if expected is None:
+            assert len(rounds) < 11  # it converged before max_iter, as scikit-learn stops
+        else:
+            assert len(rounds) == expected  # every round, then the final E-step
 
 
 def test_posterior_is_a_probability_and_favours_low_losses():

@@ -2,12 +2,12 @@
 
 The published implementation fits scikit-learn's ``GaussianMixture(n_components=2, max_iter=10,
 tol=1e-2, reg_covar=5e-4)`` to the teacher's min-max normalised per-sample loss, on the CPU, one
-batch at a time. ``fit_two_gaussians`` is the same expectation-maximisation in torch, on the
-device of the losses, vectorised over independent chunks (one mixture per batch-sized chunk): the
-early stop at ``tol`` is applied per chunk by freezing the parameters of converged chunks. On a
-GPU the loop runs all ``max_iter`` rounds, free of host synchronisation; on the CPU, where reading
-a flag costs nothing, it leaves once every chunk has converged, as scikit-learn does (frozen
-parameters would not change in the remaining rounds, so the result is the same).
+batch at a time. ``fit_two_gaussians`` is the same expectation-maximisation, also on the host in
+float64, written for one dimension and two components: whole-array numpy operations on the batch
+and plain floats for the six parameters, so that a batch of 64 costs some thirty small operations
+a round rather than a general mixture's bookkeeping. It stops at ``tol`` as scikit-learn does.
+Scored batches are fitted one by one (``clean_posterior``); on a GPU their losses come to the
+host once a round, where the refill reads its kept counts anyway.
 
 Two documented differences from scikit-learn, both tested for agreement
 (``tests/test_selection.py``): the k-means initialisation uses the exact optimal 1-D split (by
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +29,10 @@ from tadfkd.base.errors import UserError
 
 _LOG_2PI = math.log(2.0 * math.pi)
 # scikit-learn adds 10 * float64 epsilon to the component masses to avoid empty components.
-_MASS_EPS = 10.0 * torch.finfo(torch.float64).eps
+_MASS_EPS = 10.0 * float(np.finfo(np.float64).eps)
+
+# (weights, means, variances) of the two components, each a pair of floats
+Mixture = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
 
 
 def pseudo_label_loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,104 +46,87 @@ def pseudo_label_loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return F.cross_entropy(logits, labels, reduction="none"), labels
 
 
-def minmax_normalise(losses: torch.Tensor) -> torch.Tensor:
-    """Scale each row of ``losses`` (C, N) to [0, 1]; a constant row becomes all zeros."""
-    low = losses.amin(dim=1, keepdim=True)
-    span = losses.amax(dim=1, keepdim=True) - low
-    # A constant row has no spread to normalise: every sample is at the clean (minimum) end.
-    return torch.where(span > 0, (losses - low) / span.clamp_min(1e-30), torch.zeros_like(losses))
+def minmax_normalise(losses: np.ndarray) -> np.ndarray:
+    """``losses`` (N,) scaled to [0, 1]; constant (or non-finite) losses become all zeros."""
+    low = losses.min()
+    span = losses.max() - low
+    # No spread to normalise: every sample is at the clean (minimum) end.
+    return (losses - low) / span if span > 0 else np.zeros_like(losses)
 
 
-def _two_means_split(x: torch.Tensor) -> torch.Tensor:
-    """Hard assignment (C, N) to the lower (0) or upper (1) of the optimal 1-D 2-means split."""
-    sorted_x, _ = x.sort(dim=1)
-    n = x.shape[1]
-    csum = sorted_x.cumsum(dim=1)
-    csum_sq = (sorted_x * sorted_x).cumsum(dim=1)
-    left = torch.arange(1, n, device=x.device, dtype=x.dtype)  # size of the lower cluster
-    right = n - left
-    s_left, q_left = csum[:, :-1], csum_sq[:, :-1]
-    s_right, q_right = csum[:, -1:] - s_left, csum_sq[:, -1:] - q_left
-    sse = (q_left - s_left**2 / left) + (q_right - s_right**2 / right)
+def _two_means_split(x: np.ndarray) -> np.ndarray:
+    """Hard assignment (N,) to the upper (true) side of the optimal 1-D 2-means split of ``x``."""
+    ordered = np.sort(x)
+    csum, csum_sq = np.cumsum(ordered), np.cumsum(ordered * ordered)
+    left = np.arange(1, x.shape[0], dtype=x.dtype)  # size of the lower cluster
+    s_left, q_left = csum[:-1], csum_sq[:-1]
+    sse = (q_left - s_left**2 / left) + (
+        (csum_sq[-1] - q_left) - (csum[-1] - s_left) ** 2 / (x.shape[0] - left)
+    )
     # The split after the best prefix; ties between equal values all fall on the lower side.
-    best = sse.argmin(dim=1, keepdim=True)
-    threshold = sorted_x.gather(1, best)
-    return (x > threshold).to(x.dtype)
+    return x > ordered[sse.argmin()]
 
 
-def _log_gaussian(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """log N(x | mean, var) for x (C, N, 1) and mean, var (C, 1, 2): returns (C, N, 2)."""
-    return -0.5 * (_LOG_2PI + var.log() + (x - mean) ** 2 / var)
+def _m_step(x: np.ndarray, resp: tuple[np.ndarray, np.ndarray], reg_covar: float) -> Mixture:
+    """Weights, means and variances of the two components from responsibilities (N,) each."""
+    # element-wise products and sums, not BLAS dot products: a BLAS call wakes its thread pool
+    masses = [float(r.sum()) + _MASS_EPS for r in resp]
+    means = [float((r * x).sum()) / mass for r, mass in zip(resp, masses, strict=True)]
+    variances = [
+        float((r * (x - mean) ** 2).sum()) / mass + reg_covar
+        for r, mean, mass in zip(resp, means, masses, strict=True)
+    ]
+    total = masses[0] + masses[1]
+    return (masses[0] / total, masses[1] / total), (means[0], means[1]), tuple(variances)
 
 
-def _m_step(
-    x: torch.Tensor, resp: torch.Tensor, reg_covar: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weights, means and variances (each (C, 1, 2)) from responsibilities ``resp`` (C, N, 2)."""
-    mass = resp.sum(dim=1, keepdim=True) + _MASS_EPS
-    mean = (resp * x).sum(dim=1, keepdim=True) / mass
-    var = (resp * (x - mean) ** 2).sum(dim=1, keepdim=True) / mass + reg_covar
-    weight = mass / mass.sum(dim=2, keepdim=True)
-    return weight, mean, var
-
-
-def _e_step(
-    x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean log-likelihood per chunk (C,) and log responsibilities (C, N, 2)."""
-    joint = _log_gaussian(x, mean, var) + weight.log()
-    norm = torch.logsumexp(joint, dim=2, keepdim=True)
-    return norm.mean(dim=(1, 2)), joint - norm
+def _e_step(x: np.ndarray, mixture: Mixture) -> tuple[float, np.ndarray, np.ndarray]:
+    """Mean log-likelihood of ``x`` (N,) and the log responsibilities (N,) of each component."""
+    joint = [
+        -0.5 * (_LOG_2PI + math.log(var) + (x - mean) ** 2 / var) + math.log(weight)
+        for weight, mean, var in zip(*mixture, strict=True)
+    ]
+    top = np.maximum(joint[0], joint[1])
+    norm = top + np.log(np.exp(joint[0] - top) + np.exp(joint[1] - top))
+    return float(norm.mean()), joint[0] - norm, joint[1] - norm
 
 
 def fit_two_gaussians(
-    values: torch.Tensor,
-    max_iter: int = 10,
-    tol: float = 1e-2,
-    reg_covar: float = 5e-4,
-    early_exit: bool | None = None,
-) -> torch.Tensor:
-    """Posterior of the lower-mean component of a 2-Gaussian mixture fitted to each row.
-
-    ``values`` is (C, N): C independent chunks of N scalars each. Returns (C, N) probabilities in
-    [0, 1], float32. The fit runs in float64 on the device of ``values``, as scikit-learn's does.
-    ``early_exit`` (default: on the CPU only) leaves the loop once every chunk has converged.
-    """
-    x = values.double().unsqueeze(2)
-    upper = _two_means_split(values.double()).unsqueeze(2)
-    weight, mean, var = _m_step(x, torch.cat([1.0 - upper, upper], dim=2), reg_covar)
-    active = torch.ones(x.shape[0], 1, 1, dtype=torch.bool, device=x.device)
-    lower_bound = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
-    if early_exit is None:
-        early_exit = x.device.type == "cpu"
+    values: np.ndarray, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4
+) -> np.ndarray:
+    """Posterior (N,) of the lower-mean component of a 2-Gaussian mixture fitted to ``values``
+    (N,), float64: started from the optimal 2-means split, stopped once the mean log-likelihood
+    changes by less than ``tol`` or after ``max_iter`` rounds, as scikit-learn's fit."""
+    upper = _two_means_split(values).astype(np.float64)
+    mixture = _m_step(values, (1.0 - upper, upper), reg_covar)
+    lower_bound = -math.inf
     for _ in range(max_iter):
-        new_bound, log_resp = _e_step(x, weight, mean, var)
-        new_weight, new_mean, new_var = _m_step(x, log_resp.exp(), reg_covar)
-        weight = torch.where(active, new_weight, weight)
-        mean = torch.where(active, new_mean, mean)
-        var = torch.where(active, new_var, var)
-        converged = (new_bound - lower_bound).abs() < tol
-        lower_bound = torch.where(active.view(-1), new_bound, lower_bound)
-        active = active & ~converged.view(-1, 1, 1)
-        if early_exit and not bool(active.any()):
+        bound, *log_resp = _e_step(values, mixture)
+        mixture = _m_step(values, (np.exp(log_resp[0]), np.exp(log_resp[1])), reg_covar)
+        if abs(bound - lower_bound) < tol:
             break
-    _, log_resp = _e_step(x, weight, mean, var)
-    clean = mean.argmin(dim=2, keepdim=True).expand(-1, x.shape[1], 1)
-    return log_resp.gather(2, clean).squeeze(2).exp().float()
+        lower_bound = bound
+    _, *log_resp = _e_step(values, mixture)
+    means = mixture[1]
+    return np.exp(log_resp[0] if means[0] <= means[1] else log_resp[1])
 
 
 def clean_posterior(
     losses: torch.Tensor, max_iter: int = 10, tol: float = 1e-2, reg_covar: float = 5e-4
 ) -> torch.Tensor:
-    """Posterior probability (C, N) that each sample belongs to the clean (low-loss) component.
+    """Posterior probability (C, N), float32 on the device of ``losses``, that each sample
+    belongs to the clean (low-loss) component.
 
-    ``losses`` (C, N) are per-sample teacher losses, one mixture per row. Rows whose losses are
-    all equal get probability 1 for every sample (see the module docstring).
+    ``losses`` (C, N) are per-sample teacher losses, one mixture per row, fitted on the host.
+    Rows whose losses are all equal get probability 1 for every sample (see the module
+    docstring).
     """
-    normalised = minmax_normalise(losses.double())
-    constant = (losses.amax(dim=1) == losses.amin(dim=1)).unsqueeze(1)
-    posterior = fit_two_gaussians(normalised, max_iter=max_iter, tol=tol, reg_covar=reg_covar)
-    return torch.where(constant, torch.ones_like(posterior), posterior)
+    rows = losses.detach().to("cpu", torch.float64).numpy()
+    posterior = np.ones(rows.shape, dtype=np.float64)
+    for index, row in enumerate(rows):
+        if row.max() > row.min():
+            posterior[index] = fit_two_gaussians(minmax_normalise(row), max_iter, tol, reg_covar)
+    return torch.from_numpy(posterior.astype(np.float32)).to(losses.device)
 
 
 class Selection(Protocol):
