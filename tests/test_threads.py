@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import tadfkd.run.runtime
 from tadfkd.run.runtime import auto_threads, busy_cores_of_others, set_threads
@@ -56,3 +57,19 @@ def test_set_threads_auto_drops_to_one_thread_beside_a_busy_process(monkeypatch)
         assert set_threads(3) == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_set_threads_holds_numpys_blas_pool_to_the_same_count():
+    # numpy's BLAS threads spin after a call; more of them than the job's threads take cores
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    before, original = torch.get_num_threads(), blas_threads()
+    assert original  # numpy links a BLAS whose pool threadpoolctl sees
+    try:
+        for count in (1, 2):
+            set_threads(count)
+            assert blas_threads() == {count}
+    finally:
+        torch.set_num_threads(before)
+        threadpool_limits(limits=max(original), user_api="blas")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from threadpoolctl import threadpool_limits
 
 from tadfkd.bench.agreement import agreement
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
@@ -45,7 +44,7 @@ from tadfkd.bench.timing import (
     time_paths,
 )
 from tadfkd.distillation.precision import resolve_precision
-from tadfkd.run.runtime import resolve_device
+from tadfkd.run.runtime import resolve_device, set_threads
 
 ROWS = (
     ("s_per_iter", "time per iteration (median)", "s"),
@@ -205,11 +204,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     figures: dict[str, dict[str, float | None]] = {}
     for threads in thread_counts:
         if threads is not None:
-            torch.set_num_threads(threads)
-        # numpy's BLAS (the published-style path's scikit-learn mixture) keeps its own thread
-        # pool, all cores by default: held to the same count, so that neither path uses more
-        with threadpool_limits(limits=threads):
-            figures = time_setting(fast_cfg, published_cfg, device, precision, args)
+            # torch's threads and numpy's BLAS pool (the published-style path's scikit-learn
+            # mixture), so that neither path uses more
+            set_threads(threads)
+        figures = time_setting(fast_cfg, published_cfg, device, precision, args)
     return figures
 
 

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tadfkd.base import schema
 from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.distillation.meter import EpochMeter
+from tadfkd.run.runtime import set_threads
 
 
 def timed(function: Callable[[], object], reps: int) -> float:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = torch.device("cpu")
     overrides = [*SETTINGS[args.setting], "runtime.device=cpu"]
     cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])

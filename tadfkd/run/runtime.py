@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from threadpoolctl import threadpool_limits
 
 from tadfkd.base.errors import UserError
 
@@ -183,14 +184,18 @@ def auto_threads(cores: int, side_by_side: int, busy: float) -> int:
 
 
 def set_threads(threads: int | str, side_by_side: int = 1) -> int:
-    """Set torch's CPU threads: ``auto`` is ``auto_threads`` of the cores available, the
-    ``side_by_side`` jobs of a sweep (``JobContext.side_by_side``) and the busy cores of other
-    processes measured now; a number is taken as is. Returns the count."""
+    """Set the CPU threads of torch and of numpy's BLAS: ``auto`` is ``auto_threads`` of the
+    cores available, the ``side_by_side`` jobs of a sweep (``JobContext.side_by_side``) and the
+    busy cores of other processes measured now; a number is taken as is. Returns the count.
+
+    numpy's BLAS keeps its own thread pool, all cores by default, whose threads keep spinning
+    after a call: held to the same count, so that no library uses more cores than the job."""
     if threads == "auto":
         count = auto_threads(cores_available(), side_by_side, busy_cores_of_others())
     else:
         count = int(threads)
     torch.set_num_threads(count)
+    threadpool_limits(limits=count, user_api="blas")
     return count
 
 
