@@ -1,10 +1,21 @@
-"""Shared fixtures: the tiny job config (``debug=tiny``) and a CUDA skip marker. Helpers that
-are not fixtures live in ``helpers.py``."""
+"""Shared fixtures: the tiny job config (``debug=tiny``), the thread counts restored after each
+test, and a CUDA skip marker. Helpers that are not fixtures live in ``helpers.py``."""
 
 import pytest
 import torch
 from helpers import compose_config
 from omegaconf import DictConfig
+from threadpoolctl import threadpool_limits
+
+
+@pytest.fixture(autouse=True)
+def threads_restored():
+    """Jobs and benchmarks set torch's threads and numpy's BLAS pool (``set_threads``) for the
+    process: each test leaves them as it found them."""
+    threads = torch.get_num_threads()
+    with threadpool_limits(limits=None, user_api="blas"):  # restores the BLAS limits on exit
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

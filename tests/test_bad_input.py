@@ -48,6 +48,7 @@ CASES = {
     "threshold not a number": (["selection.threshold=abc"], 2, ["selection.threshold='abc'"]),
     "zero EM iterations": (["selection.max_iter=0"], 2, ["selection.max_iter=0 must be"]),
     "negative covariance regulariser": (["selection.reg_covar=-1"], 2, ["reg_covar=-1 must be"]),
+    "zero covariance regulariser": (["selection.reg_covar=0"], 2, ["reg_covar=0 must be a pos"]),
     "image size not divisible by 4": (["dataset.image_size=30"], 2, ["positive multiple of 4"]),
     "image size 0": (["dataset.image_size=0"], 2, ["dataset.image_size=0 must be"]),
     "negative crop padding": (["dataset.views.crop_padding=-1"], 2, ["crop_padding=-1 must be"]),

@@ -56,17 +56,25 @@ def test_kept_sets_match_scikit_learn_on_many_random_batches():
         total += ours.size
     assert ours_vs_reference / total >= 0.99
     # scikit-learn's k-means++ start is random: with another seed it disagrees with itself too,
-    # and the torch fit is at least as close to it as that.
+    # and our fit is at least as close to it as that.
     assert ours_vs_reference >= reference_vs_itself
 
 
-def test_chunks_are_fitted_independently_and_come_back_on_the_losses_device():
+def test_chunks_are_fitted_independently():
     rng = np.random.default_rng(1)
     losses = torch.tensor(rng.gamma(2.0, 0.5, size=(6, 128)))
     together = clean_posterior(losses)
-    assert together.dtype == torch.float32 and together.device == losses.device
+    assert together.dtype == torch.float32
     for row, posterior in zip(losses, together, strict=True):
         torch.testing.assert_close(posterior, clean_posterior(row.view(1, -1))[0])
+
+
+@pytest.mark.gpu
+def test_the_fit_of_cuda_losses_comes_back_on_cuda_equal_to_the_cpus():
+    losses = torch.tensor(np.random.default_rng(4).gamma(2.0, 0.5, size=(3, 64)))
+    on_cuda = clean_posterior(losses.cuda())
+    assert on_cuda.is_cuda and on_cuda.dtype == torch.float32
+    torch.testing.assert_close(on_cuda.cpu(), clean_posterior(losses), rtol=0, atol=0)
 
 
 def test_from_the_same_start_the_fit_is_scikit_learns_em():
@@ -142,6 +150,13 @@ def test_threshold_outside_open_unit_interval_is_refused():
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(UserError, match="selection.threshold"):
             GMMSelection(threshold=bad)
+
+
+def test_a_covariance_regulariser_that_is_not_positive_is_refused():
+    # without it a component of equal values has variance 0 and no log-likelihood
+    for bad in (0.0, -1e-4):
+        with pytest.raises(UserError, match="selection.reg_covar"):
+            GMMSelection(reg_covar=bad)
 
 
 def test_no_selection_keeps_everything():

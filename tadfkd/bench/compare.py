@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from threadpoolctl import threadpool_limits
 
 from tadfkd.bench.agreement import agreement
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
@@ -204,10 +205,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     figures: dict[str, dict[str, float | None]] = {}
     for threads in thread_counts:
         if threads is not None:
-            # torch's threads and numpy's BLAS pool (the published-style path's scikit-learn
-            # mixture), so that neither path uses more
             set_threads(threads)
-        figures = time_setting(fast_cfg, published_cfg, device, precision, args)
+        # every thread pool (scikit-learn's OpenMP and BLAS ones too: the published-style path's
+        # mixture) held to the same count, so that neither path uses more
+        with threadpool_limits(limits=threads):
+            figures = time_setting(fast_cfg, published_cfg, device, precision, args)
     return figures
 
 

@@ -47,7 +47,7 @@ def pseudo_label_loss(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def minmax_normalise(losses: np.ndarray) -> np.ndarray:
-    """``losses`` (N,) scaled to [0, 1]; constant (or non-finite) losses become all zeros."""
+    """``losses`` (N,) scaled to [0, 1]; constant losses (or any NaN) become all zeros."""
     low = losses.min()
     span = losses.max() - low
     # No spread to normalise: every sample is at the clean (minimum) end.
@@ -97,6 +97,7 @@ def fit_two_gaussians(
     """Posterior (N,) of the lower-mean component of a 2-Gaussian mixture fitted to ``values``
     (N,), float64: started from the optimal 2-means split, stopped once the mean log-likelihood
     changes by less than ``tol`` or after ``max_iter`` rounds, as scikit-learn's fit."""
+    values = np.asarray(values, dtype=np.float64)
     upper = _two_means_split(values).astype(np.float64)
     mixture = _m_step(values, (1.0 - upper, upper), reg_covar)
     lower_bound = -math.inf
@@ -119,7 +120,7 @@ def clean_posterior(
 
     ``losses`` (C, N) are per-sample teacher losses, one mixture per row, fitted on the host.
     Rows whose losses are all equal get probability 1 for every sample (see the module
-    docstring).
+    docstring), as do rows with a NaN loss (NaN images: the non-finite guard names them).
     """
     rows = losses.detach().to("cpu", torch.float64).numpy()
     posterior = np.ones(rows.shape, dtype=np.float64)
@@ -169,6 +170,8 @@ class GMMSelection:
             raise UserError(f"selection.threshold={threshold} is outside (0, 1); pick e.g. 0.5.")
         if max_batches < 1:
             raise UserError(f"selection.max_batches={max_batches} must be at least 1.")
+        if not reg_covar > 0:  # a variance of 0 has no log-likelihood
+            raise UserError(f"selection.reg_covar={reg_covar} must be a positive number.")
         self.threshold = threshold
         self.max_iter = max_iter
         self.tol = tol

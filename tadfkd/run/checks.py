@@ -174,7 +174,7 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("selection.max_iter", whole(1), POSITIVE, optional=True),
     Rule("selection.tol", number(0, open_low=True), "a positive number", optional=True),
-    Rule("selection.reg_covar", number(0), "a number of at least 0", optional=True),
+    Rule("selection.reg_covar", number(0, open_low=True), "a positive number", optional=True),
     Rule("selection.max_batches", whole(1), POSITIVE, optional=True),
     Rule("method.inputs.augment", boolean, "true or false", optional=True),
     Rule("method.inputs.sample_mode", one_of("train", "eval"), "train or eval", optional=True),

@@ -189,7 +189,7 @@ def set_threads(threads: int | str, side_by_side: int = 1) -> int:
     busy cores of other processes measured now; a number is taken as is. Returns the count.
 
     numpy's BLAS keeps its own thread pool, all cores by default, whose threads keep spinning
-    after a call: held to the same count, so that no library uses more cores than the job."""
+    after a call: held to the same count (the BLAS libraries loaded by then)."""
     if threads == "auto":
         count = auto_threads(cores_available(), side_by_side, busy_cores_of_others())
     else:
