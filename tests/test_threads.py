@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_info
 
 import tadfkd.run.runtime
 from tadfkd.run.runtime import auto_threads, busy_cores_of_others, set_threads
@@ -47,16 +47,13 @@ def test_the_machine_busy_time_is_read_on_linux():
 
 
 def test_set_threads_auto_drops_to_one_thread_beside_a_busy_process(monkeypatch):
-    before = torch.get_num_threads()
+    # the thread counts are restored after the test (conftest.py)
     monkeypatch.setattr(tadfkd.run.runtime, "cores_available", lambda: 2)
     monkeypatch.setattr(tadfkd.run.runtime, "busy_cores_of_others", lambda: 1.0)
-    try:
-        assert set_threads("auto") == 1 == torch.get_num_threads()
-        monkeypatch.setattr(tadfkd.run.runtime, "busy_cores_of_others", lambda: 0.0)
-        assert set_threads("auto") == 2 == torch.get_num_threads()
-        assert set_threads(3) == 3
-    finally:
-        torch.set_num_threads(before)
+    assert set_threads("auto") == 1 == torch.get_num_threads()
+    monkeypatch.setattr(tadfkd.run.runtime, "busy_cores_of_others", lambda: 0.0)
+    assert set_threads("auto") == 2 == torch.get_num_threads()
+    assert set_threads(3) == 3
 
 
 def test_set_threads_holds_numpys_blas_pool_to_the_same_count():
@@ -64,12 +61,7 @@ def test_set_threads_holds_numpys_blas_pool_to_the_same_count():
     def blas_threads() -> set[int]:
         return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
 
-    before, original = torch.get_num_threads(), blas_threads()
-    assert original  # numpy links a BLAS whose pool threadpoolctl sees
-    try:
-        for count in (1, 2):
-            set_threads(count)
-            assert blas_threads() == {count}
-    finally:
-        torch.set_num_threads(before)
-        threadpool_limits(limits=max(original), user_api="blas")
+    assert blas_threads()  # numpy links a BLAS whose pool threadpoolctl sees
+    for count in (1, 2):  # the thread counts are restored after the test (conftest.py)
+        set_threads(count)
+        assert blas_threads() == {count}

@@ -45,7 +45,7 @@ from tadfkd.bench.timing import (
     time_paths,
 )
 from tadfkd.distillation.precision import resolve_precision
-from tadfkd.run.runtime import resolve_device, set_threads
+from tadfkd.run.runtime import resolve_device
 
 ROWS = (
     ("s_per_iter", "time per iteration (median)", "s"),
@@ -205,9 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     figures: dict[str, dict[str, float | None]] = {}
     for threads in thread_counts:
         if threads is not None:
-            set_threads(threads)
-        # every thread pool (scikit-learn's OpenMP and BLAS ones too: the published-style path's
-        # mixture) held to the same count, so that neither path uses more
+            torch.set_num_threads(threads)
+        # every other thread pool (numpy's BLAS, scikit-learn's OpenMP: the published-style
+        # path's mixture) held to the same count, so that neither path uses more
         with threadpool_limits(limits=threads):
             figures = time_setting(fast_cfg, published_cfg, device, precision, args)
     return figures
