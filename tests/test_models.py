@@ -285,6 +285,28 @@ def test_generator_keeps_dafl_quirks():
     assert isinstance(generator.conv_blocks2[-1], nn.Sigmoid)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_generators_in_place_leaky_relus_change_no_value_or_gradient(channels_last):
+    # in place, as DAFL's: BatchNorm's backward reads its input, never the output they overwrite
+    torch.manual_seed(0)
+    generator = Generator(nz=16, img_size=16, channels=3, width=16)
+    assert all(m.inplace for m in generator.modules() if isinstance(m, nn.LeakyReLU))
+    out_of_place = copy.deepcopy(generator)
+    for module in out_of_place.modules():
+        if isinstance(module, nn.LeakyReLU):
+            module.inplace = False
+    if channels_last:
+        generator, out_of_place = (
+            g.to(memory_format=torch.channels_last) for g in (generator, out_of_place)
+        )
+    z = torch.randn(8, 16)
+    for network in (generator, out_of_place):
+        (network(z) ** 2).mean().backward()
+    torch.testing.assert_close(generator(z), out_of_place(z), rtol=0, atol=0)
+    for (name, a), b in zip(generator.named_parameters(), out_of_place.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+
+
 def test_generator_rejects_size_not_divisible_by_4():
     with pytest.raises(UserError, match="img_size=30 is not divisible by 4"):
         Generator(img_size=30)

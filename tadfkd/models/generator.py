@@ -37,18 +37,19 @@ class Generator(nn.Module):
         self.width = width
         self.depthwise_output = False
         self.l1 = nn.Linear(nz, width * self.init_size**2)
-        # TA-DFKD adds the LeakyReLU to DAFL's BN-only first block; it has no parameters.
-        self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(width), nn.LeakyReLU(0.2))
+        # TA-DFKD adds the LeakyReLU to DAFL's BN-only first block; it has no parameters. In
+        # place, as DAFL's: BatchNorm's backward needs its input, not its output.
+        self.conv_blocks0 = nn.Sequential(nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True))
         # eps=0.8: DAFL passes 0.8 positionally, where BatchNorm2d expects eps.
         self.conv_blocks1 = nn.Sequential(
             nn.Conv2d(width, width, 3, stride=1, padding=1),
             nn.BatchNorm2d(width, eps=0.8),
-            nn.LeakyReLU(0.2),
+            nn.LeakyReLU(0.2, inplace=True),
         )
         self.conv_blocks2 = nn.Sequential(
             nn.Conv2d(width, width // 2, 3, stride=1, padding=1),
             nn.BatchNorm2d(width // 2, eps=0.8),
-            nn.LeakyReLU(0.2),
+            nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(width // 2, channels, 3, stride=1, padding=1),
             nn.Sigmoid(),
         )
