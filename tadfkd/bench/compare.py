@@ -45,7 +45,7 @@ from tadfkd.bench.timing import (
     time_paths,
 )
 from tadfkd.distillation.precision import resolve_precision
-from tadfkd.run.runtime import resolve_device
+from tadfkd.run.runtime import keep_freed_memory, resolve_device
 
 ROWS = (
     ("s_per_iter", "time per iteration (median)", "s"),
@@ -75,6 +75,7 @@ def print_table(
     matmuls: dict[str, float],
     iters: int,
     figures: dict[str, dict[str, float | None]],
+    kept_memory: bool,
 ) -> None:
     """The setting, the measured matmul rates, the figures of both paths and the speed-up."""
     trainer, generator = cfg.trainer, cfg.generator
@@ -84,7 +85,9 @@ def print_table(
         f"{cfg.student.arch}, batch {trainer.batch_size}, {trainer.student_steps} student steps "
         f"+ 1 generator step per iteration, generator nz={generator.nz} width "
         f"{generator.width} at {cfg.dataset.image_size}px; {iters} timed iterations per path "
-        "after 1 counted warm-up"
+        "after 1 counted warm-up; glibc's malloc (both paths) "
+        f"{'keeps freed memory' if kept_memory else 'as by default'} "
+        "(runtime.keep_freed_memory)"
     )
     rates = ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in matmuls.items())
     print(f"measured matmul rates (TFLOP/s): {rates}")
@@ -157,6 +160,7 @@ def time_setting(
     device: torch.device,
     precision: str,
     args: argparse.Namespace,
+    kept_memory: bool,
 ) -> dict[str, dict[str, float | None]]:
     """Both paths timed in alternation at the current thread count, and their table."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -175,7 +179,7 @@ def time_setting(
     # only ever slows it down.
     matmuls = {name: max(rate, matmul_rate(device, dtypes[name])) for name, rate in matmuls.items()}
     figures = {name: stats.figures(matmuls) for name, stats in paths.items()}
-    print_table(fast_cfg, device, precision, matmuls, args.iters, figures)
+    print_table(fast_cfg, device, precision, matmuls, args.iters, figures, kept_memory)
     if args.compile:
         print(
             f"compile: warm-up (compiling) iteration {paths['fast'].warmup_seconds:.1f} s; "
@@ -201,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     published_cfg = published_style(bench_config([*overrides, *PUBLISHED_STYLE]))
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
+    # process-wide, as run.py sets it: both paths run under it (--set
+    # runtime.keep_freed_memory=false times both under glibc's own policy)
+    kept_memory = keep_freed_memory(bool(fast_cfg.runtime.keep_freed_memory))
     thread_counts = [None] if device.type == "cuda" else args.threads
     figures: dict[str, dict[str, float | None]] = {}
     for threads in thread_counts:
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         # every other thread pool (numpy's BLAS, scikit-learn's OpenMP: the published-style
         # path's mixture) held to the same count, so that neither path uses more
         with threadpool_limits(limits=threads):
-            figures = time_setting(fast_cfg, published_cfg, device, precision, args)
+            figures = time_setting(fast_cfg, published_cfg, device, precision, args, kept_memory)
     return figures
 
 

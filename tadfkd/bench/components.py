@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tadfkd.base import schema
 from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.distillation.meter import EpochMeter
-from tadfkd.run.runtime import set_threads
+from tadfkd.run.runtime import keep_freed_memory, set_threads
 
 
 def timed(function: Callable[[], object], reps: int) -> float:
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     device = torch.device("cpu")
     overrides = [*SETTINGS[args.setting], "runtime.device=cpu"]
     cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
+    keep_freed_memory(bool(cfg.runtime.keep_freed_memory))
     distiller = build_path(cfg, device, published=False, seed=0)
     for _ in range(2):
         distiller.iterate()

@@ -43,10 +43,11 @@ COMPETITOR = (
 def worker(setting: str, threads: str, iters: int) -> dict[str, float | int]:
     """Build the setting's distiller, set the threads, time ``iters`` iterations (after one)."""
     from tadfkd.bench.setting import SETTINGS, bench_config, build_path
-    from tadfkd.run.runtime import cores_available, set_threads
+    from tadfkd.run.runtime import cores_available, keep_freed_memory, set_threads
 
     count = set_threads(str(cores_available()) if threads == "all" else threads)
     cfg = bench_config([*SETTINGS[setting], "runtime.device=cpu"])
+    keep_freed_memory(bool(cfg.runtime.keep_freed_memory))  # as run.py's jobs
     distiller = build_path(cfg, torch.device("cpu"), published=False, seed=0)
     distiller.iterate()
     start = time.perf_counter()

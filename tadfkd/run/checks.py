@@ -227,6 +227,7 @@ RULES: tuple[Rule, ...] = (
     Rule("logger.job_type", lambda v: v is None or name(v), f"null or {NAME}", optional=True),
     Rule("logger.init_timeout", finite(0, True), "a finite positive number of seconds", True),
     Rule("runtime.check_teacher_dataset", boolean, "true or false", optional=True),
+    Rule("runtime.keep_freed_memory", boolean, "true or false", optional=True),
     Rule(
         "runtime.secret_env",
         lambda v: OmegaConf.is_list(v) and all(name(item) for item in v),

@@ -26,7 +26,13 @@ from tadfkd.models import build_classifier
 from tadfkd.run.checks import validate
 from tadfkd.run.context import JobContext
 from tadfkd.run.rundir import save_hydra_record
-from tadfkd.run.runtime import build, resolve_device, seed_everything, set_threads
+from tadfkd.run.runtime import (
+    build,
+    keep_freed_memory,
+    resolve_device,
+    seed_everything,
+    set_threads,
+)
 from tadfkd.teachers.loading import save_teacher
 
 # Command-line overrides that change the trained teacher, and so name its file.
@@ -165,6 +171,7 @@ def train_teacher(cfg: DictConfig, context: JobContext, output: Path | None = No
     started = time.perf_counter()
     # Reductions split over threads add in another order: fix the count to fix the result.
     set_threads(cfg.runtime.threads, context.side_by_side)
+    keep_freed_memory(bool(cfg.runtime.get("keep_freed_memory", True)))
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.runtime.device))
     teacher = cfg.teacher
