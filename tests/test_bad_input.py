@@ -64,7 +64,11 @@ CASES = {
     "teacher/dataset classes": (["dataset=cifar100"], 2, ["10 classes", "100"]),
     "student/teacher classes": (["student.num_classes=5"], 2, ["student", "5 classes"]),
     "unknown on_nonfinite": (["runtime.on_nonfinite=maybe"], 2, ["runtime.on_nonfinite='maybe'"]),
-    "keep_freed_memory": (["runtime.keep_freed_memory=maybe"], 2, ["keep_freed_memory='maybe' "]),
+    "keep_freed_memory not a boolean": (
+        ["runtime.keep_freed_memory=maybe"],
+        2,
+        ["runtime.keep_freed_memory='maybe' must be true or false"],
+    ),
     "deleted speed setting": (["~speed.scoring"], 2, ["speed.scoring is missing from the config"]),
     "deleted depthwise switch": (["~speed.depthwise_output"], 2, ["speed.depthwise_output is"]),
     "unknown logger mode": (["logger.mode=onlien"], 2, ["logger.mode='onlien' must be"]),

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, run_entry
 from threadpoolctl import threadpool_info
 
 from tadfkd.bench import compare as bench
@@ -32,6 +32,8 @@ def test_small_benchmark_prints_the_whole_table_at_each_thread_count(capsys):
     for threads in (1, 2):
         assert f"(bf16 units: {units}), {threads} CPU thread(s)" in out
     assert out.count(f"fast path precision {precision}") == 2
+    policy = r"malloc \(both paths\): (keeps freed memory|its own policy|not glibc \(nothing set\))"
+    assert len(re.findall(policy, out)) == 2
     rates = r"measured matmul rates \(TFLOP/s\): fp32 [0-9.e+-]+, bf16 [0-9.e+-]+"
     assert len(re.findall(rates, out)) == 2
     for label in FIGURES:
@@ -56,11 +58,19 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
     found = bench_components.main(["--setting", "small", "--reps", "1"])
     out = capsys.readouterr().out
     assert "generated batches per student step" in out
+    assert re.search(r"; malloc: (keeps freed memory|its own policy|not glibc)", out)
     for name in ("generate one batch (no grad)", "teacher scoring forward", "generator step"):
         seconds, flops = found[name]
         assert seconds > 0 and flops > 0
         assert any(line.startswith(name) for line in out.splitlines())
     assert re.search(r"one iteration: \d+ ms timed; \d+ ms from the components", out)
+
+
+@pytest.mark.parametrize("entry", ["-m tadfkd.bench", "-m tadfkd.bench.components"])
+def test_a_bad_setting_ends_a_benchmark_in_one_sentence(entry):
+    done = run_entry("--set", "runtime.keep_freed_memory=maybe", entry=entry, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "error: runtime.keep_freed_memory='maybe' must be true or false."
 
 
 def test_the_threads_benchmark_times_a_worker_and_prints_the_ratios(monkeypatch, capsys):

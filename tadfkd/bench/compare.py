@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 from threadpoolctl import threadpool_limits
 
+from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench.agreement import agreement
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
 from tadfkd.bench.setting import (
@@ -45,7 +46,7 @@ from tadfkd.bench.timing import (
     time_paths,
 )
 from tadfkd.distillation.precision import resolve_precision
-from tadfkd.run.runtime import keep_freed_memory, resolve_device
+from tadfkd.run.runtime import keep_freed_memory, malloc_policy, resolve_device
 
 ROWS = (
     ("s_per_iter", "time per iteration (median)", "s"),
@@ -85,8 +86,7 @@ def print_table(
         f"{cfg.student.arch}, batch {trainer.batch_size}, {trainer.student_steps} student steps "
         f"+ 1 generator step per iteration, generator nz={generator.nz} width "
         f"{generator.width} at {cfg.dataset.image_size}px; {iters} timed iterations per path "
-        "after 1 counted warm-up; glibc's malloc (both paths) "
-        f"{'keeps freed memory' if kept_memory else 'as by default'} "
+        f"after 1 counted warm-up; malloc (both paths): {malloc_policy(kept_memory)} "
         "(runtime.keep_freed_memory)"
     )
     rates = ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in matmuls.items())
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     precision = resolve_precision(args.precision, device)
     # process-wide, as run.py sets it: both paths run under it (--set
     # runtime.keep_freed_memory=false times both under glibc's own policy)
-    kept_memory = keep_freed_memory(bool(fast_cfg.runtime.keep_freed_memory))
+    kept_memory = keep_freed_memory(fast_cfg.runtime.keep_freed_memory)
     thread_counts = [None] if device.type == "cuda" else args.threads
     figures: dict[str, dict[str, float | None]] = {}
     for threads in thread_counts:
@@ -221,4 +221,5 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_known_errors():  # a bad --set value: one sentence, exit 2
+        main()

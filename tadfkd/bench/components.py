@@ -23,9 +23,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tadfkd.base import schema
+from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.distillation.meter import EpochMeter
-from tadfkd.run.runtime import keep_freed_memory, set_threads
+from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
 
 def timed(function: Callable[[], object], reps: int) -> float:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     device = torch.device("cpu")
     overrides = [*SETTINGS[args.setting], "runtime.device=cpu"]
     cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
-    keep_freed_memory(bool(cfg.runtime.keep_freed_memory))
+    kept_memory = keep_freed_memory(cfg.runtime.keep_freed_memory)
     distiller = build_path(cfg, device, published=False, seed=0)
     for _ in range(2):
         distiller.iterate()
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         f"precision {distiller.precision.name}, generation "
         f"{str(distiller.synthesizer.generation_dtype or 'fp32').removeprefix('torch.')}, "
         f"scoring {str(distiller.synthesizer.scoring_dtype or 'fp32').removeprefix('torch.')}; "
-        f"{per_step_batches:.2f} generated batches per student step"
+        f"{per_step_batches:.2f} generated batches per student step; malloc: "
+        f"{malloc_policy(kept_memory)}"
     )
     print(f"{'component':<32}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
     for name, (seconds, count) in found.items():
@@ -124,4 +126,5 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_known_errors():  # a bad --set value: one sentence, exit 2
+        main()

@@ -4,12 +4,12 @@
     python -m tadfkd.bench.threads --setting fashion_mnist --iters 3
 
 Each configuration is a fresh process that builds the benchmark's distiller (random weights,
-``bench.setting``), sets its threads as the distillation job does, runs one warm-up iteration and
-times ``--iters`` more. The competing process is started by this script: one single-thread
-process multiplying matrices without pause (another training job, as far as the CPU can tell),
-running for the whole of the timed configuration. Printed: seconds per iteration of each
-configuration and the ratios to one thread on an idle machine; the target is that ``auto``
-beside the competing process stays within 1.5x of that.
+``bench.setting``), sets its threads and malloc policy as the distillation job does, runs one
+warm-up iteration and times ``--iters`` more. The competing process is started by this script:
+one single-thread process multiplying matrices without pause (another training job, as far as
+the CPU can tell), running for the whole of the timed configuration. Printed: seconds per
+iteration of each configuration and the ratios to one thread on an idle machine; the target is
+that ``auto`` beside the competing process stays within 1.5x of that.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import sys
 import time
 
 import torch
+
+from tadfkd.base.errors import exit_on_known_errors
 
 # (name, runtime.threads, with the competing process)
 CONFIGURATIONS = (
@@ -47,7 +49,7 @@ def worker(setting: str, threads: str, iters: int) -> dict[str, float | int]:
 
     count = set_threads(str(cores_available()) if threads == "all" else threads)
     cfg = bench_config([*SETTINGS[setting], "runtime.device=cpu"])
-    keep_freed_memory(bool(cfg.runtime.keep_freed_memory))  # as run.py's jobs
+    keep_freed_memory(cfg.runtime.keep_freed_memory)  # as run.py's jobs
     distiller = build_path(cfg, torch.device("cpu"), published=False, seed=0)
     distiller.iterate()
     start = time.perf_counter()
@@ -105,4 +107,5 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    main()
+    with exit_on_known_errors():  # a bad --set value: one sentence, exit 2
+        main()

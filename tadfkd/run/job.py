@@ -129,7 +129,7 @@ def train_and_record(
     """Build the run, continue it from ``saved`` (or start it), train it to its end and write
     and track its results."""
     threads = set_threads(cfg.runtime.threads, context.side_by_side)
-    keep_freed_memory(bool(cfg.runtime.get("keep_freed_memory", True)))
+    keep_freed_memory(cfg.runtime.get("keep_freed_memory", True))
     seed_everything(int(cfg.seed))
     teacher: Teacher = build(cfg.teacher)  # after seeding: building it draws initial weights
     test_loader = load_test_set(cfg, teacher)

@@ -1,5 +1,6 @@
-"""Where and how a job runs: its device, CPU threads and random seeds, and building objects
-from config nodes. Shared by the distillation job, the teacher job and the benchmark."""
+"""Where and how a job runs: its device, CPU threads, glibc's malloc policy and random seeds,
+and building objects from config nodes. Shared by the distillation job, the teacher job and the
+benchmark."""
 
 from __future__ import annotations
 
@@ -200,10 +201,10 @@ def set_threads(threads: int | str, side_by_side: int = 1) -> int:
     return count
 
 
-# glibc's mallopt parameters (malloc.h), and the largest mmap threshold it accepts on a 64-bit
-# system (4 MiB * sizeof(long))
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+# the largest mmap threshold glibc accepts: 32 MiB on a 64-bit system
+MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)
+# far above a run's working set, so the heap is never trimmed while it runs (the peak stays held)
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 
 
@@ -216,22 +217,34 @@ def glibc_version() -> str | None:
     return version if version and version.startswith("glibc") else None
 
 
-def keep_freed_memory(enabled: bool = True) -> bool:
+def keep_freed_memory(enabled: Any = True) -> bool:
     """``runtime.keep_freed_memory``: have glibc's malloc keep the memory of freed tensors for
-    the next ones. By default it maps each block above a threshold (128 KiB at first) afresh
-    and unmaps it when freed, and trims the heap's free top, so that every batch's tensors fault
-    their pages in again, zeroed by the kernel (docs/performance.md: 5-6x the page faults and
-    5-10% of a CPU iteration). Blocks up to 32 MiB now come from the heap, which is trimmed only
-    past 1 GiB of free top. Memory layout only: no value changes. Returns whether it applied
-    (not when disabled, nor where the C library is not glibc)."""
+    the next ones, for the whole process. By default it maps each block above a threshold
+    (128 KiB at first) afresh and unmaps it when freed, and trims the heap's free top, so that
+    every batch's tensors fault their pages in again, zeroed by the kernel (docs/performance.md:
+    1.5-2x the page faults of a benchmark process, 2-16% of its iteration). Blocks under 32 MiB
+    now come from the heap, which is trimmed only past 1 GiB of free top. Memory layout only: no
+    value changes. Returns whether it applied: not when ``enabled`` is false (which undoes no
+    earlier call), nor where the C library is not glibc."""
+    if not isinstance(enabled, bool):
+        raise UserError(f"runtime.keep_freed_memory={enabled!r} must be true or false.")
     if not enabled or glibc_version() is None:
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # a threshold set by hand ends glibc's raising of it as blocks are freed: set both
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    applied = [
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX),
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    ]
+    return all(applied)
+
+
+def malloc_policy(kept: bool) -> str:
+    """What ``keep_freed_memory`` returned ``kept`` means, in words, for a benchmark's header."""
+    if kept:
+        return "keeps freed memory"
+    return "its own policy" if glibc_version() else "not glibc (nothing set)"
 
 
 def source_commit() -> str | None:

@@ -171,7 +171,7 @@ def train_teacher(cfg: DictConfig, context: JobContext, output: Path | None = No
     started = time.perf_counter()
     # Reductions split over threads add in another order: fix the count to fix the result.
     set_threads(cfg.runtime.threads, context.side_by_side)
-    keep_freed_memory(bool(cfg.runtime.get("keep_freed_memory", True)))
+    keep_freed_memory(cfg.runtime.get("keep_freed_memory", True))
     seed_everything(int(cfg.seed))
     device = resolve_device(str(cfg.runtime.device))
     teacher = cfg.teacher
