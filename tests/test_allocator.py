@@ -9,7 +9,6 @@ import sys
 import pytest
 from helpers import ROOT, environment
 
-from tadfkd.base.errors import UserError
 from tadfkd.run import runtime
 from tadfkd.run.runtime import glibc_version
 
@@ -80,8 +79,3 @@ def test_a_c_library_without_a_glibc_version_is_not_glibc(monkeypatch, failure):
     assert glibc_version() is None
     monkeypatch.setattr(os, "confstr", lambda name: "")  # musl
     assert glibc_version() is None
-
-
-def test_a_value_that_is_not_a_boolean_is_a_users_mistake():
-    with pytest.raises(UserError, match="runtime.keep_freed_memory='maybe' must be true or false"):
-        runtime.keep_freed_memory("maybe")

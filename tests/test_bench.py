@@ -9,6 +9,7 @@ import torch
 from helpers import ROOT, run_entry
 from threadpoolctl import threadpool_info
 
+from tadfkd.base.errors import UserError
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
 from tadfkd.bench import published as published_path
@@ -64,6 +65,11 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
         assert seconds > 0 and flops > 0
         assert any(line.startswith(name) for line in out.splitlines())
     assert re.search(r"one iteration: \d+ ms timed; \d+ ms from the components", out)
+
+
+def test_a_benchmarks_config_is_checked_as_a_runs():
+    with pytest.raises(UserError, match="runtime.keep_freed_memory='maybe' must be true or false"):
+        setting.bench_config(["runtime.keep_freed_memory=maybe"])
 
 
 @pytest.mark.parametrize("entry", ["-m tadfkd.bench", "-m tadfkd.bench.components"])

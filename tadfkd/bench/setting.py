@@ -16,6 +16,7 @@ from tadfkd.bench.published import PublishedStyleScorer
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.precision import cpu_has_bf16
 from tadfkd.run.builder import build_distiller
+from tadfkd.run.checks import check_rules
 from tadfkd.run.runtime import cpu_name
 from tadfkd.teachers.loading import random_teacher
 
@@ -31,9 +32,12 @@ SETTINGS = {
 
 
 def bench_config(overrides: list[str]) -> DictConfig:
-    """The run's config with ``overrides`` (no W&B, no test set needed)."""
+    """The run's config with ``overrides`` (no W&B, no test set needed), its values checked as
+    a run's are: a bad ``--set`` value is a one-sentence ``UserError``."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[*overrides, "logger=none"])
+        cfg = compose("config", overrides=[*overrides, "logger=none"])
+    check_rules(cfg)
+    return cfg
 
 
 def build_path(cfg: DictConfig, device: torch.device, published: bool, seed: int) -> Distiller:

@@ -217,7 +217,7 @@ def glibc_version() -> str | None:
     return version if version and version.startswith("glibc") else None
 
 
-def keep_freed_memory(enabled: Any = True) -> bool:
+def keep_freed_memory(enabled: bool = True) -> bool:
     """``runtime.keep_freed_memory``: have glibc's malloc keep the memory of freed tensors for
     the next ones, for the whole process. By default it maps each block above a threshold
     (128 KiB at first) afresh and unmaps it when freed, and trims the heap's free top, so that
@@ -226,8 +226,6 @@ def keep_freed_memory(enabled: Any = True) -> bool:
     now come from the heap, which is trimmed only past 1 GiB of free top. Memory layout only: no
     value changes. Returns whether it applied: not when ``enabled`` is false (which undoes no
     earlier call), nor where the C library is not glibc."""
-    if not isinstance(enabled, bool):
-        raise UserError(f"runtime.keep_freed_memory={enabled!r} must be true or false.")
     if not enabled or glibc_version() is None:
         return False
     mallopt = ctypes.CDLL(None).mallopt
