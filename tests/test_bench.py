@@ -12,10 +12,11 @@ from threadpoolctl import threadpool_info
 from tadfkd.base.errors import UserError
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
+from tadfkd.bench import processes, setting, timing
 from tadfkd.bench import published as published_path
-from tadfkd.bench import setting, timing
 from tadfkd.bench import threads as bench_threads
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
+from tadfkd.run import runtime
 from tadfkd.teachers.loading import read_state_dict
 
 FIGURES = [label for _, label, _ in bench.ROWS]
@@ -33,7 +34,11 @@ def test_small_benchmark_prints_the_whole_table_at_each_thread_count(capsys):
     for threads in (1, 2):
         assert f"(bf16 units: {units}), {threads} CPU thread(s)" in out
     assert out.count(f"fast path precision {precision}") == 2
-    policy = r"malloc \(both paths\): (keeps freed memory|its own policy|not glibc \(nothing set\))"
+    policy = (
+        r"each path in a process of its own, malloc: fast (keeps freed memory|not glibc "
+        r"\(nothing set\)) \(runtime.keep_freed_memory\), published-style (its own policy|not "
+        r"glibc \(nothing set\)) \(as the published code runs\)"
+    )
     assert len(re.findall(policy, out)) == 2
     rates = r"measured matmul rates \(TFLOP/s\): fp32 [0-9.e+-]+, bf16 [0-9.e+-]+"
     assert len(re.findall(rates, out)) == 2
@@ -100,7 +105,7 @@ def test_the_threads_benchmark_times_a_worker_and_prints_the_ratios(monkeypatch,
 def test_profile_prints_the_top_operators_and_the_host_side_counts(capsys):
     bench.main(
         ["--small", "--iters", "1", "--student-steps", "1", "--batch-size", "32"]
-        + ["--device", "cpu", "--profile"]
+        + ["--device", "cpu", "--threads", "1", "--profile"]
     )
     out = capsys.readouterr().out
     assert "profile of one fast-path iteration, top 15 by self_cpu_time_total:" in out
@@ -148,6 +153,47 @@ def test_numpys_blas_threads_are_held_to_the_timed_thread_count(monkeypatch):
     bench.main(["--small", "--device", "cpu", "--threads", "1,2"])
     assert [threads for threads, _ in seen] == [1, 2]
     assert all(blas and set(blas) == {threads} for threads, blas in seen)
+
+
+def small_spec(name: str, published: bool = False, **changes) -> processes.PathSpec:
+    """The digits setting at batch 32 and one student step, as a path's process builds it."""
+    overrides = ["runtime.device=cpu", "trainer.batch_size=32", "trainer.student_steps=1"]
+    cfg = setting.bench_config(overrides + (published_path.PUBLISHED_STYLE if published else []))
+    if published:
+        published_path.published_style(cfg)
+    fields = {"threads": 1, "keep_freed_memory": not published, "device": "cpu", **changes}
+    return processes.PathSpec(name=name, cfg=cfg, published=published, seed=0, **fields)
+
+
+def test_each_path_runs_in_a_process_of_its_own_under_its_malloc_policy():
+    glibc = runtime.glibc_version() is not None
+    with (
+        processes.PathProcess(small_spec("fast")) as fast,
+        processes.PathProcess(small_spec("published-style", published=True)) as published,
+    ):
+        assert fast.description["malloc"] == (
+            "keeps freed memory" if glibc else "not glibc (nothing set)"
+        )
+        assert published.description["malloc"] == (
+            "its own policy" if glibc else "not glibc (nothing set)"
+        )
+        for path in (fast, published):
+            assert path.description["threads"] == 1
+            assert set(path.description["blas_threads"]) <= {1}  # numpy's BLAS held there too
+        timing.time_paths({"fast": fast, "published-style": published}, 1)
+        figures = published.figures({"fp32": 1e12, "bf16": 2e12})
+        assert figures["s_per_iter"] > 0 and figures["tflop_per_iter"] > 0
+        assert "operator calls" in fast.profile()
+    assert not fast._process.is_alive() and not published._process.is_alive()
+
+
+def test_a_paths_process_sends_back_a_users_mistake_as_itself_and_a_crash_with_its_trace():
+    spec = small_spec("fast")
+    spec.cfg.selection.threshold = 2.0  # past the config's check: found when the path is built
+    with pytest.raises(UserError, match=r"selection.threshold=2.0 is outside \(0, 1\)"):
+        processes.PathProcess(spec)
+    with pytest.raises(RuntimeError, match="the benchmark's fast path failed in its process"):
+        processes.PathProcess(small_spec("fast", device="nonsense"))
 
 
 def test_the_dense_operators_are_convolutions_and_matmuls_of_every_backend():

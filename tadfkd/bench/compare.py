@@ -5,13 +5,17 @@
     python -m tadfkd.bench --agreement --setting fashion_mnist --generator RUN_DIR
                                       # kept-set agreement of the speed settings, trained teacher
 
-Both paths train from the same random weights (no data or teacher file is needed) and are timed
-in alternation, iteration by iteration, so that drift in a shared machine hits both alike:
+Both paths train from the same random weights (no data or teacher file is needed), each in a
+process of its own (``bench.processes``), and are timed in alternation, iteration by iteration,
+so that drift in a shared machine hits both alike:
 
-- fast: this project's ``Distiller`` (autocast per ``--precision``, channels-last on CUDA,
-  several generated batches scored in one teacher forward with one mixture per batch);
-- published-style: fp32, teacher logits recomputed in chunks of 32 for the selection, the
-  mixture fitted by scikit-learn on the CPU, one batch generated and selected at a time.
+- fast: this project's ``Distiller`` with the run's ``speed.*`` defaults (autocast per
+  ``--precision``, channels-last, BatchNorm folded into the teacher's no-grad forwards, the
+  mixture as a 1-D EM on the host) under the run's malloc policy
+  (``runtime.keep_freed_memory``);
+- published-style: fp32, NCHW, teacher logits recomputed in chunks of 32 for the selection, the
+  mixture fitted by scikit-learn on the CPU, one batch generated and selected at a time, under
+  the C library's own malloc policy, as the published code runs.
 
 One iteration is ``student_steps`` student steps plus one generator step; an epoch is 36.
 FLOPs are those torch's ``FlopCounterMode`` counts (convolutions and matrix products, forward
@@ -21,6 +25,7 @@ and backward), compared with a matmul rate this script measures on the same devi
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -29,24 +34,12 @@ from threadpoolctl import threadpool_limits
 
 from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench.agreement import agreement
+from tadfkd.bench.processes import PathProcess, PathSpec
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
-from tadfkd.bench.setting import (
-    SETTINGS,
-    bench_config,
-    build_path,
-    device_name,
-)
-from tadfkd.bench.timing import (
-    EPOCH_ITERS,
-    PathStats,
-    compile_path,
-    compiled_graphs,
-    matmul_rate,
-    profile,
-    time_paths,
-)
+from tadfkd.bench.setting import SETTINGS, bench_config, device_name
+from tadfkd.bench.timing import EPOCH_ITERS, matmul_rate, time_paths
 from tadfkd.distillation.precision import resolve_precision
-from tadfkd.run.runtime import keep_freed_memory, malloc_policy, resolve_device
+from tadfkd.run.runtime import resolve_device
 
 ROWS = (
     ("s_per_iter", "time per iteration (median)", "s"),
@@ -76,18 +69,21 @@ def print_table(
     matmuls: dict[str, float],
     iters: int,
     figures: dict[str, dict[str, float | None]],
-    kept_memory: bool,
+    descriptions: dict[str, dict],
 ) -> None:
-    """The setting, the measured matmul rates, the figures of both paths and the speed-up."""
+    """The setting, each path's process (threads, malloc policy), the measured matmul rates,
+    the figures of both paths and the speed-up."""
     trainer, generator = cfg.trainer, cfg.generator
+    fast, published = descriptions["fast"], descriptions["published-style"]
     print(
-        f"device: {device_name(device)}, {torch.get_num_threads()} CPU thread(s), torch "
+        f"device: {device_name(device)}, {fast['threads']} CPU thread(s), torch "
         f"{torch.__version__}; fast path precision {precision}; {cfg.teacher.arch} -> "
         f"{cfg.student.arch}, batch {trainer.batch_size}, {trainer.student_steps} student steps "
         f"+ 1 generator step per iteration, generator nz={generator.nz} width "
         f"{generator.width} at {cfg.dataset.image_size}px; {iters} timed iterations per path "
-        f"after 1 counted warm-up; malloc (both paths): {malloc_policy(kept_memory)} "
-        "(runtime.keep_freed_memory)"
+        f"after 1 counted warm-up; each path in a process of its own, malloc: fast "
+        f"{fast['malloc']} (runtime.keep_freed_memory), published-style {published['malloc']} "
+        "(as the published code runs)"
     )
     rates = ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in matmuls.items())
     print(f"measured matmul rates (TFLOP/s): {rates}")
@@ -160,34 +156,44 @@ def time_setting(
     device: torch.device,
     precision: str,
     args: argparse.Namespace,
-    kept_memory: bool,
+    threads: int | None,
 ) -> dict[str, dict[str, float | None]]:
-    """Both paths timed in alternation at the current thread count, and their table."""
+    """Both paths, each in a process of its own at ``threads`` CPU threads, timed in
+    alternation; and their table."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     matmuls = {name: matmul_rate(device, dtype) for name, dtype in dtypes.items()}
-    paths = {
-        "fast": PathStats(build_path(fast_cfg, device, False, args.seed), device),
-        "published-style": PathStats(build_path(published_cfg, device, True, args.seed), device),
+    specs = {
+        # the fast path under the run's malloc policy, the published-style path under the C
+        # library's own, as the published code runs
+        "fast": (fast_cfg, False, fast_cfg.runtime.keep_freed_memory),
+        "published-style": (published_cfg, True, False),
     }
-    for stats in paths.values():
-        stats.count_flops()  # also the warm-up iteration
-    if args.compile:
-        compile_path(paths["fast"])
-    graphs = compiled_graphs()
-    time_paths(paths, args.iters)
-    # Measured again after the timed iterations, the higher of the two: load from other jobs
-    # only ever slows it down.
-    matmuls = {name: max(rate, matmul_rate(device, dtypes[name])) for name, rate in matmuls.items()}
-    figures = {name: stats.figures(matmuls) for name, stats in paths.items()}
-    print_table(fast_cfg, device, precision, matmuls, args.iters, figures, kept_memory)
-    if args.compile:
-        print(
-            f"compile: warm-up (compiling) iteration {paths['fast'].warmup_seconds:.1f} s; "
-            f"graphs compiled during the {args.iters} timed iterations (recompiles): "
-            f"{compiled_graphs() - graphs}"
-        )
-    if args.profile:
-        profile(paths["fast"].distiller, device)
+    with contextlib.ExitStack() as stack:
+        paths = {
+            name: stack.enter_context(
+                PathProcess(PathSpec(name, cfg, str(device), published, args.seed, threads, kept))
+            )
+            for name, (cfg, published, kept) in specs.items()
+        }
+        compiled = paths["fast"].compile() if args.compile else None
+        time_paths(paths, args.iters)
+        # Measured again after the timed iterations, the higher of the two: load from other
+        # jobs only ever slows it down.
+        matmuls = {
+            name: max(rate, matmul_rate(device, dtypes[name])) for name, rate in matmuls.items()
+        }
+        figures = {name: path.figures(matmuls) for name, path in paths.items()}
+        descriptions = {name: path.description for name, path in paths.items()}
+        print_table(fast_cfg, device, precision, matmuls, args.iters, figures, descriptions)
+        if compiled is not None:
+            warmup_seconds, graphs = compiled
+            print(
+                f"compile: warm-up (compiling) iteration {warmup_seconds:.1f} s; graphs "
+                f"compiled during the {args.iters} timed iterations (recompiles): "
+                f"{paths['fast'].compiled_graphs() - graphs}"
+            )
+        if args.profile:
+            print(paths["fast"].profile(), end="")
     return figures
 
 
@@ -205,9 +211,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     published_cfg = published_style(bench_config([*overrides, *PUBLISHED_STYLE]))
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    # process-wide, as run.py sets it: both paths run under it (--set
-    # runtime.keep_freed_memory=false times both under glibc's own policy)
-    kept_memory = keep_freed_memory(fast_cfg.runtime.keep_freed_memory)
     thread_counts = [None] if device.type == "cuda" else args.threads
     figures: dict[str, dict[str, float | None]] = {}
     for threads in thread_counts:
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
         # every other thread pool (numpy's BLAS, scikit-learn's OpenMP: the published-style
         # path's mixture) held to the same count, so that neither path uses more
         with threadpool_limits(limits=threads):
-            figures = time_setting(fast_cfg, published_cfg, device, precision, args, kept_memory)
+            figures = time_setting(fast_cfg, published_cfg, device, precision, args, threads)
     return figures
 
 

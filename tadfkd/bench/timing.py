@@ -143,7 +143,9 @@ def iteration_flops(
 
 
 def time_paths(paths: dict[str, PathStats], iters: int) -> None:
-    """``iters`` timed iterations of each path, alternating, the order flipped every time."""
+    """``iters`` timed iterations of each path, alternating, the order flipped every time
+    (``PathStats`` here, or anything with its ``start_timing`` and ``time_iteration``, such as
+    ``bench.processes.PathProcess``)."""
     for stats in paths.values():
         stats.start_timing()
     for index in range(iters):
