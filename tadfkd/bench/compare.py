@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from threadpoolctl import threadpool_limits
 
 from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench.agreement import agreement
@@ -74,15 +73,18 @@ def print_table(
     """The setting, each path's process (threads, malloc policy), the measured matmul rates,
     the figures of both paths and the speed-up."""
     trainer, generator = cfg.trainer, cfg.generator
-    fast, published = descriptions["fast"], descriptions["published-style"]
+    fast_process, published_process = descriptions["fast"], descriptions["published-style"]
+    blas = ", ".join(str(count) for count in fast_process["blas_threads"]) or "none loaded"
     print(
-        f"device: {device_name(device)}, {fast['threads']} CPU thread(s), torch "
+        f"device: {device_name(device)}, {fast_process['threads']} CPU thread(s) (loaded "
+        f"BLAS libraries: {blas}), torch "
         f"{torch.__version__}; fast path precision {precision}; {cfg.teacher.arch} -> "
         f"{cfg.student.arch}, batch {trainer.batch_size}, {trainer.student_steps} student steps "
         f"+ 1 generator step per iteration, generator nz={generator.nz} width "
         f"{generator.width} at {cfg.dataset.image_size}px; {iters} timed iterations per path "
         f"after 1 counted warm-up; each path in a process of its own, malloc: fast "
-        f"{fast['malloc']} (runtime.keep_freed_memory), published-style {published['malloc']} "
+        f"{fast_process['malloc']} (runtime.keep_freed_memory), published-style "
+        f"{published_process['malloc']} "
         "(as the published code runs)"
     )
     rates = ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in matmuls.items())
@@ -162,19 +164,30 @@ def time_setting(
     alternation; and their table."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     matmuls = {name: matmul_rate(device, dtype) for name, dtype in dtypes.items()}
-    specs = {
+    specs = [
         # the fast path under the run's malloc policy, the published-style path under the C
         # library's own, as the published code runs
-        "fast": (fast_cfg, False, fast_cfg.runtime.keep_freed_memory),
-        "published-style": (published_cfg, True, False),
-    }
+        PathSpec(
+            name="fast",
+            cfg=fast_cfg,
+            device=str(device),
+            published=False,
+            seed=args.seed,
+            threads=threads,
+            keep_freed_memory=fast_cfg.runtime.keep_freed_memory,
+        ),
+        PathSpec(
+            name="published-style",
+            cfg=published_cfg,
+            device=str(device),
+            published=True,
+            seed=args.seed,
+            threads=threads,
+            keep_freed_memory=False,
+        ),
+    ]
     with contextlib.ExitStack() as stack:
-        paths = {
-            name: stack.enter_context(
-                PathProcess(PathSpec(name, cfg, str(device), published, args.seed, threads, kept))
-            )
-            for name, (cfg, published, kept) in specs.items()
-        }
+        paths = {spec.name: stack.enter_context(PathProcess(spec)) for spec in specs}
         compiled = paths["fast"].compile() if args.compile else None
         time_paths(paths, args.iters)
         # Measured again after the timed iterations, the higher of the two: load from other
@@ -215,11 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     figures: dict[str, dict[str, float | None]] = {}
     for threads in thread_counts:
         if threads is not None:
+            # the matmul rates are measured here, at the timed count (each path's process sets
+            # its own threads: torch's, numpy's BLAS and scikit-learn's OpenMP)
             torch.set_num_threads(threads)
-        # every other thread pool (numpy's BLAS, scikit-learn's OpenMP: the published-style
-        # path's mixture) held to the same count, so that neither path uses more
-        with threadpool_limits(limits=threads):
-            figures = time_setting(fast_cfg, published_cfg, device, precision, args, threads)
+        figures = time_setting(fast_cfg, published_cfg, device, precision, args, threads)
     return figures
 
 

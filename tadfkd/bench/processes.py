@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import multiprocessing
+import signal
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class _Path:
         self.stats.count_flops()
 
     def describe(self) -> dict[str, Any]:
+        """The malloc policy it runs under (in words), torch's thread count and those of the
+        BLAS libraries loaded (numpy's, scikit-learn's), for the benchmark's header."""
         blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
         return {
             "malloc": malloc_policy(self.kept_memory),
@@ -92,14 +95,14 @@ class _Path:
 
 
 def _answer(connection: Connection, work: Callable[[], Any], send_result: bool = True) -> Any:
-    """Send ``work()``'s result (or only that it is done); a user's mistake is sent as itself
-    (the parent raises it: one sentence), any other error as its traceback. Returns the result
-    (None after an error)."""
+    """Send ``work()``'s result (or only that it is done); a user's mistake is sent as its
+    sentence (the parent raises it as a ``UserError``: one sentence, exit 2), any other error
+    as its traceback. Returns the result (None after an error)."""
     try:
         result = work()
     except UserError as error:
-        connection.send(("user_error", error))
-    except BaseException:  # noqa: BLE001 - the parent raises it, with this traceback
+        connection.send(("user_error", str(error)))
+    except BaseException:  # the parent raises it, with this traceback
         connection.send(("failed", traceback.format_exc()))
     else:
         connection.send(("done", result if send_result else None))
@@ -109,12 +112,17 @@ def _answer(connection: Connection, work: Callable[[], Any], send_result: bool =
 
 def _serve(connection: Connection, spec: PathSpec) -> None:
     """The child's loop: build the path, then answer ``(method, args)`` requests until
-    ``close``; errors go back to the parent, never raised here."""
+    ``close`` or until the parent is gone; errors go back to the parent, never raised here."""
+    # Ctrl-C reaches the whole process group: the parent alone reacts, and ends its children
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     path = _answer(connection, lambda: _Path(spec), send_result=False)
     if path is None:
         return
     while True:
-        method, args = connection.recv()
+        try:
+            method, args = connection.recv()
+        except EOFError:  # the parent ended without asking
+            return
         if method == "close":
             return
         _answer(connection, partial(_invoke, path, method, args))
@@ -125,59 +133,80 @@ def _invoke(path: _Path, method: str, args: tuple) -> Any:
 
 
 class PathProcess:
-    """A benchmark path in a process of its own (spawned: nothing of this process's torch,
-    thread pools or heap is inherited), with ``PathStats``'s timing methods."""
+    """A benchmark path in a process of its own, spawned: it inherits the environment, but
+    nothing of this process's torch, thread pools or heap. Offers ``PathStats``'s timing
+    methods (``bench.timing.time_paths`` drives it like one)."""
 
     def __init__(self, spec: PathSpec) -> None:
         self.name = spec.name
         context = multiprocessing.get_context("spawn")
         self._connection, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, spec), daemon=True)
-        self._process.start()
-        child.close()
+        # not a daemon: Inductor (--compile) refuses worker pools in daemonic processes;
+        # close() ends it
+        self._process = context.Process(target=_serve, args=(child, spec))
         try:
-            self._reply()  # built
-            # the policy it runs under, its torch and BLAS thread counts
+            self._process.start()
+        except BaseException:
+            self._connection.close()
+            raise
+        finally:
+            child.close()
+        try:
+            self._reply()  # built, its FLOPs counted
             self.description: dict[str, Any] = self._call("describe")
         except BaseException:
             self.close()
             raise
 
     def _call(self, method: str, *args: Any) -> Any:
-        self._connection.send((method, args))
+        try:
+            self._connection.send((method, args))
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._ended() from None
         return self._reply()
 
     def _reply(self) -> Any:
         try:
             status, value = self._connection.recv()
-        except EOFError:
-            self._process.join(timeout=5)
-            raise RuntimeError(
-                f"the benchmark's {self.name} path process ended without an answer "
-                f"(exit code {self._process.exitcode})"
-            ) from None
+        except (EOFError, ConnectionResetError):
+            raise self._ended() from None
         if status == "user_error":
-            raise value
+            raise UserError(value)
         if status == "failed":
             raise RuntimeError(f"the benchmark's {self.name} path failed in its process:\n{value}")
         return value
 
+    def _ended(self) -> RuntimeError:
+        self._process.join(timeout=5)
+        code = self._process.exitcode
+        return RuntimeError(
+            f"the benchmark's {self.name} path process ended without an answer"
+            + ("" if code is None else f" (exit code {code})")
+        )
+
     def start_timing(self) -> None:
+        """Forget the counts so far; timed iterations follow."""
         self._call("start_timing")
 
     def time_iteration(self) -> None:
+        """One timed iteration, in the path's process."""
         self._call("time_iteration")
 
     def figures(self, matmuls: dict[str, float]) -> dict[str, float | None]:
+        """``PathStats.figures``: the timed iterations' figures, in the units of
+        ``bench.compare.ROWS``, against the ``matmuls`` rates (FLOP/s by dtype name)."""
         return self._call("figures", matmuls)
 
     def compile(self) -> tuple[float, int]:
+        """``torch.compile`` the path: its warm-up seconds and the graphs compiled so far."""
         return self._call("compile")
 
     def compiled_graphs(self) -> int:
+        """Graphs compiled so far in the path's process."""
         return self._call("compiled_graphs")
 
     def profile(self) -> str:
+        """The table and counts of one profiled iteration, as text."""
         return self._call("profile")
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Protocol
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -142,10 +143,16 @@ def iteration_flops(
     return [counted + (count - counted_batches) * per_batch for count in batch_counts]
 
 
-def time_paths(paths: dict[str, PathStats], iters: int) -> None:
-    """``iters`` timed iterations of each path, alternating, the order flipped every time
-    (``PathStats`` here, or anything with its ``start_timing`` and ``time_iteration``, such as
-    ``bench.processes.PathProcess``)."""
+class TimedPath(Protocol):
+    """What ``time_paths`` drives: ``PathStats``, or ``bench.processes.PathProcess``."""
+
+    def start_timing(self) -> None: ...
+
+    def time_iteration(self) -> None: ...
+
+
+def time_paths(paths: dict[str, TimedPath], iters: int) -> None:
+    """``iters`` timed iterations of each path, alternating, the order flipped every time."""
     for stats in paths.values():
         stats.start_timing()
     for index in range(iters):
