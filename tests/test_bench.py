@@ -115,6 +115,10 @@ def test_profile_prints_the_top_operators_and_the_host_side_counts(capsys):
     assert calls and int(calls.group(1)) > 100
     split = re.search(r"convolutions and matmuls ([\d.]+) ms \(([\d.]+)%\), other operators", out)
     assert split and float(split.group(1)) > 0 and 0 < float(split.group(2)) < 100
+    ceiling = float(re.search(r"the iteration would run ([\d.]+)x faster", out).group(1))
+    speedup = float(re.search(r"speed-up of fast over published-style: ([\d.]+)x", out).group(1))
+    best = re.search(r"with those other operators free: ([\d.]+)x the published-style path", out)
+    assert best and float(best.group(1)) == pytest.approx(speedup * ceiling, rel=0.02)
 
 
 def test_the_achieved_rate_is_the_median_of_each_iterations_own_rate():
@@ -170,7 +174,8 @@ def test_each_path_runs_in_a_process_of_its_own_under_its_malloc_policy_and_thre
         timing.time_paths({"fast": fast, "published-style": published}, 1)
         figures = published.figures({"fp32": 1e12, "bf16": 2e12})
         assert figures["s_per_iter"] > 0 and figures["tflop_per_iter"] > 0
-        assert "operator calls" in fast.profile()
+        text, dense_share = fast.profile()
+        assert "operator calls" in text and 0 < dense_share < 1
     assert fast._process.exitcode == 0 and published._process.exitcode == 0  # asked to end
 
 

@@ -105,6 +105,19 @@ def print_table(
     )
 
 
+def ceiling_line(figures: dict[str, dict[str, float | None]], ceiling: float) -> str:
+    """What the fast path's figures would be were every operator other than the convolutions
+    and matmuls free (the iteration ``ceiling`` times faster): the most that work on them could
+    bring."""
+    fast, published = figures["fast"], figures["published-style"]
+    speedup = published["s_per_iter"] / fast["s_per_iter"] * ceiling
+    return (
+        f"with those other operators free: {speedup:.2f}x the published-style path in time per "
+        f"iteration, {fast['matmul_share_bf16'] * ceiling:.1f}% of the measured bf16 matmul "
+        f"rate ({fast['matmul_share_fp32'] * ceiling:.1f}% of the fp32)"
+    )
+
+
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tadfkd.bench", description=__doc__.split("\n")[0]
@@ -206,7 +219,10 @@ def time_setting(
                 f"{paths['fast'].compiled_graphs() - graphs}"
             )
         if args.profile:
-            print(paths["fast"].profile(), end="")
+            text, dense_share = paths["fast"].profile()
+            print(text, end="")
+            if dense_share is not None:
+                print(ceiling_line(figures, 1 / dense_share))
     return figures
 
 

@@ -86,12 +86,13 @@ class _Path:
     def compiled_graphs(self) -> int:
         return compiled_graphs()
 
-    def profile(self) -> str:
-        """One profiled iteration's table and counts, as text for the parent to print."""
+    def profile(self) -> tuple[str, float | None]:
+        """One profiled iteration's table and counts, as text for the parent to print, and
+        (on a CPU) the share of its operator time in convolutions and matmuls."""
         output = io.StringIO()
         with contextlib.redirect_stdout(output):
-            profile(self.stats.distiller, self.stats.device)
-        return output.getvalue()
+            dense_share = profile(self.stats.distiller, self.stats.device)
+        return output.getvalue(), dense_share
 
 
 def _answer(connection: Connection, work: Callable[[], Any], send_result: bool = True) -> Any:
@@ -205,8 +206,9 @@ class PathProcess:
         """Graphs compiled so far in the path's process."""
         return self._call("compiled_graphs")
 
-    def profile(self) -> str:
-        """The table and counts of one profiled iteration, as text."""
+    def profile(self) -> tuple[str, float | None]:
+        """The table and counts of one profiled iteration, as text, and (on a CPU) the share of
+        its operator time in convolutions and matmuls (a fraction)."""
         return self._call("profile")
 
     def close(self) -> None:

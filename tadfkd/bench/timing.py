@@ -181,9 +181,11 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def profile(distiller: Distiller, device: torch.device, top: int = 15) -> None:
+def profile(distiller: Distiller, device: torch.device, top: int = 15) -> float | None:
     """One iteration under torch's profiler: the top kernels (operators on a CPU) by self
-    time, and the host-side counts per iteration: kernel launches, synchronisations, copies."""
+    time, and the host-side counts per iteration: kernel launches, synchronisations, copies.
+    Returns, on a CPU, the share of the operator time in convolutions and matmuls (a fraction;
+    None on a GPU or without any)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -207,9 +209,12 @@ def profile(distiller: Distiller, device: torch.device, top: int = 15) -> None:
             f"host-side counts per iteration: kernel launches {count('LaunchKernel')}, "
             f"synchronisations {count('Synchronize')}, copies {count('Memcpy')}"
         )
-    else:
-        print(f"host-side counts per iteration: operator calls {count('aten::')} (CPU)")
-        print(dense_share_line(events))
+        return None
+    print(f"host-side counts per iteration: operator calls {count('aten::')} (CPU)")
+    dense = sum(e.self_cpu_time_total for e in events if is_dense(e.key))
+    other = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) - dense
+    print(dense_share_line(dense, other))
+    return dense / (dense + other) if dense > 0 else None
 
 
 # The operators that carry an iteration's FLOPs: convolutions (forward and backward, every
@@ -222,11 +227,10 @@ def is_dense(name: str) -> bool:
     return name.startswith("aten::") and ("conv" in name or name in DENSE_OPERATORS)
 
 
-def dense_share_line(events) -> str:
-    """The profiled iteration's operator time (CPU self time) split into convolutions and
-    matmuls, and the rest; with the rest free, the iteration would be 1/share faster."""
-    dense = sum(e.self_cpu_time_total for e in events if is_dense(e.key))
-    other = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::")) - dense
+def dense_share_line(dense: float, other: float) -> str:
+    """The profiled iteration's operator time (CPU self time, microseconds) in convolutions and
+    matmuls (``dense``) and in the rest; with the rest free, the iteration would be 1/share
+    faster."""
     if dense == 0:
         return f"operator time (self, profiled): no convolution or matmul; {other / 1e3:.1f} ms"
     share = dense / (dense + other)
