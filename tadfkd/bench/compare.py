@@ -177,26 +177,14 @@ def time_setting(
     alternation; and their table."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     matmuls = {name: matmul_rate(device, dtype) for name, dtype in dtypes.items()}
+    fast_policy = fast_cfg.runtime.keep_freed_memory
+    shared = {"device": str(device), "seed": args.seed, "threads": threads}
     specs = [
         # the fast path under the run's malloc policy, the published-style path under the C
         # library's own, as the published code runs
+        PathSpec("fast", fast_cfg, published=False, keep_freed_memory=fast_policy, **shared),
         PathSpec(
-            name="fast",
-            cfg=fast_cfg,
-            device=str(device),
-            published=False,
-            seed=args.seed,
-            threads=threads,
-            keep_freed_memory=fast_cfg.runtime.keep_freed_memory,
-        ),
-        PathSpec(
-            name="published-style",
-            cfg=published_cfg,
-            device=str(device),
-            published=True,
-            seed=args.seed,
-            threads=threads,
-            keep_freed_memory=False,
+            "published-style", published_cfg, published=True, keep_freed_memory=False, **shared
         ),
     ]
     with contextlib.ExitStack() as stack:
