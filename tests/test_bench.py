@@ -12,7 +12,7 @@ from helpers import ROOT, run_entry
 from tadfkd.base.errors import UserError
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
-from tadfkd.bench import processes, setting, timing
+from tadfkd.bench import operators, processes, setting, timing
 from tadfkd.bench import published as published_path
 from tadfkd.bench import threads as bench_threads
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
@@ -63,7 +63,7 @@ def test_small_benchmark_prints_the_whole_table_at_each_thread_count(capsys):
 
 
 def test_the_component_profile_adds_up_to_an_iteration(capsys):
-    found = bench_components.main(["--setting", "small", "--reps", "1"])
+    found = bench_components.main(["--setting", "small", "--reps", "1", "--operators"])
     out = capsys.readouterr().out
     assert "generated batches per student step" in out
     assert re.search(r"; malloc: (keeps freed memory|its own policy|not glibc)", out)
@@ -72,6 +72,60 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
         assert seconds > 0 and flops > 0
         assert any(line.startswith(name) for line in out.splitlines())
     assert re.search(r"one iteration: \d+ ms timed; \d+ ms from the components", out)
+    assert re.search(r"one iteration: \d+ ms timed; in its \d+ operator calls", out)
+
+
+def test_each_operator_call_is_timed_with_its_flops_and_precision():
+    a = torch.randn(64, 32, dtype=torch.bfloat16)
+    b = torch.randn(32, 16, dtype=torch.bfloat16)
+    x = torch.randn(8, 8)
+
+    calls = operators.record(lambda: (a @ b, x.add_(1.0)))
+    names = [call.name for call in calls]
+    assert names == ["aten.mm.default", "aten.add_.Tensor"]
+    matmul, add = calls
+    assert matmul.flops == 2 * 64 * 32 * 16 and matmul.dense
+    assert matmul.dtype == torch.bfloat16 and matmul.shape == (64, 16)
+    assert matmul.operand == (32, 16) and add.operand == ()
+    assert add.flops == 0 and not add.dense and add.dtype == torch.float32
+    assert matmul.seconds > 0 and add.seconds > 0
+    rates = {"fp32": 1e9, "bf16": 4e9}
+    assert operators.at_matmul_rate(matmul, rates) == pytest.approx(matmul.flops / 4e9)
+
+
+def test_the_operator_split_adds_up_to_the_timed_iteration(capsys):
+    conv = operators.OperatorCall(
+        "aten.convolution.default", (4, 8), torch.float32, 0.2, 1e8, operand=(8, 2)
+    )
+    relu = operators.OperatorCall("aten.relu.default", (4, 8), torch.float32, 0.05, 0.0)
+    split = operators.report([conv, conv, relu], 0.5, {"fp32": 1e9, "bf16": 4e9})
+    assert split == pytest.approx({"dense": 0.4, "dense_at_rate": 0.2, "other": 0.05, "rest": 0.05})
+    out = capsys.readouterr().out
+    assert re.search(
+        r"aten.convolution.default\s+\[4, 8\] x \[8, 2\]\s+float32\s+2\s+400.00\s+50.0", out
+    )
+    assert re.search(r"aten.relu.default\s+1\s+50.00", out)
+    assert (
+        "one iteration: 500 ms timed; in its 3 operator calls, convolutions and matmuls 400 ms (at "
+        "the measured matmul rates of their precisions they would take 200 ms, 50% of that), "
+        "other operators 50 ms; outside the operators 50 ms" in out
+    )
+
+
+def test_the_operator_split_times_and_records_the_same_iteration(capsys):
+    distiller = setting.build_path(
+        setting.bench_config(["trainer.student_steps=2"]), torch.device("cpu"), False, seed=0
+    )
+    distiller.iterate()  # a selection rate, optimiser states: the state a timed iteration has
+    restore = bench_components.saved_state(distiller)
+    first = operators.record(distiller.iterate)
+    restore()
+    again = operators.record(distiller.iterate)
+    assert [(c.name, c.shape) for c in again] == [(c.name, c.shape) for c in first]
+    assert [c.flops for c in again] == [c.flops for c in first]
+    split = bench_components.operator_split(distiller, torch.device("cpu"), reps=1)
+    assert split["dense"] > 0 and split["other"] > 0 and 0 < split["dense_at_rate"]
+    assert re.search(r"outside the operators -?\d+ ms \(Python", capsys.readouterr().out)
 
 
 def test_a_benchmarks_config_is_checked_as_a_runs():

@@ -10,11 +10,17 @@ train view, the teacher's scoring forward, the mixture fit, one student step on 
 one generator step, and a whole student batch with its refill. The last lines scale them to one
 iteration (``student_steps`` student batches and steps plus one generator step) and compare with
 a timed iteration, so the table adds up to what an iteration costs.
+
+``--operators`` then times every operator call of one more iteration where it runs
+(``tadfkd.bench.operators``): the convolutions and matmuls against the matmul rate of their
+precision, the other operators, and the time outside any operator (Python, dispatch, the
+autograd engine and the host's mixture fit).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -24,7 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tadfkd.base import schema
 from tadfkd.base.errors import exit_on_known_errors
+from tadfkd.bench import operators
 from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
+from tadfkd.bench.timing import matmul_rate
 from tadfkd.distillation.meter import EpochMeter
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
@@ -87,6 +95,11 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--operators",
+        action="store_true",
+        help="also time each operator call of one iteration (tadfkd.bench.operators)",
+    )
     args = parser.parse_args(argv)
     set_threads(args.threads)
     device = torch.device("cpu")
@@ -122,7 +135,45 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         f"one iteration: {iteration * 1e3:.0f} ms timed; {estimate * 1e3:.0f} ms from the "
         f"components ({steps} x (student batch + student step) + generator step)"
     )
+    if args.operators:
+        operator_split(distiller, device)
     return found
+
+
+def saved_state(distiller) -> Callable[[], None]:
+    """A function that puts ``distiller`` and torch's CPU random generator back in their state
+    of now, so that the next iteration computes the same as the first one from now did."""
+    state, rng = copy.deepcopy(distiller.state_dict()), torch.get_rng_state()
+
+    def restore() -> None:
+        distiller.load_state_dict(copy.deepcopy(state))  # the optimisers alias what they load
+        torch.set_rng_state(rng)
+
+    return restore
+
+
+def operator_split(distiller, device: torch.device, reps: int = 3) -> dict[str, float]:
+    """The operator split (``tadfkd.bench.operators.report``) of one iteration, run from one
+    saved state (the distiller's and torch's random generator's): timed ``reps`` times on its
+    own (the median), then once more with each operator call timed, so both run the same
+    calls; against the fp32 and bf16 matmul rates measured before and after (the higher)."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    rates = {name: matmul_rate(device, dtype) for name, dtype in dtypes.items()}
+    restore = saved_state(distiller)
+    seconds = []
+    for _ in range(reps):
+        restore()
+        start = time.perf_counter()
+        distiller.iterate()
+        seconds.append(time.perf_counter() - start)
+    restore()
+    calls = operators.record(distiller.iterate)
+    rates = {name: max(rate, matmul_rate(device, dtypes[name])) for name, rate in rates.items()}
+    print(
+        "measured matmul rates (TFLOP/s): "
+        + ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in rates.items())
+    )
+    return operators.report(calls, statistics.median(seconds), rates)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""Every operator call of one fast-path iteration on the CPU, timed where it runs.
+
+``python -m tadfkd.bench.components --operators`` runs one iteration under a dispatch mode that
+sees each of torch's ATen operator calls after autocast has chosen its precision, times each
+call where it runs (its inputs as the iteration left them, in cache or not) and counts its FLOPs
+with the formulas of torch's ``FlopCounterMode``: the calls with FLOPs are the convolutions and
+matmuls, forward and backward. This says how close those run to the matmul rate of their own
+precision (bf16 or fp32, as the benchmark measures it), how long everything else takes, and, by
+difference from an iteration timed without the mode, how long is spent outside any operator:
+Python, autocast and autograd's dispatch, the autograd engine, and the mixture fit (numpy on
+the host).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
+
+# the precisions whose matmul rate the benchmark measures; fp16 runs on bf16's units
+RATE_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
+
+
+@dataclass(frozen=True)
+class OperatorCall:
+    """One call: ``name`` the ATen overload (e.g. ``aten.convolution.default``), ``shape`` its
+    first output's (() without one), ``dtype`` its first floating-point input's (None without
+    one), ``seconds`` as it ran, ``flops`` by torch's formula (0 for memory-bound operators),
+    ``operand`` the shape of its second tensor argument (a convolution's weight; () without
+    one), which tells apart calls with the same output, e.g. a convolution and a depthwise one."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None
+    seconds: float
+    flops: float
+    operand: tuple[int, ...] = ()
+
+    @property
+    def dense(self) -> bool:
+        return self.flops > 0
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[OperatorCall] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        start = time.perf_counter()
+        out = func(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        formula = flop_registry.get(func._overloadpacket)
+        output = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        source = next((t for t in inputs if t.is_floating_point()), None)
+        self.calls.append(
+            OperatorCall(
+                name=str(func),
+                shape=tuple(output.shape) if output is not None else (),
+                dtype=source.dtype if source is not None else None,
+                seconds=seconds,
+                flops=float(formula(*args, **kwargs, out_val=out)) if formula else 0.0,
+                operand=tuple(inputs[1].shape) if len(inputs) > 1 else (),
+            )
+        )
+        return out
+
+
+def record(function: Callable[[], object]) -> list[OperatorCall]:
+    """The operator calls of one ``function()`` on the CPU, each timed as it ran, in order."""
+    with _Recorder() as recorder:
+        function()
+    return recorder.calls
+
+
+def at_matmul_rate(call: OperatorCall, rates: dict[str, float]) -> float:
+    """Seconds ``call``'s FLOPs would take at the measured matmul rate (FLOP/s, ``rates``
+    keyed "fp32" and "bf16") of its precision."""
+    return call.flops / rates[RATE_OF_DTYPE.get(call.dtype, "fp32")]
+
+
+def report(
+    calls: list[OperatorCall], iteration_seconds: float, rates: dict[str, float], top: int = 8
+) -> dict[str, float]:
+    """Print the dense calls grouped by operator, output and operand shapes and precision, and
+    the others
+    by operator (the ``top`` of each by time), then the iteration's split: dense operators
+    (and how long they would take at their precision's matmul rate), other operators, and the
+    rest of ``iteration_seconds`` (an iteration timed on its own). Returns the split in
+    seconds: ``dense``, ``dense_at_rate``, ``other``, ``rest``."""
+    dense: dict[tuple, list[OperatorCall]] = defaultdict(list)
+    other: dict[str, list[OperatorCall]] = defaultdict(list)
+    for call in calls:
+        if call.dense:
+            dtype = str(call.dtype).removeprefix("torch.")
+            dense[(call.name, call.shape, call.operand, dtype)].append(call)
+        else:
+            other[call.name].append(call)
+
+    def total(group: list[OperatorCall]) -> float:
+        return sum(call.seconds for call in group)
+
+    def by_time(groups: dict) -> list:
+        return sorted(groups.items(), key=lambda item: -total(item[1]))[:top]
+
+    print(f"convolutions and matmuls, top {top} by time:")
+    print(
+        f"{'operator':<34}{'output x 2nd operand':<38}{'dtype':<10}{'calls':>6}{'ms':>9}"
+        f"{'% of rate':>11}"
+    )
+    for (name, shape, operand, dtype), group in by_time(dense):
+        share = 100 * sum(at_matmul_rate(call, rates) for call in group) / total(group)
+        shapes = f"{list(shape)} x {list(operand)}"
+        print(
+            f"{name:<34}{shapes:<38}{dtype:<10}{len(group):>6}"
+            f"{total(group) * 1e3:>9.2f}{share:>11.1f}"
+        )
+    print("(% of rate: of the measured matmul rate of their precision)")
+    print(f"other operators, top {top} by time:")
+    print(f"{'operator':<82}{'calls':>6}{'ms':>9}")
+    for name, group in by_time(other):
+        print(f"{name:<82}{len(group):>6}{total(group) * 1e3:>9.2f}")
+    split = {
+        "dense": sum(total(group) for group in dense.values()),
+        "dense_at_rate": sum(at_matmul_rate(call, rates) for call in calls if call.dense),
+        "other": sum(total(group) for group in other.values()),
+    }
+    split["rest"] = iteration_seconds - split["dense"] - split["other"]
+    dense_share = split["dense_at_rate"] / split["dense"] if split["dense"] > 0 else 0.0
+    print(
+        f"one iteration: {iteration_seconds * 1e3:.0f} ms timed; in its {len(calls)} operator "
+        f"calls, convolutions and matmuls {split['dense'] * 1e3:.0f} ms (at the measured matmul "
+        f"rates of their precisions they would take {split['dense_at_rate'] * 1e3:.0f} ms, "
+        f"{100 * dense_share:.0f}% of that), other operators {split['other'] * 1e3:.0f} ms; "
+        f"outside the operators {split['rest'] * 1e3:.0f} ms (Python, autocast and autograd "
+        "dispatch, the autograd engine, the mixture fit on the host)"
+    )
+    return split
