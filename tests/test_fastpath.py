@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import ROOT, tiny_distiller
+from torch import nn
 
 import tadfkd.distillation.precision
 import tadfkd.distillation.synthesizer
@@ -17,7 +18,7 @@ from tadfkd.bench.setting import bench_config, build_path
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.precision import Precision, cpu_has_bf16, resolve_precision
 from tadfkd.distillation.selection import fill_order
-from tadfkd.distillation.synthesizer import Synthesizer
+from tadfkd.distillation.synthesizer import Synthesizer, mode
 from tadfkd.models import ARCHITECTURES, build_classifier
 from tadfkd.run.builder import adaptive_refill, on_if_auto
 from tadfkd.teachers.folding import fold_batchnorm
@@ -398,3 +399,20 @@ def test_fp16_scales_the_loss_and_steps():
     precision.step(loss, optimizer, "student")
     assert not torch.equal(before, model.weight)
     assert set(precision.state_dict()) == {"student"}  # carried into checkpoints
+
+
+def test_mode_switches_only_a_module_not_in_that_mode_already(monkeypatch):
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+    with mode(net, "eval"):
+        assert not any(module.training for module in net.modules())
+    assert all(module.training for module in net.modules())
+
+    def refuse(module, flag=True):
+        raise AssertionError("train() was called")
+
+    monkeypatch.setattr(nn.Module, "train", refuse)
+    with mode(net, "train"):  # every submodule in train mode already: nothing is set
+        assert all(module.training for module in net.modules())
+    with pytest.raises(AssertionError, match="train\\(\\) was called"):
+        with mode(net, "eval"):
+            pass

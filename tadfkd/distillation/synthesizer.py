@@ -251,9 +251,15 @@ class Synthesizer:
 
 @contextlib.contextmanager
 def mode(module: nn.Module, name: str) -> Iterator[None]:
-    """``module`` in ``name`` mode ("train" or "eval") inside the block, its mode before after."""
+    """``module`` in ``name`` mode ("train" or "eval") inside the block, its mode before after.
+    When every submodule is in that mode already, nothing is set: ``nn.Module.train`` sets each
+    submodule's flag through ``nn.Module.__setattr__``, a cost paid on every generated batch."""
+    wanted = name == "train"
+    if all(submodule.training == wanted for submodule in module.modules()):
+        yield
+        return
     before = module.training
-    module.train(name == "train")
+    module.train(wanted)
     try:
         yield
     finally:
