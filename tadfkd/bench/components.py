@@ -13,8 +13,7 @@ a timed iteration, so the table adds up to what an iteration costs.
 
 ``--operators`` then times every operator call of one more iteration where it runs
 (``tadfkd.bench.operators``): the convolutions and matmuls against the matmul rate of their
-precision, the other operators, and the time outside any operator (Python, dispatch, the
-autograd engine and the host's mixture fit).
+precision, and the other operators.
 """
 
 from __future__ import annotations
