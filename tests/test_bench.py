@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import ROOT, run_entry
 
 from tadfkd.base.errors import UserError
@@ -93,6 +94,23 @@ def test_each_operator_call_is_timed_with_its_flops_and_precision():
     assert operators.at_matmul_rate(matmul, rates) == pytest.approx(matmul.flops / 4e9)
 
 
+def test_a_recorded_call_has_the_precision_autocast_chose_and_its_weights_shape():
+    a, b = torch.randn(16, 8), torch.randn(8, 4)
+    with torch.autocast("cpu", torch.bfloat16):
+        calls = operators.record(lambda: a @ b)
+    matmul = next(call for call in calls if call.dense)
+    assert matmul.dtype == torch.bfloat16 and matmul.flops == 2 * 16 * 8 * 4
+
+    # two backward passes on one input tell apart by their weights, not by the input they share
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    wide = torch.randn(32, 16, 3, 3, requires_grad=True)
+    narrow = torch.randn(64, 16, 1, 1, requires_grad=True)
+    loss = F.conv2d(x, wide, padding=1).sum() + F.conv2d(x, narrow).sum()
+    calls = operators.record(loss.backward)
+    backward = [c for c in calls if c.name == "aten.convolution_backward.default"]
+    assert sorted(c.operand for c in backward) == [(32, 16, 3, 3), (64, 16, 1, 1)]
+
+
 def test_the_operator_split_sums_the_calls_by_kind_and_rates_the_dense_ones(capsys):
     conv = operators.OperatorCall(
         "aten.convolution.default", (4, 8), torch.float32, 0.2, 1e8, operand=(8, 2)
@@ -101,6 +119,7 @@ def test_the_operator_split_sums_the_calls_by_kind_and_rates_the_dense_ones(caps
     split = operators.report([conv, conv, relu], 0.5, {"fp32": 1e9, "bf16": 4e9})
     assert split == pytest.approx({"dense": 0.4, "dense_at_rate": 0.2, "other": 0.05})
     out = capsys.readouterr().out
+    assert "the other" not in out  # every group fits in the top ones
     assert re.search(
         r"aten.convolution.default\s+\[4, 8\] x \[8, 2\]\s+float32\s+2\s+400.00\s+50.0", out
     )
@@ -110,20 +129,34 @@ def test_the_operator_split_sums_the_calls_by_kind_and_rates_the_dense_ones(caps
         "and matmuls 400 ms (at the measured matmul rates of their precisions they would take "
         "200 ms, 50% of that), other operators 50 ms" in out
     )
+    depthwise = operators.OperatorCall(
+        "aten.convolution.default", (4, 8), torch.bfloat16, 0.1, 4e7, operand=(8, 1)
+    )
+    operators.report([conv, depthwise, relu, relu], 0.5, {"fp32": 1e9, "bf16": 4e9}, top=1)
+    out = capsys.readouterr().out
+    # the groups and operators beyond the top ones in one row each: calls, ms (and % of rate)
+    assert re.search(r"the other 1 groups\s+1\s+100.00\s+10.0$", out, re.MULTILINE)
+    assert "the other" not in out.split("other operators, top 1")[1]  # one operator: relu
 
 
 def test_the_operator_split_times_and_records_the_same_iteration(capsys):
+    torch.set_num_threads(1)  # oneDNN's multi-threaded reductions may change the last bits
     distiller = setting.build_path(
         setting.bench_config(["trainer.student_steps=2"]), torch.device("cpu"), False, seed=0
     )
     distiller.iterate()  # a selection rate, optimiser states: the state a timed iteration has
-    restore = bench_components.saved_state(distiller)
+    restore = bench_components.restore_point(distiller)
     first = operators.record(distiller.iterate)
+    after_one = [p.detach().clone() for p in distiller.student.parameters()]
     restore()
     again = operators.record(distiller.iterate)
     assert [(c.name, c.shape) for c in again] == [(c.name, c.shape) for c in first]
     assert [c.flops for c in again] == [c.flops for c in first]
-    split = bench_components.operator_split(distiller, torch.device("cpu"), reps=1)
+    restore()
+    split = bench_components.operator_split(distiller, reps=1)
+    # its recorded iteration is the one from the restore point: the student took that one step
+    for parameter, expected in zip(distiller.student.parameters(), after_one, strict=True):
+        assert torch.equal(parameter, expected)
     assert split["dense"] > 0 and split["other"] > 0 and 0 < split["dense_at_rate"]
     assert re.search(r"other operators \d+ ms$", capsys.readouterr().out, re.MULTILINE)
 

@@ -416,3 +416,7 @@ def test_mode_switches_only_a_module_not_in_that_mode_already(monkeypatch):
     with pytest.raises(AssertionError, match="train\\(\\) was called"):
         with mode(net, "eval"):
             pass
+    net[1].training = False  # one submodule in another mode: the whole module is switched
+    with pytest.raises(AssertionError, match="train\\(\\) was called"):
+        with mode(net, "train"):
+            pass

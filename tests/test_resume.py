@@ -52,7 +52,9 @@ from tadfkd.run.resume import CHECKPOINT_KEYS
 from tadfkd.run.tracking import WandbTracker
 
 # Eight epochs: even on an idle machine (about 0.1 s an epoch) three kills land before the end.
-TINY = ["debug=tiny", "trainer.epochs=8", "runtime.device=cpu"]
+# One thread: runtime.threads=auto follows the machine's load, and a run and its resumed copy at
+# different thread counts differ in the last bits (oneDNN's reductions).
+TINY = ["debug=tiny", "trainer.epochs=8", "runtime.device=cpu", "runtime.threads=1"]
 
 # A stand-in test set for the in-process loop: one batch of 16x16 digits-shaped images.
 TEST_BATCHES = [

@@ -36,7 +36,7 @@ from tadfkd.bench.agreement import agreement
 from tadfkd.bench.processes import PathProcess, PathSpec
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
 from tadfkd.bench.setting import SETTINGS, bench_config, device_name
-from tadfkd.bench.timing import EPOCH_ITERS, matmul_rate, time_paths
+from tadfkd.bench.timing import EPOCH_ITERS, matmul_rates, time_paths
 from tadfkd.distillation.precision import resolve_precision
 from tadfkd.run.runtime import resolve_device
 
@@ -175,8 +175,7 @@ def time_setting(
 ) -> dict[str, dict[str, float | None]]:
     """Both paths, each in a process of its own at ``threads`` CPU threads, timed in
     alternation; and their table."""
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    matmuls = {name: matmul_rate(device, dtype) for name, dtype in dtypes.items()}
+    matmuls = matmul_rates(device)
     fast_policy = fast_cfg.runtime.keep_freed_memory
     shared = {"device": str(device), "seed": args.seed, "threads": threads}
     specs = [
@@ -191,11 +190,7 @@ def time_setting(
         paths = {spec.name: stack.enter_context(PathProcess(spec)) for spec in specs}
         compiled = paths["fast"].compile() if args.compile else None
         time_paths(paths, args.iters)
-        # Measured again after the timed iterations, the higher of the two: load from other
-        # jobs only ever slows it down.
-        matmuls = {
-            name: max(rate, matmul_rate(device, dtypes[name])) for name, rate in matmuls.items()
-        }
+        matmuls = matmul_rates(device, matmuls)  # measured again after the timed iterations
         figures = {name: path.figures(matmuls) for name, path in paths.items()}
         descriptions = {name: path.description for name, path in paths.items()}
         print_table(fast_cfg, device, precision, matmuls, args.iters, figures, descriptions)

@@ -31,19 +31,25 @@ from tadfkd.base import schema
 from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench import operators
 from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
-from tadfkd.bench.timing import matmul_rate
+from tadfkd.bench.timing import matmul_rates
+from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
 
-def timed(function: Callable[[], object], reps: int) -> float:
-    """Median seconds of ``reps`` calls (after one untimed call)."""
-    function()
+def timed(
+    function: Callable[[], object], reps: int, before_each: Callable[[], None] | None = None
+) -> float:
+    """Median seconds of ``reps`` calls (after one untimed call); ``before_each``, untimed,
+    before every call."""
     seconds = []
-    for _ in range(reps):
+    for rep in range(reps + 1):
+        if before_each is not None:
+            before_each()
         start = time.perf_counter()
         function()
-        seconds.append(time.perf_counter() - start)
+        if rep > 0:
+            seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
 
@@ -53,7 +59,7 @@ def flops(function: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def components(distiller, reps: int) -> dict[str, tuple[float, float]]:
+def components(distiller: Distiller, reps: int) -> dict[str, tuple[float, float]]:
     """Seconds and FLOPs of each component of one iteration."""
     synthesizer, size = distiller.synthesizer, distiller.schedule.batch_size
     with torch.no_grad():
@@ -135,11 +141,11 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         f"components ({steps} x (student batch + student step) + generator step)"
     )
     if args.operators:
-        operator_split(distiller, device)
+        operator_split(distiller)
     return found
 
 
-def saved_state(distiller) -> Callable[[], None]:
+def restore_point(distiller: Distiller) -> Callable[[], None]:
     """A function that puts ``distiller`` and torch's CPU random generator back in their state
     of now, so that the next iteration computes the same as the first one from now did."""
     state, rng = copy.deepcopy(distiller.state_dict()), torch.get_rng_state()
@@ -151,28 +157,23 @@ def saved_state(distiller) -> Callable[[], None]:
     return restore
 
 
-def operator_split(distiller, device: torch.device, reps: int = 3) -> dict[str, float]:
-    """The operator split (``tadfkd.bench.operators.report``) of one iteration, run from one
-    saved state (the distiller's and torch's random generator's): timed ``reps`` times on its
-    own (the median), then once more with each operator call timed, so both run the same
-    calls; against the fp32 and bf16 matmul rates measured before and after (the higher)."""
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    rates = {name: matmul_rate(device, dtype) for name, dtype in dtypes.items()}
-    restore = saved_state(distiller)
-    seconds = []
-    for _ in range(reps):
-        restore()
-        start = time.perf_counter()
-        distiller.iterate()
-        seconds.append(time.perf_counter() - start)
+def operator_split(distiller: Distiller, reps: int = 3) -> dict[str, float]:
+    """The operator split (``tadfkd.bench.operators.report``) of one iteration on the CPU, run
+    from one restore point: timed ``reps`` times on its own (the median), then once more with
+    each operator call timed, so both run the same calls; against the fp32 and bf16 matmul
+    rates measured before and after (the higher)."""
+    restore = restore_point(distiller)  # before the matmuls, which draw random matrices
+    device = torch.device("cpu")
+    rates = matmul_rates(device)
+    seconds = timed(distiller.iterate, reps, before_each=restore)
     restore()
     calls = operators.record(distiller.iterate)
-    rates = {name: max(rate, matmul_rate(device, dtypes[name])) for name, rate in rates.items()}
+    rates = matmul_rates(device, rates)
     print(
         "measured matmul rates (TFLOP/s): "
         + ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in rates.items())
     )
-    return operators.report(calls, statistics.median(seconds), rates)
+    return operators.report(calls, seconds, rates)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,8 @@ call where it runs (its inputs as the iteration left them, in cache or not) and 
 with the formulas of torch's ``FlopCounterMode``: the calls with FLOPs are the convolutions and
 matmuls, forward and backward. This says how close those run to the matmul rate of their own
 precision (bf16 or fp32, as the benchmark measures it) and how long everything else takes. Each
-call's time also holds the recording's own re-dispatch from Python (microseconds a call), so the
-calls add up to about the whole iteration: the time outside any operator (Python, the autograd
-engine, the mixture fit on the host) is not told apart.
+call's time includes a few microseconds of the recording's own re-dispatch from Python; the time
+outside any operator (Python, the autograd engine, the mixture fit on the host) is not measured.
 """
 
 from __future__ import annotations
@@ -23,17 +22,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-# the precisions whose matmul rate the benchmark measures; fp16 runs on bf16's units
-RATE_OF_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}
+from tadfkd.bench.timing import MATMUL_DTYPES
+
+# the name of the matmul rate each precision is compared with (``timing.MATMUL_DTYPES``)
+RATE_OF_DTYPE = {dtype: name for name, dtype in MATMUL_DTYPES.items()}
+# where a dense operator's weight is among its tensor arguments: what tells apart calls with the
+# same output, e.g. a convolution and a depthwise one, or two backward passes on one input
+WEIGHT_ARGUMENT = {"convolution": 1, "convolution_backward": 2, "addmm": 2, "baddbmm": 2}
 
 
 @dataclass(frozen=True)
 class OperatorCall:
-    """One call: ``name`` the ATen overload (e.g. ``aten.convolution.default``), ``shape`` its
-    first output's (() without one), ``dtype`` its first floating-point input's (None without
-    one), ``seconds`` as it ran, ``flops`` by torch's formula (0 for memory-bound operators),
-    ``operand`` the shape of its second tensor argument (a convolution's weight; () without
-    one), which tells apart calls with the same output, e.g. a convolution and a depthwise one."""
+    """One call: ``name`` the ATen overload (e.g. ``aten.convolution.default``), ``shape`` that
+    of its first tensor output (() without one), ``dtype`` its first floating-point input's
+    (None without one), ``seconds`` as it ran, ``flops`` by torch's formula (0 for
+    memory-bound operators), ``operand`` the shape of its weight (``WEIGHT_ARGUMENT``; of its
+    second tensor argument for another operator, e.g. ``mm``'s; () without one)."""
 
     name: str
     shape: tuple[int, ...]
@@ -52,7 +56,7 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.calls: list[OperatorCall] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         start = time.perf_counter()
         out = func(*args, **kwargs)
@@ -61,6 +65,10 @@ class _Recorder(TorchDispatchMode):
         output = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         source = next((t for t in inputs if t.is_floating_point()), None)
+        index = WEIGHT_ARGUMENT.get(func._overloadpacket.__name__, 1)
+        weight = args[index] if index < len(args) else None
+        if not isinstance(weight, torch.Tensor):
+            weight = inputs[1] if len(inputs) > 1 else None
         self.calls.append(
             OperatorCall(
                 name=str(func),
@@ -68,7 +76,7 @@ class _Recorder(TorchDispatchMode):
                 dtype=source.dtype if source is not None else None,
                 seconds=seconds,
                 flops=float(formula(*args, **kwargs, out_val=out)) if formula else 0.0,
-                operand=tuple(inputs[1].shape) if len(inputs) > 1 else (),
+                operand=tuple(weight.shape) if weight is not None else (),
             )
         )
         return out
@@ -107,26 +115,38 @@ def report(
     def total(group: list[OperatorCall]) -> float:
         return sum(call.seconds for call in group)
 
-    def by_time(groups: dict) -> list:
-        return sorted(groups.items(), key=lambda item: -total(item[1]))[:top]
+    def by_time(groups: dict) -> tuple[list, list[OperatorCall]]:
+        """The ``top`` groups by time, and the calls of all the others."""
+        ranked = sorted(groups.items(), key=lambda item: -total(item[1]))
+        return ranked[:top], [call for _, group in ranked[top:] for call in group]
+
+    def rate_share(group: list[OperatorCall]) -> float:
+        return 100 * sum(at_matmul_rate(call, rates) for call in group) / total(group)
 
     print(f"convolutions and matmuls, top {top} by time:")
     print(
-        f"{'operator':<34}{'output x 2nd operand':<38}{'dtype':<10}{'calls':>6}{'ms':>9}"
+        f"{'operator':<34}{'output x weight':<38}{'dtype':<10}{'calls':>6}{'ms':>9}"
         f"{'% of rate':>11}"
     )
-    for (name, shape, operand, dtype), group in by_time(dense):
-        share = 100 * sum(at_matmul_rate(call, rates) for call in group) / total(group)
+    ranked, rest = by_time(dense)
+    for (name, shape, operand, dtype), group in ranked:
         shapes = f"{list(shape)} x {list(operand)}"
         print(
             f"{name:<34}{shapes:<38}{dtype:<10}{len(group):>6}"
-            f"{total(group) * 1e3:>9.2f}{share:>11.1f}"
+            f"{total(group) * 1e3:>9.2f}{rate_share(group):>11.1f}"
         )
-    print("(% of rate: of the measured matmul rate of their precision)")
+    if rest:
+        label = f"the other {len(dense) - top} groups"
+        print(f"{label:<82}{len(rest):>6}{total(rest) * 1e3:>9.2f}{rate_share(rest):>11.1f}")
+    print("(% of rate: of the measured matmul rate of their precision; x: the weight's shape)")
     print(f"other operators, top {top} by time:")
     print(f"{'operator':<82}{'calls':>6}{'ms':>9}")
-    for name, group in by_time(other):
+    ranked, rest = by_time(other)
+    for name, group in ranked:
         print(f"{name:<82}{len(group):>6}{total(group) * 1e3:>9.2f}")
+    if rest:
+        label = f"the other {len(other) - top} operators"
+        print(f"{label:<82}{len(rest):>6}{total(rest) * 1e3:>9.2f}")
     split = {
         "dense": sum(total(group) for group in dense.values()),
         "dense_at_rate": sum(at_matmul_rate(call, rates) for call in calls if call.dense),

@@ -38,6 +38,19 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
+# the precisions whose matmul rates the benchmarks measure, by the names they print
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_rates(device: torch.device, earlier: dict[str, float] | None = None) -> dict[str, float]:
+    """The matmul rate (FLOP/s) of each of ``MATMUL_DTYPES`` on ``device``; with ``earlier``
+    rates, the higher of each pair: load from other jobs only ever slows a measurement down."""
+    rates = {name: matmul_rate(device, dtype) for name, dtype in MATMUL_DTYPES.items()}
+    if earlier is None:
+        return rates
+    return {name: max(rate, earlier[name]) for name, rate in rates.items()}
+
+
 class PathStats:
     """Timings and counts of one path over the timed iterations."""
 

@@ -253,7 +253,8 @@ class Synthesizer:
 def mode(module: nn.Module, name: str) -> Iterator[None]:
     """``module`` in ``name`` mode ("train" or "eval") inside the block, its mode before after.
     When every submodule is in that mode already, nothing is set: ``nn.Module.train`` sets each
-    submodule's flag through ``nn.Module.__setattr__``, a cost paid on every generated batch."""
+    submodule's flag through ``nn.Module.__setattr__``, a cost paid on every generated batch.
+    The block itself must not switch modes (then nothing would switch them back)."""
     wanted = name == "train"
     if all(submodule.training == wanted for submodule in module.modules()):
         yield
