@@ -138,7 +138,10 @@ def report(
     if rest:
         label = f"the other {len(dense) - top} groups"
         print(f"{label:<82}{len(rest):>6}{total(rest) * 1e3:>9.2f}{rate_share(rest):>11.1f}")
-    print("(% of rate: of the measured matmul rate of their precision; x: the weight's shape)")
+    print(
+        "(% of rate: of the measured matmul rate of their precision; x: the weight's shape, "
+        "or a product's second factor's)"
+    )
     print(f"other operators, top {top} by time:")
     print(f"{'operator':<82}{'calls':>6}{'ms':>9}")
     ranked, rest = by_time(other)
