@@ -95,13 +95,68 @@ def at_matmul_rate(call: OperatorCall, rates: dict[str, float]) -> float:
     return call.flops / rates[RATE_OF_DTYPE.get(call.dtype, "fp32")]
 
 
+def seconds_of(group: list[OperatorCall]) -> float:
+    return sum(call.seconds for call in group)
+
+
+def rate_share(group: list[OperatorCall], rates: dict[str, float]) -> float:
+    """How long ``group``'s FLOPs would take at their precisions' matmul rates, in percent of
+    how long they took."""
+    return 100 * sum(at_matmul_rate(call, rates) for call in group) / seconds_of(group)
+
+
+def ranked(groups: dict, top: int) -> tuple[list, list[OperatorCall]]:
+    """The ``top`` (key, calls) groups by time, and the calls of all the others."""
+    by_time = sorted(groups.items(), key=lambda item: -seconds_of(item[1]))
+    return by_time[:top], [call for _, group in by_time[top:] for call in group]
+
+
+def print_dense(groups: dict[tuple, list[OperatorCall]], rates: dict[str, float], top: int) -> None:
+    """The dense groups, keyed (operator, output shape, weight shape, precision): the ``top``
+    by time, each with its ``rate_share``, and one row for the others."""
+    print(f"convolutions and matmuls, top {top} by time:")
+    print(
+        f"{'operator':<34}{'output x weight':<38}{'dtype':<10}{'calls':>6}{'ms':>9}"
+        f"{'% of rate':>11}"
+    )
+    first, rest = ranked(groups, top)
+    for (name, shape, operand, dtype), group in first:
+        shapes = f"{list(shape)} x {list(operand)}"
+        print(
+            f"{name:<34}{shapes:<38}{dtype:<10}{len(group):>6}"
+            f"{seconds_of(group) * 1e3:>9.2f}{rate_share(group, rates):>11.1f}"
+        )
+    if rest:
+        label = f"the other {len(groups) - top} groups"
+        print(
+            f"{label:<82}{len(rest):>6}{seconds_of(rest) * 1e3:>9.2f}"
+            f"{rate_share(rest, rates):>11.1f}"
+        )
+    print(
+        "(% of rate: of the measured matmul rate of their precision; x: the weight's shape, "
+        "or a product's second factor's)"
+    )
+
+
+def print_other(groups: dict[str, list[OperatorCall]], top: int) -> None:
+    """The other operators: the ``top`` by time, and one row for the others."""
+    print(f"other operators, top {top} by time:")
+    print(f"{'operator':<82}{'calls':>6}{'ms':>9}")
+    first, rest = ranked(groups, top)
+    for name, group in first:
+        print(f"{name:<82}{len(group):>6}{seconds_of(group) * 1e3:>9.2f}")
+    if rest:
+        label = f"the other {len(groups) - top} operators"
+        print(f"{label:<82}{len(rest):>6}{seconds_of(rest) * 1e3:>9.2f}")
+
+
 def report(
     calls: list[OperatorCall], iteration_seconds: float, rates: dict[str, float], top: int = 8
 ) -> dict[str, float]:
-    """Print the dense calls grouped by operator, output and operand shapes and precision, and
-    the others by operator (the ``top`` of each by time), then the split of the calls' time:
-    dense operators (and how long they would take at their precision's matmul rate) and the
-    others, beside ``iteration_seconds`` (the same iteration timed without the recording).
+    """Print the dense calls grouped by operator, output and weight shapes and precision, and
+    the others by operator (``print_dense``, ``print_other``), then the split of the calls'
+    time: dense operators (and how long they would take at their precision's matmul rate) and
+    the others, beside ``iteration_seconds`` (the same iteration timed without the recording).
     Returns the split in seconds: ``dense``, ``dense_at_rate``, ``other``."""
     dense: dict[tuple, list[OperatorCall]] = defaultdict(list)
     other: dict[str, list[OperatorCall]] = defaultdict(list)
@@ -111,49 +166,12 @@ def report(
             dense[(call.name, call.shape, call.operand, dtype)].append(call)
         else:
             other[call.name].append(call)
-
-    def total(group: list[OperatorCall]) -> float:
-        return sum(call.seconds for call in group)
-
-    def by_time(groups: dict) -> tuple[list, list[OperatorCall]]:
-        """The ``top`` groups by time, and the calls of all the others."""
-        ranked = sorted(groups.items(), key=lambda item: -total(item[1]))
-        return ranked[:top], [call for _, group in ranked[top:] for call in group]
-
-    def rate_share(group: list[OperatorCall]) -> float:
-        return 100 * sum(at_matmul_rate(call, rates) for call in group) / total(group)
-
-    print(f"convolutions and matmuls, top {top} by time:")
-    print(
-        f"{'operator':<34}{'output x weight':<38}{'dtype':<10}{'calls':>6}{'ms':>9}"
-        f"{'% of rate':>11}"
-    )
-    ranked, rest = by_time(dense)
-    for (name, shape, operand, dtype), group in ranked:
-        shapes = f"{list(shape)} x {list(operand)}"
-        print(
-            f"{name:<34}{shapes:<38}{dtype:<10}{len(group):>6}"
-            f"{total(group) * 1e3:>9.2f}{rate_share(group):>11.1f}"
-        )
-    if rest:
-        label = f"the other {len(dense) - top} groups"
-        print(f"{label:<82}{len(rest):>6}{total(rest) * 1e3:>9.2f}{rate_share(rest):>11.1f}")
-    print(
-        "(% of rate: of the measured matmul rate of their precision; x: the weight's shape, "
-        "or a product's second factor's)"
-    )
-    print(f"other operators, top {top} by time:")
-    print(f"{'operator':<82}{'calls':>6}{'ms':>9}")
-    ranked, rest = by_time(other)
-    for name, group in ranked:
-        print(f"{name:<82}{len(group):>6}{total(group) * 1e3:>9.2f}")
-    if rest:
-        label = f"the other {len(other) - top} operators"
-        print(f"{label:<82}{len(rest):>6}{total(rest) * 1e3:>9.2f}")
+    print_dense(dense, rates, top)
+    print_other(other, top)
     split = {
-        "dense": sum(total(group) for group in dense.values()),
+        "dense": sum(seconds_of(group) for group in dense.values()),
         "dense_at_rate": sum(at_matmul_rate(call, rates) for call in calls if call.dense),
-        "other": sum(total(group) for group in other.values()),
+        "other": sum(seconds_of(group) for group in other.values()),
     }
     dense_share = split["dense_at_rate"] / split["dense"] if split["dense"] > 0 else 0.0
     print(
