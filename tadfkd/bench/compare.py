@@ -36,7 +36,7 @@ from tadfkd.bench.agreement import agreement
 from tadfkd.bench.processes import PathProcess, PathSpec
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
 from tadfkd.bench.setting import SETTINGS, bench_config, device_name
-from tadfkd.bench.timing import EPOCH_ITERS, matmul_rates, time_paths
+from tadfkd.bench.timing import EPOCH_ITERS, matmul_rates, matmul_rates_line, time_paths
 from tadfkd.distillation.precision import resolve_precision
 from tadfkd.run.runtime import resolve_device
 
@@ -87,8 +87,7 @@ def print_table(
         f"{published_process['malloc']} "
         "(as the published code runs)"
     )
-    rates = ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in matmuls.items())
-    print(f"measured matmul rates (TFLOP/s): {rates}")
+    print(matmul_rates_line(matmuls))
     label_width = max(len(label) for _, label, _ in ROWS) + 2
     print(f"{'figure':<{label_width}}{'fast':>12}{'published-style':>17}  unit")
     for key, label, unit in ROWS:

@@ -31,7 +31,7 @@ from tadfkd.base import schema
 from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench import operators
 from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
-from tadfkd.bench.timing import matmul_rates
+from tadfkd.bench.timing import matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
@@ -169,10 +169,7 @@ def operator_split(distiller: Distiller, reps: int = 3) -> dict[str, float]:
     restore()
     calls = operators.record(distiller.iterate)
     rates = matmul_rates(device, rates)
-    print(
-        "measured matmul rates (TFLOP/s): "
-        + ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in rates.items())
-    )
+    print(matmul_rates_line(rates))
     return operators.report(calls, seconds, rates)
 
 

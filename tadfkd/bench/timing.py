@@ -51,6 +51,12 @@ def matmul_rates(device: torch.device, earlier: dict[str, float] | None = None) 
     return {name: max(rate, earlier[name]) for name, rate in rates.items()}
 
 
+def matmul_rates_line(rates: dict[str, float]) -> str:
+    """``matmul_rates``' figures as the benchmarks print them."""
+    figures = ", ".join(f"{name} {rate / 1e12:.4g}" for name, rate in rates.items())
+    return f"measured matmul rates (TFLOP/s): {figures}"
+
+
 class PathStats:
     """Timings and counts of one path over the timed iterations."""
 
