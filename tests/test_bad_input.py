@@ -71,6 +71,11 @@ CASES = {
     ),
     "deleted speed setting": (["~speed.scoring"], 2, ["speed.scoring is missing from the config"]),
     "deleted depthwise switch": (["~speed.depthwise_output"], 2, ["speed.depthwise_output is"]),
+    "fused generation not a switch": (
+        ["speed.fused_generation=maybe"],
+        2,
+        ["speed.fused_generation='maybe' must be"],
+    ),
     "unknown logger mode": (["logger.mode=onlien"], 2, ["logger.mode='onlien' must be"]),
     "unwritable output dir": (["hydra.run.dir=/dev/null/run"], 2, ["not writable"]),
     "run directory in use": ([], 2, ["/run is in use by another run (process {pid})"]),

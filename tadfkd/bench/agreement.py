@@ -10,24 +10,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tadfkd.distillation.precision import resolve_precision
+from tadfkd.models import fused
 from tadfkd.run.builder import build_distiller
 
 
-def agreement(
-    cfg: DictConfig, device: torch.device, generator_run: Path | None, samples: int = 4096
-) -> dict[str, float]:
-    """Keep decisions of the configured (trained) teacher on ``samples`` generated samples (in
-    whole batches), the reference (everything fp32, BatchNorm unfolded, the generator's
-    convolutions as published) against each speed setting that can change them (folding, the
-    depthwise output convolution, bf16 scoring, a bf16 generator forward, this device's
-    default): the share left unchanged by each (fractions; printed as percent)."""
-    default_precision = resolve_precision(str(cfg.speed.precision), device)
-    from tadfkd.run.checkpoint import load_checkpoint
-    from tadfkd.run.runtime import build
-
-    masks: dict[str, torch.Tensor] = {}
+def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
+    """The reference and the speed settings ``agreement`` compares, as config overrides."""
     fp32 = ["speed.precision=fp32"]
-    variants = {
+    default_precision = resolve_precision(str(cfg.speed.precision), device)
+    found = {
         "reference (fp32, unfolded)": [
             *fp32,
             "speed.fold_teacher_bn=false",
@@ -36,11 +27,35 @@ def agreement(
         "fold_teacher_bn=true": [*fp32, "speed.depthwise_output=false"],
         "depthwise_output=true": [*fp32, "speed.depthwise_output=true"],
         "scoring=bf16": [*fp32, "speed.scoring=bf16"],
-        "generation=bf16": [*fp32, "speed.generation=bf16"],
-        "generation=bf16, scoring=bf16": [*fp32, "speed.generation=bf16", "speed.scoring=bf16"],
+        "generation=bf16": [*fp32, "speed.generation=bf16", "speed.fused_generation=false"],
+        "generation=bf16, fused_generation=true": [*fp32, "speed.generation=bf16"],
+        "generation=bf16, scoring=bf16": [
+            *fp32,
+            "speed.generation=bf16",
+            "speed.fused_generation=false",
+            "speed.scoring=bf16",
+        ],
         f"this device's default (speed.precision=auto: {default_precision})": [],
     }
-    for name, overrides in variants.items():
+    if device.type != "cpu" or fused.kernels() is None:  # nothing fused: the same as bf16
+        del found["generation=bf16, fused_generation=true"]
+    return found
+
+
+def agreement(
+    cfg: DictConfig, device: torch.device, generator_run: Path | None, samples: int = 4096
+) -> dict[str, float]:
+    """Keep decisions of the configured (trained) teacher on ``samples`` generated samples (in
+    whole batches), the reference (everything fp32, BatchNorm unfolded, the generator's
+    convolutions as published) against each speed setting that can change them (folding, the
+    depthwise output convolution, bf16 scoring, a bf16 generator forward with PyTorch's
+    kernels and, on a CPU where they build, with the fused ones, this device's default): the
+    share left unchanged by each (fractions; printed as percent)."""
+    from tadfkd.run.checkpoint import load_checkpoint
+    from tadfkd.run.runtime import build
+
+    masks: dict[str, torch.Tensor] = {}
+    for name, overrides in variants(cfg, device).items():
         variant_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         torch.manual_seed(0)
         distiller = build_distiller(variant_cfg, build(cfg.teacher), device)

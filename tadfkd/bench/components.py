@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         f"precision {distiller.precision.name}, generation "
         f"{str(distiller.synthesizer.generation_dtype or 'fp32').removeprefix('torch.')}, "
         f"scoring {str(distiller.synthesizer.scoring_dtype or 'fp32').removeprefix('torch.')}; "
-        f"{per_step_batches:.2f} generated batches per student step; malloc: "
-        f"{malloc_policy(kept_memory)}"
+        f"{per_step_batches:.2f} generated batches per student step; fused generator kernels: "
+        f"{'on' if getattr(distiller.synthesizer.generator, 'fused_kernels', False) else 'off'}; "
+        f"malloc: {malloc_policy(kept_memory)}"
     )
     print(f"{'component':<32}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
     for name, (seconds, count) in found.items():

@@ -27,6 +27,7 @@ PUBLISHED_STYLE = [
     "speed.scoring=fp32",
     "speed.generation=fp32",
     "speed.depthwise_output=false",
+    "speed.fused_generation=false",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Registry of classifier architectures, and the DAFL generator.
+"""Registry of classifier architectures, and the DAFL generator (with its fused CPU kernels for
+no-grad bf16 forwards, ``tadfkd.models.fused``).
 
 Every factory takes `(num_classes, in_channels=...)` and returns a plain `nn.Module` mapping
 normalised images (B, C, H, W) to logits (B, num_classes).

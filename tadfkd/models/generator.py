@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tadfkd.base.errors import UserError
+from tadfkd.models import fused
 
 
 class Generator(nn.Module):
@@ -22,6 +23,10 @@ class Generator(nn.Module):
     and a float32 sum over its input channels: the same products and sums, faster on a CPU,
     where oneDNN runs a one-output-channel convolution far below its rate. Forwards
     with gradients keep the convolution, whose backward is the faster one.
+
+    ``fused_kernels`` (``speed.fused_generation``, off by default): no-grad forwards under bf16
+    autocast on a CPU run each BatchNorm-LeakyReLU pair with the upsampling or the
+    one-output-channel convolution after it as one C kernel (``tadfkd.models.fused``).
     """
 
     def __init__(
@@ -36,6 +41,7 @@ class Generator(nn.Module):
         self.init_size = img_size // 4
         self.width = width
         self.depthwise_output = False
+        self.fused_kernels = False
         self.l1 = nn.Linear(nz, width * self.init_size**2)
         # TA-DFKD adds the LeakyReLU to DAFL's BN-only first block; it has no parameters. In
         # place, as DAFL's: BatchNorm's backward needs its input, not its output.
@@ -56,6 +62,8 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """(B, nz) -> (B, channels, img_size, img_size), values in [0, 1]."""
+        if self.fused_kernels and fused.applies(self, z):
+            return fused.forward(self, z)
         out = self.l1(z).view(z.shape[0], self.width, self.init_size, self.init_size)
         if self.conv_blocks1[0].weight.is_contiguous(memory_format=torch.channels_last):
             # a channels-last generator (``speed.channels_last``) stays so from its first

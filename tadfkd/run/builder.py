@@ -10,13 +10,14 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from tadfkd.base.errors import DatasetMissing
+from tadfkd.base.errors import DatasetMissing, UserError
 from tadfkd.data.loading import load_split, make_loader
 from tadfkd.data.views import Views
 from tadfkd.distillation.loop import Distiller, Schedule
 from tadfkd.distillation.nonfinite import NonFiniteGuard
 from tadfkd.distillation.precision import Precision, prepare_model, resolve_precision
 from tadfkd.distillation.synthesizer import Synthesizer
+from tadfkd.models import fused
 from tadfkd.run.runtime import build
 from tadfkd.teachers.folding import fold_batchnorm
 from tadfkd.teachers.loading import Teacher
@@ -52,6 +53,26 @@ def on_if_auto(setting: str | bool, device: torch.device, auto_on: str) -> bool:
     """A ``speed`` switch: ``auto`` is on for devices of type ``auto_on`` ("cuda" or "cpu"),
     off elsewhere; true / false as given."""
     return device.type == auto_on if setting == "auto" else bool(setting)
+
+
+def use_fused_generation(
+    setting: str | bool, device: torch.device, generation_dtype: torch.dtype | None
+) -> bool:
+    """``speed.fused_generation``: ``auto`` is on for a bf16 generator forward on a CPU where
+    the kernels compile (``tadfkd.models.fused``), off elsewhere; ``true`` is an error where
+    they do not compile; ``false`` is off."""
+    if setting is False or device.type != "cpu" or generation_dtype != torch.bfloat16:
+        return False
+    reason = fused.unavailable_reason()
+    if reason is None:
+        return True
+    if setting == "auto":
+        log.info("speed.fused_generation=auto: the generator runs PyTorch's kernels (%s)", reason)
+        return False
+    raise UserError(
+        f"speed.fused_generation=true needs the fused generator kernels, which did not build "
+        f"here ({reason}); set speed.fused_generation=auto or false"
+    )
 
 
 def adaptive_refill(setting: str, device: torch.device) -> bool:
@@ -93,8 +114,13 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     inference_teacher = fold_for_inference(cfg, teacher_model, device, channels_last)
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
+    generation_dtype = forward_dtype(str(speed.generation), precision)
     if hasattr(generator, "depthwise_output"):  # the DAFL generator (tadfkd.models.generator)
         generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
+        # torch.compile fuses on its own and cannot trace the kernels' ctypes calls
+        generator.fused_kernels = not speed.compile and use_fused_generation(
+            speed.fused_generation, device, generation_dtype
+        )
     if speed.compile:
         for model in {
             id(m): m for m in (teacher_model, inference_teacher, student, generator)
@@ -123,7 +149,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
         adaptive_rounds=adaptive_refill(speed.refill, device),
         bucket_rounds=on_if_auto(speed.static_shapes, device, "cuda"),
         scoring_dtype=forward_dtype(str(speed.scoring), precision),
-        generation_dtype=forward_dtype(str(speed.generation), precision),
+        generation_dtype=generation_dtype,
         inputs=objective.inputs,
     )
     return Distiller(

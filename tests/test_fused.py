@@ -1,0 +1,187 @@
+"""The fused generator kernels (``tadfkd.models.fused``, ``speed.fused_generation``) compute what
+PyTorch's kernels compute: BatchNorm's map and running statistics to float rounding, the
+upsampling bit for bit, the output convolution to float rounding, the generator's images within
+bf16 rounding; where no compiler builds them, ``auto`` runs PyTorch's kernels."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CPU
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tadfkd.base.errors import UserError
+from tadfkd.bench.setting import bench_config, build_path
+from tadfkd.models import fused
+from tadfkd.models.generator import Generator
+from tadfkd.run.builder import use_fused_generation
+
+needs_kernels = pytest.mark.skipif(
+    fused.kernels() is None, reason=f"the kernels did not build: {fused.unavailable_reason()}"
+)
+SLOPE = 0.2
+
+
+def bf16_batch(shape: tuple[int, ...], channels_last: bool, offset: float = 0.0) -> torch.Tensor:
+    torch.manual_seed(0)
+    x = (torch.randn(shape) + offset).bfloat16()
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def channel_map() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.rand(16) + 0.5, torch.randn(16)
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels", [16, 24])  # a specialised and the generic channel loop
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: the cumulative average
+def test_the_batch_norm_map_is_batch_norm_in_float32(channels, channels_last, momentum):
+    x = bf16_batch((8, channels, 5, 6), channels_last, offset=3.0)  # a mean far from 0
+    norm = nn.BatchNorm2d(channels, eps=0.8, momentum=momentum)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    reference = copy.deepcopy(norm)
+    with torch.no_grad():
+        for _ in range(2):  # training: the batch's statistics, the running ones updated
+            scale, shift = fused.batch_norm_map(x, norm)
+            expected = reference(x.float())
+        mapped = x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        torch.testing.assert_close(mapped, expected, rtol=1e-5, atol=1e-5)
+        for name in ("running_mean", "running_var"):
+            torch.testing.assert_close(getattr(norm, name), getattr(reference, name))
+        assert int(norm.num_batches_tracked) == int(reference.num_batches_tracked) == 2
+        norm.eval(), reference.eval()  # eval: the running statistics, unchanged
+        scale, shift = fused.batch_norm_map(x, norm)
+        mapped = x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        torch.testing.assert_close(mapped, reference(x.float()), rtol=1e-5, atol=1e-5)
+        assert int(norm.num_batches_tracked) == 2
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_upsampling_kernel_rounds_once_what_pytorch_computes_in_float32(channels_last):
+    x = bf16_batch((4, 16, 7, 5), channels_last)
+    scale, shift = channel_map()
+    with torch.no_grad():
+        out = torch.ops.tadfkd.affine_leaky_relu_upsample(x, scale, shift, SLOPE)
+    affine = x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    expected = F.interpolate(F.leaky_relu(affine, SLOPE), scale_factor=2).bfloat16()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels", [16, 32, 48, 64])
+def test_the_output_convolution_kernel_is_the_convolution_of_the_activation(channels):
+    x = bf16_batch((3, channels, 9, 11), channels_last=True)
+    scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
+    conv = nn.Conv2d(channels, 1, 3, padding=1)
+    with torch.no_grad():
+        out = torch.ops.tadfkd.affine_leaky_relu_conv_one(
+            x, conv.weight, conv.bias, scale, shift, SLOPE
+        )
+        activation = F.leaky_relu(
+            x.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1),
+            SLOPE,
+        )
+        expected = F.conv2d(activation, conv.weight.double(), conv.bias.double(), padding=1)
+    assert out.dtype == torch.float32 and out.shape == (3, 1, 9, 11)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def generators(img_size: int, channels: int) -> dict[str, Generator]:
+    """One generator (train mode, channels-last) three ways: fp32 as published, PyTorch's
+    kernels under bf16 autocast, the fused kernels."""
+    torch.manual_seed(0)
+    generator = Generator(nz=100, img_size=img_size, channels=channels, width=32)
+    generator = generator.to(memory_format=torch.channels_last)
+    fused_one = copy.deepcopy(generator)
+    fused_one.fused_kernels = True
+    return {"fp32": generator, "bf16": copy.deepcopy(generator), "fused": fused_one}
+
+
+def images(generator: Generator, noise: torch.Tensor, bf16: bool) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        return generator(noise).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize(("img_size", "channels"), [(28, 1), (16, 1), (32, 3)])
+def test_the_fused_forward_computes_the_generators_images(img_size, channels):
+    noise = torch.randn(32, 100)
+    nets = generators(img_size, channels)
+    out = {name: images(net, noise, bf16=name != "fp32") for name, net in nets.items()}
+    # within bf16 rounding of images in [0, 1], of the published fp32 forward and of PyTorch's
+    # bf16 one
+    torch.testing.assert_close(out["fused"], out["fp32"], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out["fused"], out["bf16"], rtol=1e-2, atol=1e-2)
+    states = {name: net.state_dict() for name, net in nets.items()}
+    for key, value in states["bf16"].items():  # the running statistics moved alike
+        torch.testing.assert_close(states["fused"][key], value, rtol=1e-3, atol=1e-3)
+
+
+@needs_kernels
+def test_the_fused_kernels_run_and_are_counted_as_the_convolution_they_replace():
+    noise = torch.randn(16, 100)
+    nets = generators(28, 1)
+    counts = {}
+    for name in ("bf16", "fused"):
+        nets[name].depthwise_output = True  # PyTorch's CPU default for the last convolution
+        with FlopCounterMode(display=False) as counter:
+            images(nets[name], noise, bf16=True)
+        counts[name] = counter.get_flop_counts()["Global"]
+    assert torch.ops.tadfkd.affine_leaky_relu_conv_one in counts["fused"]
+    assert sum(counts["fused"].values()) == sum(counts["bf16"].values())
+
+
+@needs_kernels
+def test_with_gradients_or_without_bf16_the_generator_runs_pytorchs_kernels(monkeypatch):
+    generator = generators(28, 1)["fused"]
+    monkeypatch.setattr(fused, "forward", lambda *args: pytest.fail("fused forward ran"))
+    noise = torch.randn(4, 100)
+    with torch.autocast("cpu", torch.bfloat16):
+        generator(noise).float().sum().backward()  # the generator step
+    images(generator, noise, bf16=False)  # fp32
+
+
+def test_where_the_kernels_do_not_build_auto_runs_pytorchs_kernels_and_true_is_an_error(
+    monkeypatch,
+):
+    monkeypatch.setattr(fused, "unavailable_reason", lambda: "no C compiler (cc) on the PATH")
+    bf16 = torch.bfloat16
+    assert use_fused_generation("auto", CPU, bf16) is False
+    with pytest.raises(UserError, match=r"speed.fused_generation=true needs .* \(no C compiler"):
+        use_fused_generation(True, CPU, bf16)
+    # nothing to fuse: a GPU, or an fp32 generator forward
+    assert use_fused_generation(True, torch.device("cuda"), bf16) is False
+    assert use_fused_generation(True, CPU, None) is False
+    monkeypatch.setattr(fused, "unavailable_reason", lambda: None)
+    assert use_fused_generation("auto", CPU, bf16) is True
+    assert use_fused_generation(False, CPU, bf16) is False
+
+
+@pytest.mark.parametrize(
+    ("compiler", "says"), [("false", "false failed"), ("/no/such/cc", "did not run")]
+)
+def test_a_failed_build_says_why_in_one_line_and_leaves_no_file(tmp_path, compiler, says):
+    failure = fused.compile_kernels(compiler, tmp_path / "kernels.so")
+    assert failure is not None and failure.startswith(compiler) and says in failure
+    assert "\n" not in failure
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_kernels
+def test_the_builder_turns_the_kernels_on_for_a_bf16_generator_on_a_cpu():
+    def generator(*overrides: str) -> nn.Module:
+        cfg = bench_config(["speed.generation=bf16", *overrides])
+        return build_path(cfg, CPU, published=False, seed=0).synthesizer.generator
+
+    assert generator().fused_kernels is True  # auto
+    assert generator("speed.fused_generation=false").fused_kernels is False
+    assert generator("speed.compile=true").fused_kernels is False  # compile fuses on its own
+    assert generator("speed.generation=fp32").fused_kernels is False
