@@ -116,20 +116,20 @@ def print_dense(groups: dict[tuple, list[OperatorCall]], rates: dict[str, float]
     by time, each with its ``rate_share``, and one row for the others."""
     print(f"convolutions and matmuls, top {top} by time:")
     print(
-        f"{'operator':<34}{'output x weight':<38}{'dtype':<10}{'calls':>6}{'ms':>9}"
+        f"{'operator':<42}{'output x weight':<38}{'dtype':<10}{'calls':>6}{'ms':>9}"
         f"{'% of rate':>11}"
     )
     first, rest = ranked(groups, top)
     for (name, shape, operand, dtype), group in first:
         shapes = f"{list(shape)} x {list(operand)}"
         print(
-            f"{name:<34}{shapes:<38}{dtype:<10}{len(group):>6}"
+            f"{name:<42}{shapes:<38}{dtype:<10}{len(group):>6}"
             f"{seconds_of(group) * 1e3:>9.2f}{rate_share(group, rates):>11.1f}"
         )
     if rest:
         label = f"the other {len(groups) - top} groups"
         print(
-            f"{label:<82}{len(rest):>6}{seconds_of(rest) * 1e3:>9.2f}"
+            f"{label:<90}{len(rest):>6}{seconds_of(rest) * 1e3:>9.2f}"
             f"{rate_share(rest, rates):>11.1f}"
         )
     print(
