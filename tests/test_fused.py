@@ -30,9 +30,9 @@ def bf16_batch(shape: tuple[int, ...], channels_last: bool, offset: float = 0.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def channel_map() -> tuple[torch.Tensor, torch.Tensor]:
+def channel_map(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
-    return torch.rand(16) + 0.5, torch.randn(16)
+    return torch.rand(channels) + 0.5, torch.randn(channels)
 
 
 @needs_kernels
@@ -40,14 +40,14 @@ def channel_map() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, None])  # None: the cumulative average
 def test_the_batch_norm_map_is_batch_norm_in_float32(channels, channels_last, momentum):
-    x = bf16_batch((8, channels, 5, 6), channels_last, offset=3.0)  # a mean far from 0
     norm = nn.BatchNorm2d(channels, eps=0.8, momentum=momentum)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-1, 1)
     reference = copy.deepcopy(norm)
     with torch.no_grad():
-        for _ in range(2):  # training: the batch's statistics, the running ones updated
+        for offset in (3.0, -1.0):  # training: the batch's statistics, the running ones updated
+            x = bf16_batch((8, channels, 5, 6), channels_last, offset)  # a mean far from 0
             scale, shift = fused.batch_norm_map(x, norm)
             expected = reference(x.float())
         mapped = x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
@@ -63,10 +63,13 @@ def test_the_batch_norm_map_is_batch_norm_in_float32(channels, channels_last, mo
 
 
 @needs_kernels
+@pytest.mark.parametrize("channels", [16, 24, 128])  # specialised, generic, the published width
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_the_upsampling_kernel_rounds_once_what_pytorch_computes_in_float32(channels_last):
-    x = bf16_batch((4, 16, 7, 5), channels_last)
-    scale, shift = channel_map()
+def test_the_upsampling_kernel_rounds_once_what_pytorch_computes_in_float32(
+    channels, channels_last
+):
+    x = bf16_batch((4, channels, 7, 5), channels_last)
+    scale, shift = channel_map(channels)
     with torch.no_grad():
         out = torch.ops.tadfkd.affine_leaky_relu_upsample(x, scale, shift, SLOPE)
     affine = x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
@@ -79,7 +82,7 @@ def test_the_upsampling_kernel_rounds_once_what_pytorch_computes_in_float32(chan
 @pytest.mark.parametrize("channels", [16, 32, 48, 64])
 def test_the_output_convolution_kernel_is_the_convolution_of_the_activation(channels):
     x = bf16_batch((3, channels, 9, 11), channels_last=True)
-    scale, shift = torch.rand(channels) + 0.5, torch.randn(channels)
+    scale, shift = channel_map(channels)
     conv = nn.Conv2d(channels, 1, 3, padding=1)
     with torch.no_grad():
         out = torch.ops.tadfkd.affine_leaky_relu_conv_one(
@@ -94,15 +97,17 @@ def test_the_output_convolution_kernel_is_the_convolution_of_the_activation(chan
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def generators(img_size: int, channels: int) -> dict[str, Generator]:
-    """One generator (train mode, channels-last) three ways: fp32 as published, PyTorch's
-    kernels under bf16 autocast, the fused kernels."""
+def generators(img_size: int, channels: int, width: int = 32) -> dict[str, Generator]:
+    """One generator (train mode, channels-last) three ways: fp32 as published, and with the
+    depthwise output convolution (as on a CPU) under bf16 autocast through PyTorch's kernels
+    and through the fused ones."""
     torch.manual_seed(0)
-    generator = Generator(nz=100, img_size=img_size, channels=channels, width=32)
+    generator = Generator(nz=100, img_size=img_size, channels=channels, width=width)
     generator = generator.to(memory_format=torch.channels_last)
-    fused_one = copy.deepcopy(generator)
+    bf16, fused_one = copy.deepcopy(generator), copy.deepcopy(generator)
+    bf16.depthwise_output = fused_one.depthwise_output = True
     fused_one.fused_kernels = True
-    return {"fp32": generator, "bf16": copy.deepcopy(generator), "fused": fused_one}
+    return {"fp32": generator, "bf16": bf16, "fused": fused_one}
 
 
 def images(generator: Generator, noise: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -111,10 +116,18 @@ def images(generator: Generator, noise: torch.Tensor, bf16: bool) -> torch.Tenso
 
 
 @needs_kernels
-@pytest.mark.parametrize(("img_size", "channels"), [(28, 1), (16, 1), (32, 3)])
-def test_the_fused_forward_computes_the_generators_images(img_size, channels):
+@pytest.mark.parametrize(
+    ("img_size", "channels", "width", "train"),
+    [(28, 1, 32, True), (16, 1, 32, True), (32, 3, 128, True), (28, 1, 32, False)],
+)
+def test_the_fused_forward_computes_the_generators_images(img_size, channels, width, train):
     noise = torch.randn(32, 100)
-    nets = generators(img_size, channels)
+    nets = generators(img_size, channels, width)
+    if not train:  # eval: BatchNorm from running statistics, moved by one batch first
+        warm_up = torch.randn(32, 100)
+        for net in nets.values():
+            images(net, warm_up, bf16=False)
+            net.eval()
     out = {name: images(net, noise, bf16=name != "fp32") for name, net in nets.items()}
     # within bf16 rounding of images in [0, 1], of the published fp32 forward and of PyTorch's
     # bf16 one
@@ -126,12 +139,69 @@ def test_the_fused_forward_computes_the_generators_images(img_size, channels):
 
 
 @needs_kernels
+def test_without_the_depthwise_output_the_last_convolution_is_pytorchs():
+    nets = generators(28, 1)
+    calls = []
+    nets["fused"].depthwise_output = False  # speed.depthwise_output=false: as published
+    nets["fused"].conv_blocks2[3].register_forward_hook(lambda *args: calls.append(1))
+    noise = torch.randn(8, 100)
+    fused_images = images(nets["fused"], noise, bf16=True)
+    assert calls == [1]
+    torch.testing.assert_close(
+        fused_images, images(nets["fp32"], noise, bf16=False), rtol=1e-2, atol=1e-2
+    )
+
+
+@needs_kernels
+def test_the_kernels_stand_aside_for_many_threads_wide_networks_and_single_samples(monkeypatch):
+    generator, noise = generators(16, 1)["fused"], torch.randn(4, 100)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert fused.applies(generator, noise)
+        assert not fused.applies(generator, noise[:1])  # BatchNorm needs two values
+        monkeypatch.setattr(fused, "MAX_CHANNELS", 16)  # the generator's widest has 32
+        assert not fused.applies(generator, noise)
+        monkeypatch.undo()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(fused.MAX_THREADS + 1)
+        try:
+            assert not fused.applies(generator, noise)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@needs_kernels
+def test_a_kernel_refuses_what_it_cannot_read_in_one_error():
+    scale, shift = channel_map(16)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="refused its input"):
+        one_value = bf16_batch((1, 16, 1, 1), channels_last=True)  # training needs two
+        torch.ops.tadfkd.batch_norm_scale_shift(one_value, None, None, None, None, True, 0.1, 1e-5)
+    x = bf16_batch((2, 16, 3, 3), channels_last=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="float32"):
+        torch.ops.tadfkd.affine_leaky_relu_upsample(x, scale.double(), shift, SLOPE)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="bf16"):
+        torch.ops.tadfkd.affine_leaky_relu_upsample(x.float(), scale, shift, SLOPE)
+
+
+def test_a_cached_library_is_loaded_only_from_a_folder_no_one_else_writes(tmp_path):
+    folder = tmp_path / "kernels"
+    folder.mkdir(mode=0o700)
+    library = folder / "generator_kernels-0.so"
+    library.write_bytes(b"")
+    library.chmod(0o700)
+    assert fused.trusted(library)
+    library.chmod(0o720)  # group-writable
+    assert not fused.trusted(library)
+    library.chmod(0o700)
+    folder.chmod(0o777)
+    assert not fused.trusted(library)
+
+
+@needs_kernels
 def test_the_fused_kernels_run_and_are_counted_as_the_convolution_they_replace():
     noise = torch.randn(16, 100)
     nets = generators(28, 1)
     counts = {}
     for name in ("bf16", "fused"):
-        nets[name].depthwise_output = True  # PyTorch's CPU default for the last convolution
         with FlopCounterMode(display=False) as counter:
             images(nets[name], noise, bf16=True)
         counts[name] = counter.get_flop_counts()["Global"]

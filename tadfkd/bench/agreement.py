@@ -28,7 +28,12 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
         "depthwise_output=true": [*fp32, "speed.depthwise_output=true"],
         "scoring=bf16": [*fp32, "speed.scoring=bf16"],
         "generation=bf16": [*fp32, "speed.generation=bf16", "speed.fused_generation=false"],
-        "generation=bf16, fused_generation=true": [*fp32, "speed.generation=bf16"],
+        "generation=bf16, fused_generation=true": [
+            *fp32,
+            "speed.generation=bf16",
+            "speed.fused_generation=true",
+            "speed.compile=false",
+        ],
         "generation=bf16, scoring=bf16": [
             *fp32,
             "speed.generation=bf16",

@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
 SOURCE = Path(__file__).with_name("generator_kernels.c")
-# no contraction of a * b + c into one rounding: the kernels round as PyTorch's kernels do
+# no contraction of a * b + c into one rounding: each product and sum rounds on its own, as in
+# two PyTorch operations (the tests' float32 reference)
 FLAGS = [
     "-O3",
     "-march=native",
@@ -53,6 +54,12 @@ SIGNATURES = {
     "affine_leaky_relu_upsample": [*_LAYOUT, _PTR, _PTR, _F32, _PTR],
     "affine_leaky_relu_conv_one": [*_LAYOUT, _PTR, _PTR, _F32, _PTR, _F32, _PTR],
 }
+MAX_CHANNELS = 1024  # generator_kernels.c's per-channel arrays
+# the kernels run on one thread: beyond two, PyTorch's parallel kernels are left to it (the
+# kernels were measured to pay at one thread and to break even at two, docs/performance.md)
+MAX_THREADS = 2
+# the entry points' return codes (generator_kernels.c) that are not success
+FAILURES = {-1: "refused its input", -2: "ran out of memory"}
 _failure: list[str] = []
 
 
@@ -66,20 +73,34 @@ def cache_dir() -> Path:
 
 
 def cpu_signature() -> str:
-    """The CPU's model and feature flags, as the kernel is compiled for them."""
+    """The CPU's model and feature flags, as the kernel is compiled for them (x86's ``flags``,
+    Arm's ``Features`` and part numbers)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         info = ""
-    lines = [line for line in info.splitlines() if line.startswith(("flags", "model name"))]
+    keys = ("flags", "model name", "Features", "CPU implementer", "CPU part")
+    lines = [line for line in info.splitlines() if line.startswith(keys)]
     return "\n".join([platform.machine(), platform.processor(), *sorted(set(lines))])
+
+
+def trusted(path: Path) -> bool:
+    """Whether ``path`` and its folder belong to this user and no one else can write to them:
+    a library loaded from it runs as this process."""
+    if not hasattr(os, "getuid"):  # no owner to compare with (Windows)
+        return False
+    for item in (path, path.parent):
+        info = item.stat()
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return False
+    return True
 
 
 def compile_kernels(compiler: str, target: Path) -> str | None:
     """Compile ``SOURCE`` into ``target`` (atomically: parallel jobs may race); None, or why
     it failed in one line."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     except OSError as error:
         return f"cannot write to {target.parent} ({error.strerror})"
@@ -94,43 +115,54 @@ def compile_kernels(compiler: str, target: Path) -> str | None:
         Path(partial).unlink(missing_ok=True)
         first = (done.stderr.strip().splitlines() or ["no message"])[0]
         return f"{compiler} failed: {first}"
+    os.chmod(partial, 0o700)  # the linker may have written it under a group-writable umask
     os.replace(partial, target)
     return None
 
 
 @functools.cache
 def kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, built now if this machine has none cached; None where no C
-    compiler builds them (``unavailable_reason``)."""
+    """The compiled kernels, built now if this machine has none cached (or one that does not
+    load); None where none builds or loads (``unavailable_reason``)."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         _failure.append(f"no C compiler ({compiler}) on the PATH")
         return None
     try:
-        directory = cache_dir()
-    except RuntimeError:  # no home directory to cache them in
-        _failure.append("no home directory for ~/.cache; set TADFKD_CACHE")
+        target = cached_path(compiler)
+    except (OSError, RuntimeError) as error:  # no source file, no home directory
+        _failure.append(f"no kernel source or cache ({error}); set TADFKD_CACHE")
         return None
+    for _ in range(2):  # the cached library, then once rebuilt if it did not load
+        if not target.exists():
+            failure = compile_kernels(compiler, target)
+            if failure is not None:
+                _failure.append(failure)
+                return None
+        if not trusted(target):
+            _failure.append(f"{target} or its folder is writable by others; not loaded")
+            return None
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError as error:
+            _failure.append(f"{target} did not load ({error})")
+            target.unlink(missing_ok=True)  # built elsewhere or broken: build it once more
+            continue
+        for name, arguments in SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = arguments, ctypes.c_int
+        return library
+    return None
+
+
+def cached_path(compiler: str) -> Path:
+    """Where the kernels built by ``compiler`` for this CPU from today's source live."""
     key = hashlib.sha256(
         b"\0".join(
             [SOURCE.read_bytes(), " ".join([compiler, *FLAGS]).encode(), cpu_signature().encode()]
         )
     ).hexdigest()[:16]
-    target = directory / f"generator_kernels-{key}.so"
-    if not target.exists():
-        failure = compile_kernels(compiler, target)
-        if failure is not None:
-            _failure.append(failure)
-            return None
-    try:
-        library = ctypes.CDLL(str(target))
-    except OSError as error:
-        _failure.append(f"{target} did not load ({error})")
-        return None
-    for name, arguments in SIGNATURES.items():
-        function = getattr(library, name)
-        function.argtypes, function.restype = arguments, ctypes.c_int
-    return library
+    return cache_dir() / f"generator_kernels-{key}.so"
 
 
 def unavailable_reason() -> str | None:
@@ -141,18 +173,26 @@ def unavailable_reason() -> str | None:
 def layout(x: torch.Tensor) -> list[int]:
     """A (N, C, H, W) tensor as the kernels take it: its address, dims and element strides
     in (n, h, w, c) order."""
+    torch._check(x.dtype == torch.bfloat16 and x.dim() == 4, lambda: "a 4-d bf16 tensor")
     n, c, h, w = x.shape
     sn, sc, sh, sw = x.stride()
     return [x.data_ptr(), n, h, w, c, sn, sh, sw, sc]
 
 
-def address(tensor: torch.Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
+def pointer(tensor: torch.Tensor | None) -> int | None:
+    """A float32 tensor's data address for the kernels (None: NULL); anything else is refused,
+    since the C code reads raw float32."""
+    if tensor is None:
+        return None
+    torch._check(tensor.dtype == torch.float32 and tensor.is_contiguous(), lambda: "float32")
+    return tensor.data_ptr()
 
 
-def call(name: str, *arguments) -> None:
-    if getattr(kernels(), name)(*arguments) != 0:
-        raise RuntimeError(f"{name} (generator_kernels.c) did not take its input")
+def run_kernel(name: str, *arguments: int | float | None) -> None:
+    """Call the entry point ``name`` of generator_kernels.c; an error if it did not run."""
+    code = getattr(kernels(), name)(*arguments)
+    if code != 0:
+        raise RuntimeError(f"{name} (generator_kernels.c) {FAILURES.get(code, code)}")
 
 
 @torch.library.custom_op(
@@ -173,20 +213,20 @@ def batch_norm_scale_shift(
     """BatchNorm2d's per-channel map ``scale * x + shift`` (each (C,), float32) for x
     (N, C, H, W) bf16: from the batch's statistics, updating the running ones (when given)
     with ``momentum``, or from the running ones."""
-    scale = torch.empty(x.shape[1])
-    shift = torch.empty(x.shape[1])
-    call(
+    scale = torch.empty(x.shape[1], dtype=torch.float32)
+    shift = torch.empty(x.shape[1], dtype=torch.float32)
+    run_kernel(
         "batch_norm_scale_shift",
         *layout(x),
-        address(weight),
-        address(bias),
+        pointer(weight),
+        pointer(bias),
         eps,
         int(batch_statistics),
         momentum,
-        address(running_mean),
-        address(running_var),
-        scale.data_ptr(),
-        shift.data_ptr(),
+        pointer(running_mean),
+        pointer(running_var),
+        pointer(scale),
+        pointer(shift),
     )
     return scale, shift
 
@@ -199,11 +239,11 @@ def affine_leaky_relu_upsample(
     -> (N, C, 2H, 2W) bf16, channels-last."""
     n, c, h, w = x.shape
     out = torch.empty((n, c, 2 * h, 2 * w), dtype=torch.bfloat16, memory_format=torch.channels_last)
-    call(
+    run_kernel(
         "affine_leaky_relu_upsample",
         *layout(x),
-        scale.data_ptr(),
-        shift.data_ptr(),
+        pointer(scale),
+        pointer(shift),
         slope,
         out.data_ptr(),
     )
@@ -224,16 +264,16 @@ def affine_leaky_relu_conv_one(
     (N, C, H, W) bf16, channels-last, C a multiple of 16 up to 64 -> (N, 1, H, W) float32."""
     n, c, h, w = x.shape
     taps = weight[0].permute(1, 2, 0).float().contiguous()  # (3, 3, C)
-    out = torch.empty((n, 1, h, w))
-    call(
+    out = torch.empty((n, 1, h, w), dtype=torch.float32)
+    run_kernel(
         "affine_leaky_relu_conv_one",
         *layout(x),
-        scale.data_ptr(),
-        shift.data_ptr(),
+        pointer(scale),
+        pointer(shift),
         slope,
-        taps.data_ptr(),
+        pointer(taps),
         0.0 if bias is None else float(bias),
-        out.data_ptr(),
+        pointer(out),
     )
     return out
 
@@ -269,23 +309,31 @@ def batch_norm_map(x: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor,
 
 
 def applies(generator: nn.Module, z: torch.Tensor) -> bool:
-    """Whether the fused forward computes ``generator(z)`` here: no gradients, a CPU tensor
-    under bf16 autocast, float32 BatchNorm parameters and statistics, compiled kernels."""
-    if torch.is_grad_enabled() or z.device.type != "cpu":
+    """Whether the fused forward computes ``generator(z)`` here: no gradients, a CPU batch of
+    at least two under bf16 autocast, at most ``MAX_THREADS`` torch threads, float32
+    BatchNorm parameters and statistics of at most ``MAX_CHANNELS`` channels, compiled
+    kernels."""
+    if torch.is_grad_enabled() or z.device.type != "cpu" or z.shape[0] < 2:
         return False
     if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    if torch.get_num_threads() > MAX_THREADS:
         return False
     norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
     tensors = [t for m in norms for t in (m.weight, m.bias, m.running_mean, m.running_var)]
     if any(t is not None and t.dtype != torch.float32 for t in tensors):
+        return False
+    if any(m.num_features > MAX_CHANNELS for m in norms):
         return False
     return kernels() is not None
 
 
 def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """``generator(z)`` (``tadfkd.models.generator.Generator``) through the fused kernels;
-    call only where ``applies``. The last block runs PyTorch's kernels unless its convolution
-    is one the kernel computes (``takes_output_conv``)."""
+    call only where ``applies``. The last block runs PyTorch's kernels (and the generator's
+    choice of convolution, ``output_conv``) unless the generator runs that convolution as a
+    depthwise one (``speed.depthwise_output``) and the kernel computes it
+    (``takes_output_conv``)."""
     blocks0, blocks1, blocks2 = (
         generator.conv_blocks0,
         generator.conv_blocks1,
@@ -297,8 +345,8 @@ def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     out = upsampled(blocks1[0](out), blocks1[1], blocks1[2])
     out = blocks2[0](out)
     last = blocks2[3]
-    if not takes_output_conv(last, out):
-        return blocks2[4](last(blocks2[2](blocks2[1](out))))
+    if not (generator.depthwise_applies() and takes_output_conv(last, out)):
+        return blocks2[4](generator.output_conv(blocks2[2](blocks2[1](out))))
     scale, shift = batch_norm_map(out, blocks2[1])
     out = torch.ops.tadfkd.affine_leaky_relu_conv_one(
         out, last.weight, last.bias, scale, shift, blocks2[2].negative_slope

@@ -25,8 +25,9 @@ class Generator(nn.Module):
     with gradients keep the convolution, whose backward is the faster one.
 
     ``fused_kernels`` (``speed.fused_generation``, off by default): no-grad forwards under bf16
-    autocast on a CPU run each BatchNorm-LeakyReLU pair with the upsampling or the
-    one-output-channel convolution after it as one C kernel (``tadfkd.models.fused``).
+    autocast on a CPU run each BatchNorm-LeakyReLU pair with the upsampling after it as one C
+    kernel, and, where ``depthwise_output`` applies, the last pair with the one-output-channel
+    convolution too (``tadfkd.models.fused``).
     """
 
     def __init__(
@@ -71,17 +72,28 @@ class Generator(nn.Module):
             out = out.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(self.conv_blocks0(out), scale_factor=2)
         out = F.interpolate(self.conv_blocks1(out), scale_factor=2)
+        for layer in self.conv_blocks2[:3]:
+            out = layer(out)
+        return self.conv_blocks2[4](self.output_conv(out))
+
+    def output_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolution on x: as ``one_output_channel_conv`` where
+        ``depthwise_output`` applies (one output channel, zero padding, no gradients), else as
+        the convolution."""
         last = self.conv_blocks2[3]
-        if (
+        if self.depthwise_applies():
+            return one_output_channel_conv(x, last)
+        return last(x)
+
+    def depthwise_applies(self) -> bool:
+        """Whether this forward runs the last convolution as a depthwise one."""
+        last = self.conv_blocks2[3]
+        return (
             self.depthwise_output
             and last.out_channels == 1
             and last.padding_mode == "zeros"
             and not torch.is_grad_enabled()
-        ):
-            for layer in self.conv_blocks2[:3]:
-                out = layer(out)
-            return self.conv_blocks2[4](one_output_channel_conv(out, last))
-        return self.conv_blocks2(out)
+        )
 
 
 def one_output_channel_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

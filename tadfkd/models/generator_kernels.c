@@ -13,6 +13,25 @@
 #include <string.h>
 
 #define MAX_CHANNELS 1024
+/* what the entry points return: done, an input they do not take, no memory */
+#define DONE 0
+#define REFUSED -1
+#define NO_MEMORY -2
+
+/* run the always-inlined `kernel` with the channel count a compile-time constant for 16, 32
+ * and 64 channels in unit stride (so the channel loops become whole vectors), generically
+ * otherwise */
+#define BY_CHANNELS(kernel, C, sc, ...)                                 \
+    do {                                                                \
+        if ((sc) == 1 && (C) == 16)                                     \
+            kernel(16, 1, __VA_ARGS__);                                 \
+        else if ((sc) == 1 && (C) == 32)                                \
+            kernel(32, 1, __VA_ARGS__);                                 \
+        else if ((sc) == 1 && (C) == 64)                                \
+            kernel(64, 1, __VA_ARGS__);                                 \
+        else                                                            \
+            kernel(C, sc, __VA_ARGS__);                                 \
+    } while (0)
 
 static inline float bf16_to_float(uint16_t v) {
     uint32_t u = ((uint32_t)v) << 16;
@@ -21,7 +40,7 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
-/* round to nearest even, as torch does; NaN stays NaN */
+/* round to nearest even, as torch does; a NaN stays a (quiet) NaN */
 static inline uint16_t float_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
@@ -32,21 +51,21 @@ static inline uint16_t float_to_bf16(float f) {
 
 static inline float leaky_relu(float v, float slope) { return v > 0.0f ? v : v * slope; }
 
-/* Per-channel sums of x - x[0,0,0,c] and of its squares (the shift keeps E[x^2] - E[x]^2
- * exact enough when the mean is large beside the spread), float within an image, double
- * across images. */
+/* Per-channel sums of x - x[0,0,0,c] and of its squares: float within a row of the image,
+ * double across rows; the shift keeps E[x^2] - E[x]^2 exact enough when the mean is large
+ * beside the spread. */
 static inline __attribute__((always_inline)) void shifted_sums(
-    const uint16_t *x, int64_t N, int64_t H, int64_t W, const int64_t C, int64_t sn, int64_t sh,
-    int64_t sw, const int64_t sc, float *shift, double *sum, double *sumsq) {
+    const int64_t C, const int64_t sc, const uint16_t *x, int64_t N, int64_t H, int64_t W,
+    int64_t sn, int64_t sh, int64_t sw, float *shift, double *sum, double *sumsq) {
     float part[MAX_CHANNELS], part2[MAX_CHANNELS];
     for (int64_t c = 0; c < C; c++) {
         shift[c] = bf16_to_float(x[c * sc]);
         sum[c] = 0.0;
         sumsq[c] = 0.0;
     }
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t c = 0; c < C; c++) part[c] = part2[c] = 0.0f;
-        for (int64_t h = 0; h < H; h++)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t c = 0; c < C; c++) part[c] = part2[c] = 0.0f;
             for (int64_t w = 0; w < W; w++) {
                 const uint16_t *p = x + n * sn + h * sh + w * sw;
 #pragma omp simd
@@ -56,35 +75,29 @@ static inline __attribute__((always_inline)) void shifted_sums(
                     part2[c] += v * v;
                 }
             }
-        for (int64_t c = 0; c < C; c++) {
-            sum[c] += part[c];
-            sumsq[c] += part2[c];
+            for (int64_t c = 0; c < C; c++) {
+                sum[c] += part[c];
+                sumsq[c] += part2[c];
+            }
         }
-    }
 }
 
 /* BatchNorm's per-channel affine map, scale * x + shift, for x (N, H, W, C): in training with
  * the batch's mean and biased variance, updating the running statistics (when given) with
  * the unbiased one, as torch.nn.BatchNorm2d does; otherwise from the running statistics.
- * Returns 0, or -1 when C exceeds MAX_CHANNELS. */
+ * Refuses more than MAX_CHANNELS channels, and fewer than two values a channel in training
+ * (torch.nn.BatchNorm2d raises then). */
 int batch_norm_scale_shift(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t C,
                            int64_t sn, int64_t sh, int64_t sw, int64_t sc, const float *weight,
                            const float *bias, double eps, int training, double momentum,
                            float *running_mean, float *running_var, float *scale,
                            float *shift) {
-    if (C > MAX_CHANNELS) return -1;
+    if (C > MAX_CHANNELS || (training && N * H * W < 2)) return REFUSED;
     double mean[MAX_CHANNELS], var[MAX_CHANNELS];
     if (training) {
         float first[MAX_CHANNELS];
         double sum[MAX_CHANNELS], sumsq[MAX_CHANNELS];
-        if (sc == 1 && C == 16)
-            shifted_sums(x, N, H, W, 16, sn, sh, sw, 1, first, sum, sumsq);
-        else if (sc == 1 && C == 32)
-            shifted_sums(x, N, H, W, 32, sn, sh, sw, 1, first, sum, sumsq);
-        else if (sc == 1 && C == 64)
-            shifted_sums(x, N, H, W, 64, sn, sh, sw, 1, first, sum, sumsq);
-        else
-            shifted_sums(x, N, H, W, C, sn, sh, sw, sc, first, sum, sumsq);
+        BY_CHANNELS(shifted_sums, C, sc, x, N, H, W, sn, sh, sw, first, sum, sumsq);
         double count = (double)(N * H * W);
         for (int64_t c = 0; c < C; c++) {
             double centred = sum[c] / count;
@@ -92,7 +105,7 @@ int batch_norm_scale_shift(const uint16_t *x, int64_t N, int64_t H, int64_t W, i
             var[c] = sumsq[c] / count - centred * centred;
             if (var[c] < 0.0) var[c] = 0.0;
             if (running_mean != NULL) {
-                double unbiased = count > 1.0 ? var[c] * count / (count - 1.0) : var[c];
+                double unbiased = var[c] * count / (count - 1.0);
                 running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * mean[c]);
                 running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * unbiased);
             }
@@ -108,12 +121,12 @@ int batch_norm_scale_shift(const uint16_t *x, int64_t N, int64_t H, int64_t W, i
         scale[c] = (float)s;
         shift[c] = (float)((bias != NULL ? bias[c] : 0.0) - mean[c] * s);
     }
-    return 0;
+    return DONE;
 }
 
 static inline __attribute__((always_inline)) void upsample_impl(
-    const uint16_t *x, int64_t N, int64_t H, int64_t W, const int64_t C, int64_t sn, int64_t sh,
-    int64_t sw, const int64_t sc, const float *scale, const float *shift, float slope,
+    const int64_t C, const int64_t sc, const uint16_t *x, int64_t N, int64_t H, int64_t W,
+    int64_t sn, int64_t sh, int64_t sw, const float *scale, const float *shift, float slope,
     uint16_t *y) {
     uint16_t pixel[MAX_CHANNELS];
     for (int64_t n = 0; n < N; n++)
@@ -138,16 +151,9 @@ int affine_leaky_relu_upsample(const uint16_t *x, int64_t N, int64_t H, int64_t 
                                int64_t sn, int64_t sh, int64_t sw, int64_t sc,
                                const float *scale, const float *shift, float slope,
                                uint16_t *y) {
-    if (C > MAX_CHANNELS) return -1;
-    if (sc == 1 && C == 16)
-        upsample_impl(x, N, H, W, 16, sn, sh, sw, 1, scale, shift, slope, y);
-    else if (sc == 1 && C == 32)
-        upsample_impl(x, N, H, W, 32, sn, sh, sw, 1, scale, shift, slope, y);
-    else if (sc == 1 && C == 64)
-        upsample_impl(x, N, H, W, 64, sn, sh, sw, 1, scale, shift, slope, y);
-    else
-        upsample_impl(x, N, H, W, C, sn, sh, sw, sc, scale, shift, slope, y);
-    return 0;
+    if (C > MAX_CHANNELS) return REFUSED;
+    BY_CHANNELS(upsample_impl, C, sc, x, N, H, W, sn, sh, sw, scale, shift, slope, y);
+    return DONE;
 }
 
 /* 16 floats, in one AVX-512 register or two AVX ones: GCC's and Clang's vector extension */
@@ -205,9 +211,9 @@ int affine_leaky_relu_conv_one(const uint16_t *x, int64_t N, int64_t H, int64_t 
                                const float *scale, const float *shift, float slope,
                                const float *weight, float bias, float *out) {
     const int64_t groups = C / 16, row = (W + 2) * C;
-    if (sc != 1 || C % 16 != 0 || groups > 4) return -1;
+    if (sc != 1 || C % 16 != 0 || groups > 4) return REFUSED;
     float *act = calloc((size_t)((H + 2) * row), sizeof(float));
-    if (act == NULL) return -1;
+    if (act == NULL) return NO_MEMORY;
     f32x16 scales[4], shifts[4], taps[9][4];
     for (int64_t g = 0; g < groups; g++) {
         scales[g] = load16(scale + 16 * g);
@@ -241,5 +247,5 @@ int affine_leaky_relu_conv_one(const uint16_t *x, int64_t N, int64_t H, int64_t 
             }
     }
     free(act);
-    return 0;
+    return DONE;
 }

@@ -75,6 +75,24 @@ def use_fused_generation(
     )
 
 
+def set_generator_speed(
+    generator: torch.nn.Module,
+    speed: DictConfig,
+    device: torch.device,
+    generation_dtype: torch.dtype | None,
+) -> None:
+    """The DAFL generator's CPU switches (``tadfkd.models.generator``): the depthwise output
+    convolution and the fused kernels; other generators have none."""
+    if not hasattr(generator, "depthwise_output"):
+        return
+    generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
+    generator.fused_kernels = use_fused_generation(speed.fused_generation, device, generation_dtype)
+    if speed.compile and generator.fused_kernels:
+        # torch.compile fuses on its own and cannot trace the kernels' ctypes calls
+        log.info("speed.compile=true: the generator runs PyTorch's kernels, compiled")
+        generator.fused_kernels = False
+
+
 def adaptive_refill(setting: str, device: torch.device) -> bool:
     """``speed.refill``: ``auto`` sizes the rounds adaptively on CUDA, where a round costs a
     host synchronisation, and generates one batch a round on a CPU, where batches generated
@@ -115,12 +133,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
     generation_dtype = forward_dtype(str(speed.generation), precision)
-    if hasattr(generator, "depthwise_output"):  # the DAFL generator (tadfkd.models.generator)
-        generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
-        # torch.compile fuses on its own and cannot trace the kernels' ctypes calls
-        generator.fused_kernels = not speed.compile and use_fused_generation(
-            speed.fused_generation, device, generation_dtype
-        )
+    set_generator_speed(generator, speed, device, generation_dtype)
     if speed.compile:
         for model in {
             id(m): m for m in (teacher_model, inference_teacher, student, generator)
