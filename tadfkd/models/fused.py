@@ -330,10 +330,9 @@ def applies(generator: nn.Module, z: torch.Tensor) -> bool:
 
 def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """``generator(z)`` (``tadfkd.models.generator.Generator``) through the fused kernels;
-    call only where ``applies``. The last block runs PyTorch's kernels (and the generator's
-    choice of convolution, ``output_conv``) unless the generator runs that convolution as a
-    depthwise one (``speed.depthwise_output``) and the kernel computes it
-    (``takes_output_conv``)."""
+    call only where ``applies``. The last block runs PyTorch's kernels (the generator's
+    ``output_layers``) unless the generator runs its output convolution as a depthwise one
+    (``speed.depthwise_output``) and the kernel computes it (``takes_output_conv``)."""
     blocks0, blocks1, blocks2 = (
         generator.conv_blocks0,
         generator.conv_blocks1,
@@ -346,7 +345,7 @@ def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     out = blocks2[0](out)
     last = blocks2[3]
     if not (generator.depthwise_applies() and takes_output_conv(last, out)):
-        return blocks2[4](generator.output_conv(blocks2[2](blocks2[1](out))))
+        return generator.output_layers(out)
     scale, shift = batch_norm_map(out, blocks2[1])
     out = torch.ops.tadfkd.affine_leaky_relu_conv_one(
         out, last.weight, last.bias, scale, shift, blocks2[2].negative_slope

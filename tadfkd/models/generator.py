@@ -72,8 +72,12 @@ class Generator(nn.Module):
             out = out.contiguous(memory_format=torch.channels_last)
         out = F.interpolate(self.conv_blocks0(out), scale_factor=2)
         out = F.interpolate(self.conv_blocks1(out), scale_factor=2)
-        for layer in self.conv_blocks2[:3]:
-            out = layer(out)
+        return self.output_layers(self.conv_blocks2[0](out))
+
+    def output_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block after its first convolution: BatchNorm, LeakyReLU, the output
+        convolution (``output_conv``) and the sigmoid."""
+        out = self.conv_blocks2[2](self.conv_blocks2[1](x))
         return self.conv_blocks2[4](self.output_conv(out))
 
     def output_conv(self, x: torch.Tensor) -> torch.Tensor:
