@@ -17,7 +17,7 @@ from tadfkd.bench import operators, processes, setting, timing
 from tadfkd.bench import published as published_path
 from tadfkd.bench import threads as bench_threads
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
-from tadfkd.models import fused
+from tadfkd.models import kernels
 from tadfkd.run import runtime
 from tadfkd.teachers.loading import read_state_dict
 
@@ -350,5 +350,9 @@ def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys):
     assert shares["fold_teacher_bn=true"] >= 0.999  # float rounding only
     assert shares["depthwise_output=true"] >= 0.999  # float rounding only
     assert 0.5 < shares["scoring=bf16"] <= 1.0
-    # the fused generator kernels are a variant of their own where they build
-    assert ("generation=bf16, fused_generation=true" in shares) == (fused.kernels() is not None)
+    # the C kernels' settings are variants of their own where the kernels build
+    built = kernels.kernels() is not None
+    assert ("generation=bf16, fused_generation=true" in shares) == built
+    assert ("fold_teacher_bn=true, single_channel_conv=true" in shares) == built
+    if built:  # float rounding only
+        assert shares["fold_teacher_bn=true, single_channel_conv=true"] >= 0.999

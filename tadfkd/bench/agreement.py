@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tadfkd.distillation.precision import resolve_precision
-from tadfkd.models import fused
+from tadfkd.models import kernels
 from tadfkd.run.builder import build_distiller
 
 
@@ -24,7 +24,17 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
             "speed.fold_teacher_bn=false",
             "speed.depthwise_output=false",
         ],
-        "fold_teacher_bn=true": [*fp32, "speed.depthwise_output=false"],
+        "fold_teacher_bn=true": [
+            *fp32,
+            "speed.depthwise_output=false",
+            "speed.single_channel_conv=false",
+        ],
+        "fold_teacher_bn=true, single_channel_conv=true": [
+            *fp32,
+            "speed.depthwise_output=false",
+            "speed.single_channel_conv=true",
+            "speed.compile=false",
+        ],
         "depthwise_output=true": [*fp32, "speed.depthwise_output=true"],
         "scoring=bf16": [*fp32, "speed.scoring=bf16"],
         "generation=bf16": [*fp32, "speed.generation=bf16", "speed.fused_generation=false"],
@@ -42,8 +52,9 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
         ],
         f"this device's default (speed.precision=auto: {default_precision})": [],
     }
-    if device.type != "cpu" or fused.kernels() is None:  # nothing fused: the same as bf16
+    if device.type != "cpu" or kernels.kernels() is None:  # no C kernels: the same as without
         del found["generation=bf16, fused_generation=true"]
+        del found["fold_teacher_bn=true, single_channel_conv=true"]
     return found
 
 
@@ -54,7 +65,8 @@ def agreement(
     whole batches), the reference (everything fp32, BatchNorm unfolded, the generator's
     convolutions as published) against each speed setting that can change them (folding, the
     depthwise output convolution, bf16 scoring, a bf16 generator forward with PyTorch's
-    kernels and, on a CPU where they build, with the fused ones, this device's default): the
+    kernels and, on a CPU where they build, with the fused ones, the folded teacher's
+    one-input-channel convolutions through the C kernel, this device's default): the
     share left unchanged by each (fractions; printed as percent)."""
     from tadfkd.run.checkpoint import load_checkpoint
     from tadfkd.run.runtime import build

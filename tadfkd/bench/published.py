@@ -28,6 +28,7 @@ PUBLISHED_STYLE = [
     "speed.generation=fp32",
     "speed.depthwise_output=false",
     "speed.fused_generation=false",
+    "speed.single_channel_conv=false",
 ]
 
 

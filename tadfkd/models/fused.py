@@ -1,12 +1,9 @@
 """The DAFL generator's no-grad bf16 forward on a CPU through fused C kernels.
 
-``generator_kernels.c`` does each BatchNorm-LeakyReLU pair with the upsampling that follows it,
-and the last pair with the one-output-channel convolution that follows it, in one pass over
-memory; PyTorch's kernels take three to five. It is compiled at first use by the machine's C
-compiler (``$CC``, else ``cc``) for the CPU it runs on (``-march=native``) and cached under
-``~/.cache/tadfkd/kernels`` (``$TADFKD_CACHE``), named by a hash of the source, the command and
-the CPU's flags. Where nothing compiles it, ``kernels()`` is None and the generator runs
-PyTorch's kernels (``unavailable_reason()`` says why).
+``cpu_kernels.c`` (built at first use by ``tadfkd.models.kernels``) does each BatchNorm-LeakyReLU
+pair with the upsampling that follows it, and the last pair with the one-output-channel
+convolution that follows it, in one pass over memory; PyTorch's kernels take three to five.
+Where nothing compiles it, the generator runs PyTorch's kernels.
 
 The kernels are torch custom operators (``torch.ops.tadfkd.*``), so ``FlopCounterMode`` counts
 the last convolution's FLOPs as it counts PyTorch's, and dispatch modes see each call.
@@ -14,185 +11,13 @@ the last convolution's FLOPs as it counts PyTorch's, and dispatch modes see each
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
-
 import torch
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-SOURCE = Path(__file__).with_name("generator_kernels.c")
-# no contraction of a * b + c into one rounding: each product and sum rounds on its own, as in
-# two PyTorch operations (the tests' float32 reference)
-FLAGS = [
-    "-O3",
-    "-march=native",
-    "-ffp-contract=off",
-    "-fopenmp-simd",
-    "-std=c11",
-    "-shared",
-    "-fPIC",
-]
-_I64, _PTR, _F32, _F64, _INT = (
-    ctypes.c_int64,
-    ctypes.c_void_p,
-    ctypes.c_float,
-    ctypes.c_double,
-    ctypes.c_int,
-)
-# the tensor's dims and element strides in (n, h, w, c) order, then the per-channel affine map
-_LAYOUT = [_PTR, *[_I64] * 8]
-SIGNATURES = {
-    "batch_norm_scale_shift": [*_LAYOUT, _PTR, _PTR, _F64, _INT, _F64, _PTR, _PTR, _PTR, _PTR],
-    "affine_leaky_relu_upsample": [*_LAYOUT, _PTR, _PTR, _F32, _PTR],
-    "affine_leaky_relu_conv_one": [*_LAYOUT, _PTR, _PTR, _F32, _PTR, _F32, _PTR],
-}
-MAX_CHANNELS = 1024  # generator_kernels.c's per-channel arrays
-# the kernels run on one thread: beyond two, PyTorch's parallel kernels are left to it (the
-# kernels were measured to pay at one thread and to break even at two, docs/performance.md)
-MAX_THREADS = 2
-# the entry points' return codes (generator_kernels.c) that are not success
-FAILURES = {-1: "refused its input", -2: "ran out of memory"}
-_failure: list[str] = []
+from tadfkd.models.kernels import MAX_THREADS, kernels, layout, pointer, run_kernel
 
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$TADFKD_CACHE/kernels``, else
-    ``$XDG_CACHE_HOME/tadfkd/kernels``, else ``~/.cache/tadfkd/kernels``."""
-    if os.environ.get("TADFKD_CACHE"):
-        return Path(os.environ["TADFKD_CACHE"]) / "kernels"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "tadfkd" / "kernels"
-
-
-def cpu_signature() -> str:
-    """The CPU's model and feature flags, as the kernel is compiled for them (x86's ``flags``,
-    Arm's ``Features`` and part numbers)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    keys = ("flags", "model name", "Features", "CPU implementer", "CPU part")
-    lines = [line for line in info.splitlines() if line.startswith(keys)]
-    return "\n".join([platform.machine(), platform.processor(), *sorted(set(lines))])
-
-
-def trusted(path: Path) -> bool:
-    """Whether ``path`` and its folder belong to this user and no one else can write to them:
-    a library loaded from it runs as this process."""
-    if not hasattr(os, "getuid"):  # no owner to compare with (Windows)
-        return False
-    for item in (path, path.parent):
-        info = item.stat()
-        if info.st_uid != os.getuid() or info.st_mode & 0o022:
-            return False
-    return True
-
-
-def compile_kernels(compiler: str, target: Path) -> str | None:
-    """Compile ``SOURCE`` into ``target`` (atomically: parallel jobs may race); None, or why
-    it failed in one line."""
-    try:
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
-    except OSError as error:
-        return f"cannot write to {target.parent} ({error.strerror})"
-    os.close(handle)
-    command = [compiler, *FLAGS, "-o", partial, str(SOURCE), "-lm"]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as error:
-        Path(partial).unlink(missing_ok=True)
-        return f"{compiler} did not run ({error})"
-    if done.returncode != 0:
-        Path(partial).unlink(missing_ok=True)
-        first = (done.stderr.strip().splitlines() or ["no message"])[0]
-        return f"{compiler} failed: {first}"
-    os.chmod(partial, 0o700)  # the linker may have written it under a group-writable umask
-    os.replace(partial, target)
-    return None
-
-
-@functools.cache
-def kernels() -> ctypes.CDLL | None:
-    """The compiled kernels, built now if this machine has none cached (or one that does not
-    load); None where none builds or loads (``unavailable_reason``)."""
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        _failure.append(f"no C compiler ({compiler}) on the PATH")
-        return None
-    try:
-        target = cached_path(compiler)
-    except (OSError, RuntimeError) as error:  # no source file, no home directory
-        _failure.append(f"no kernel source or cache ({error}); set TADFKD_CACHE")
-        return None
-    for _ in range(2):  # the cached library, then once rebuilt if it did not load
-        if not target.exists():
-            failure = compile_kernels(compiler, target)
-            if failure is not None:
-                _failure.append(failure)
-                return None
-        if not trusted(target):
-            _failure.append(f"{target} or its folder is writable by others; not loaded")
-            return None
-        try:
-            library = ctypes.CDLL(str(target))
-        except OSError as error:
-            _failure.append(f"{target} did not load ({error})")
-            target.unlink(missing_ok=True)  # built elsewhere or broken: build it once more
-            continue
-        for name, arguments in SIGNATURES.items():
-            function = getattr(library, name)
-            function.argtypes, function.restype = arguments, ctypes.c_int
-        return library
-    return None
-
-
-def cached_path(compiler: str) -> Path:
-    """Where the kernels built by ``compiler`` for this CPU from today's source live."""
-    key = hashlib.sha256(
-        b"\0".join(
-            [SOURCE.read_bytes(), " ".join([compiler, *FLAGS]).encode(), cpu_signature().encode()]
-        )
-    ).hexdigest()[:16]
-    return cache_dir() / f"generator_kernels-{key}.so"
-
-
-def unavailable_reason() -> str | None:
-    """Why ``kernels()`` is None, in a few words; None when they are there."""
-    return None if kernels() is not None else _failure[-1]
-
-
-def layout(x: torch.Tensor) -> list[int]:
-    """A (N, C, H, W) tensor as the kernels take it: its address, dims and element strides
-    in (n, h, w, c) order."""
-    torch._check(x.dtype == torch.bfloat16 and x.dim() == 4, lambda: "a 4-d bf16 tensor")
-    n, c, h, w = x.shape
-    sn, sc, sh, sw = x.stride()
-    return [x.data_ptr(), n, h, w, c, sn, sh, sw, sc]
-
-
-def pointer(tensor: torch.Tensor | None) -> int | None:
-    """A float32 tensor's data address for the kernels (None: NULL); anything else is refused,
-    since the C code reads raw float32."""
-    if tensor is None:
-        return None
-    torch._check(tensor.dtype == torch.float32 and tensor.is_contiguous(), lambda: "float32")
-    return tensor.data_ptr()
-
-
-def run_kernel(name: str, *arguments: int | float | None) -> None:
-    """Call the entry point ``name`` of generator_kernels.c; an error if it did not run."""
-    code = getattr(kernels(), name)(*arguments)
-    if code != 0:
-        raise RuntimeError(f"{name} (generator_kernels.c) {FAILURES.get(code, code)}")
+MAX_CHANNELS = 1024  # cpu_kernels.c's per-channel arrays
 
 
 @torch.library.custom_op(

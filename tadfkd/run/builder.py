@@ -17,7 +17,7 @@ from tadfkd.distillation.loop import Distiller, Schedule
 from tadfkd.distillation.nonfinite import NonFiniteGuard
 from tadfkd.distillation.precision import Precision, prepare_model, resolve_precision
 from tadfkd.distillation.synthesizer import Synthesizer
-from tadfkd.models import fused
+from tadfkd.models import kernels, single_channel
 from tadfkd.run.runtime import build
 from tadfkd.teachers.folding import fold_batchnorm
 from tadfkd.teachers.loading import Teacher
@@ -55,24 +55,31 @@ def on_if_auto(setting: str | bool, device: torch.device, auto_on: str) -> bool:
     return device.type == auto_on if setting == "auto" else bool(setting)
 
 
-def use_fused_generation(
-    setting: str | bool, device: torch.device, generation_dtype: torch.dtype | None
-) -> bool:
-    """``speed.fused_generation``: ``auto`` is on for a bf16 generator forward on a CPU where
-    the kernels compile (``tadfkd.models.fused``), off elsewhere; ``true`` is an error where
-    they do not compile; ``false`` is off."""
-    if setting is False or device.type != "cpu" or generation_dtype != torch.bfloat16:
+def use_kernels(key: str, setting: str | bool, applicable: bool) -> bool:
+    """A ``speed`` switch of the C kernels (``tadfkd.models.kernels``): off where ``setting``
+    is false or where the kernels have nothing to do (``applicable`` false); else ``auto`` is
+    on where they build, ``true`` an error where they do not."""
+    if setting is False or not applicable:
         return False
-    reason = fused.unavailable_reason()
+    reason = kernels.unavailable_reason()
     if reason is None:
         return True
     if setting == "auto":
-        log.info("speed.fused_generation=auto: the generator runs PyTorch's kernels (%s)", reason)
+        log.info("%s=auto: PyTorch's kernels run (%s)", key, reason)
         return False
     raise UserError(
-        f"speed.fused_generation=true needs the fused generator kernels, which did not build "
-        f"here ({reason}); set speed.fused_generation=auto or false"
+        f"{key}=true needs the C kernels, which did not build here ({reason}); set {key}=auto "
+        "or false"
     )
+
+
+def use_fused_generation(
+    setting: str | bool, device: torch.device, generation_dtype: torch.dtype | None
+) -> bool:
+    """``speed.fused_generation``: the fused generator kernels (``tadfkd.models.fused``) for a
+    bf16 generator forward on a CPU (``use_kernels``)."""
+    applicable = device.type == "cpu" and generation_dtype == torch.bfloat16
+    return use_kernels("speed.fused_generation", setting, applicable)
 
 
 def set_generator_speed(
@@ -110,7 +117,9 @@ def fold_for_inference(
     cfg: DictConfig, teacher: torch.nn.Module, device: torch.device, channels_last: bool
 ) -> torch.nn.Module:
     """The teacher of the no-grad forwards: with BatchNorm folded (``speed.fold_teacher_bn``),
-    checked on a fixed random batch of the dataset's shape (no global RNG is drawn)."""
+    checked on a fixed random batch of the dataset's shape (no global RNG is drawn), and, in
+    that folded copy on a CPU, convolutions of one input channel through the C kernel
+    (``speed.single_channel_conv``, ``tadfkd.models.single_channel``)."""
     if not cfg.speed.fold_teacher_bn:
         return teacher
     dataset = cfg.dataset
@@ -119,7 +128,12 @@ def fold_for_inference(
     example = torch.randn(shape, generator=draw, device=device)
     if channels_last:
         example = example.contiguous(memory_format=torch.channels_last)
-    return fold_batchnorm(teacher, example)
+    folded = fold_batchnorm(teacher, example)
+    applicable = folded is not teacher and channels_last and device.type == "cpu"
+    setting = cfg.speed.single_channel_conv
+    if use_kernels("speed.single_channel_conv", setting, applicable and not cfg.speed.compile):
+        single_channel.use_kernel(folded)
+    return folded
 
 
 def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> Distiller:

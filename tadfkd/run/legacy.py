@@ -43,7 +43,11 @@ WEIGHTS = "method.weights."
 # settings added to the run identity later -> what a run written before them computed: resuming
 # such a run is refused with today's default until the override is given
 # (e.g. speed.depthwise_output=false)
-ADDED = {"speed.depthwise_output": False, "speed.fused_generation": False}
+ADDED = {
+    "speed.depthwise_output": False,
+    "speed.fused_generation": False,
+    "speed.single_channel_conv": False,
+}
 UNTEMPERED = "l1"  # the L1 losses compare raw logits: no temperature
 
 

@@ -1,11 +1,16 @@
-/* Fused CPU kernels for the DAFL generator's no-grad bf16 forward (tadfkd.models.fused).
+/* CPU kernels for no-grad forwards (built by tadfkd.models.kernels), one thread each.
  *
- * Each BatchNorm-LeakyReLU pair of the generator, with the nearest 2x upsampling that follows
- * it or the one-output-channel convolution that follows the last one, in one pass over memory
- * instead of three to five. Tensors are bf16 in the (n, h, w, c) index order with element
- * strides (channels-last when the channel stride is 1); affine arithmetic, the activation and
- * the last convolution in float32, rounded once to bf16 where a bf16 tensor is written.
- * Compiled on the machine that runs it (-march=native), one thread.
+ * The DAFL generator's bf16 forward (tadfkd.models.fused): each BatchNorm-LeakyReLU pair, with
+ * the nearest 2x upsampling that follows it or the one-output-channel convolution that follows
+ * the last one, in one pass over memory instead of three to five. Tensors are bf16 in the
+ * (n, h, w, c) index order with element strides (channels-last when the channel stride is 1);
+ * affine arithmetic, the activation and the last convolution in float32, rounded once to bf16
+ * where a bf16 tensor is written.
+ *
+ * A grayscale network's first convolution, one input channel (tadfkd.models.single_channel):
+ * float32 or bf16 in and out, float32 sums.
+ *
+ * Compiled on the machine that runs it (-march=native).
  */
 #include <math.h>
 #include <stdint.h>
@@ -247,5 +252,119 @@ int affine_leaky_relu_conv_one(const uint16_t *x, int64_t N, int64_t H, int64_t 
             }
     }
     free(act);
+    return DONE;
+}
+
+/* round 16 floats to bf16 as float_to_bf16 does */
+static inline void store16_bf16(uint16_t *p, f32x16 v) {
+    u32x16 u, nan, rounded;
+    memcpy(&u, &v, sizeof u);
+    nan = (u32x16)((u & 0x7fffffffu) > 0x7f800000u);
+    rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    rounded = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+    u16x16 half = __builtin_convertvector(rounded, u16x16);
+    memcpy(p, &half, sizeof half);
+}
+
+#define MAX_TAPS 49 /* a kernel of up to 7 x 7 */
+
+#define PIXELS 4 /* output pixels of a row computed together: independent sums in flight */
+
+static inline void store_sums(void *out, int64_t at, f32x16 sums, int out_bf16) {
+    if (out_bf16)
+        store16_bf16((uint16_t *)out + at, sums);
+    else
+        memcpy((float *)out + at, &sums, sizeof sums);
+}
+
+/* one image's output (Ho, Wo, C) from its zero-padded float32 copy (Hp, Wp): each output's
+ * sums start at the bias and add the taps in row order, PIXELS outputs of a row at a time */
+static inline __attribute__((always_inline)) void single_channel_image(
+    const int64_t groups, const int64_t K, const float *padded, int64_t Wp, int64_t stride,
+    int64_t Ho, int64_t Wo, const f32x16 (*taps)[4], const f32x16 *bias, void *out,
+    int out_bf16) {
+    const int64_t C = 16 * groups;
+    f32x16 kept[MAX_TAPS][4], start[4]; /* local copies: the stores below cannot alias them */
+    for (int64_t g = 0; g < groups; g++) {
+        start[g] = bias[g];
+        for (int64_t t = 0; t < K * K; t++) kept[t][g] = taps[t][g];
+    }
+    for (int64_t i = 0; i < Ho; i++)
+        for (int64_t j0 = 0; j0 < Wo; j0 += PIXELS) {
+            const int64_t count = Wo - j0 < PIXELS ? Wo - j0 : PIXELS;
+            f32x16 sums[PIXELS][4];
+            for (int64_t p = 0; p < PIXELS; p++)
+                for (int64_t g = 0; g < groups; g++) sums[p][g] = start[g];
+            const float *corner = padded + i * stride * Wp + j0 * stride;
+            for (int64_t ki = 0; ki < K; ki++)
+                for (int64_t kj = 0; kj < K; kj++)
+                    for (int64_t p = 0; p < PIXELS; p++) {
+                        /* past the row's end (p >= count): a value inside the padded image,
+                         * summed but never stored */
+                        float v = corner[ki * Wp + (p < count ? p : 0) * stride + kj];
+                        for (int64_t g = 0; g < groups; g++)
+                            sums[p][g] += v * kept[ki * K + kj][g];
+                    }
+            for (int64_t p = 0; p < count; p++)
+                for (int64_t g = 0; g < groups; g++)
+                    store_sums(out, ((i * Wo + j0 + p) * C) + 16 * g, sums[p][g], out_bf16);
+        }
+}
+
+static inline float rounded_to_bf16(float v) { return bf16_to_float(float_to_bf16(v)); }
+
+/* out (N, Ho, Wo, C), contiguous, = the K x K convolution, stride and zero padding as given, of
+ * x (N, H, W) (one input channel; element strides; float32, or bf16 when x_bf16) with weight
+ * (C, K, K) (element strides) and bias (C,) or NULL, both float32; C = 16 * groups with
+ * groups <= 4, K <= 7. Sums in float32 over the taps in row order, after the bias. With bf16,
+ * as bf16 autocast runs the convolution: input, weight and bias rounded to bf16 first, out
+ * bf16; else out float32. */
+int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t W, int64_t sn,
+                        int64_t sh, int64_t sw, const float *weight, int64_t C, int64_t K,
+                        int64_t swc, int64_t swh, int64_t sww, const float *bias, int64_t stride,
+                        int64_t padding, int bf16, void *out) {
+    const int64_t groups = C / 16, Hp = H + 2 * padding, Wp = W + 2 * padding;
+    if (C % 16 != 0 || groups < 1 || groups > 4 || K < 1 || K > 7 || stride < 1 ||
+        padding < 0 || Hp < K || Wp < K)
+        return REFUSED;
+    const int64_t Ho = (Hp - K) / stride + 1, Wo = (Wp - K) / stride + 1;
+    float *padded = calloc((size_t)(Hp * Wp), sizeof(float));
+    if (padded == NULL) return NO_MEMORY;
+    f32x16 taps[MAX_TAPS][4], start[4];
+    float lane[16];
+    for (int64_t g = 0; g < groups; g++) {
+        for (int64_t t = 0; t <= K * K; t++) { /* the K * K taps, then the bias */
+            for (int64_t c = 0; c < 16; c++) {
+                int64_t channel = 16 * g + c;
+                float v = t < K * K ? weight[channel * swc + (t / K) * swh + (t % K) * sww]
+                          : bias != NULL ? bias[channel]
+                                         : 0.0f;
+                lane[c] = bf16 ? rounded_to_bf16(v) : v;
+            }
+            if (t < K * K)
+                taps[t][g] = load16(lane);
+            else
+                start[g] = load16(lane);
+        }
+    }
+    const int64_t image = Ho * Wo * C * (bf16 ? 2 : 4);
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t w = 0; w < W; w++) {
+                int64_t at = n * sn + h * sh + w * sw;
+                float v = x_bf16 ? bf16_to_float(((const uint16_t *)x)[at]) : ((const float *)x)[at];
+                padded[(h + padding) * Wp + w + padding] = bf16 && !x_bf16 ? rounded_to_bf16(v) : v;
+            }
+        void *image_out = (char *)out + n * image;
+        /* the kernel size and channel groups as compile-time constants for 3 x 3 */
+        if (K == 3 && groups == 1)
+            single_channel_image(1, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out, bf16);
+        else if (K == 3 && groups == 2)
+            single_channel_image(2, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out, bf16);
+        else
+            single_channel_image(groups, K, padded, Wp, stride, Ho, Wo, taps, start, image_out,
+                                 bf16);
+    }
+    free(padded);
     return DONE;
 }

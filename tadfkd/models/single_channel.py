@@ -1,0 +1,145 @@
+"""A grayscale network's first convolution (one input channel) in its no-grad CPU forwards
+through a C kernel (``cpu_kernels.c``, built by ``tadfkd.models.kernels``).
+
+oneDNN's convolution is slow for one input channel: on the Fashion-MNIST preset the frozen
+teacher's first layer took 0.3-0.4 ms a batch of 64 in the loop for 3.6 MFLOP (docs/
+performance.md). The kernel computes the same sums in float32 (float32 or bf16 in and out,
+as ``F.conv2d`` and bf16 autocast have them) at a fraction of that. ``use_kernel`` swaps it
+into a model's eligible convolutions; the swapped module runs PyTorch's convolution wherever
+the kernel does not apply (gradients, other dtypes, more threads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import register_flop_formula
+
+from tadfkd.models import kernels
+
+MAX_KERNEL_SIZE = 7  # cpu_kernels.c: MAX_TAPS
+
+
+@torch.library.custom_op("tadfkd::single_channel_conv", mutates_args=(), device_types="cpu")
+def single_channel_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    bf16: bool,
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` for x (N, 1, H, W) float32 or bf16 and
+    float32 weight (C, 1, K, K) and bias, C a multiple of 16 up to 64, in float32 sums; with
+    ``bf16`` as bf16 autocast runs it (x, weight and bias rounded to bf16, the output bf16).
+    The output (N, C, Ho, Wo) is channels-last."""
+    torch._check(x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4 and x.shape[1] == 1)
+    torch._check(bf16 or x.dtype == torch.float32, lambda: "a bf16 input with bf16")
+    torch._check(weight.dtype == torch.float32, lambda: "a float32 weight")
+    n, _, h, w = x.shape
+    channels, _, size, _ = weight.shape
+    out_h, out_w = (h + 2 * padding - size) // stride + 1, (w + 2 * padding - size) // stride + 1
+    out = torch.empty(
+        (n, channels, out_h, out_w),
+        dtype=torch.bfloat16 if bf16 else torch.float32,
+        memory_format=torch.channels_last,
+    )
+    sn, _, sh, sw = x.stride()
+    swc, _, swh, sww = weight.stride()
+    kernels.run_kernel(
+        "single_channel_conv",
+        *(x.data_ptr(), int(x.dtype == torch.bfloat16), n, h, w, sn, sh, sw),
+        *(weight.data_ptr(), channels, size, swc, swh, sww),
+        kernels.pointer(bias),
+        *(stride, padding, int(bf16), out.data_ptr()),
+    )
+    return out
+
+
+@register_flop_formula(torch.ops.tadfkd.single_channel_conv, get_raw=True)
+def single_channel_flops(
+    x: torch.Tensor, weight: torch.Tensor, *args, out_val: torch.Tensor, **kwargs
+) -> int:
+    """As ``FlopCounterMode`` counts the convolution: 2 x outputs x weights per output."""
+    return 2 * out_val.numel() * weight[0].numel()
+
+
+def eligible(conv: nn.Module) -> bool:
+    """Whether the kernel can compute ``conv``: a plain ``nn.Conv2d`` of one input channel,
+    16, 32, 48 or 64 output channels, a square kernel of up to 7, one stride and one zero
+    padding for both dims, no dilation or groups."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.in_channels == 1
+        and conv.out_channels % 16 == 0
+        and conv.out_channels <= 64
+        and conv.kernel_size[0] == conv.kernel_size[1] <= MAX_KERNEL_SIZE
+        and conv.stride[0] == conv.stride[1]
+        and not isinstance(conv.padding, str)
+        and conv.padding[0] == conv.padding[1]
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+class SingleChannelConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` of one input channel (``eligible``) whose no-grad CPU forwards run the
+    kernel where it ``applies``; the same parameters and state-dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not applies(self, x):
+            return super().forward(x)
+        return torch.ops.tadfkd.single_channel_conv(
+            x,
+            self.weight,
+            self.bias,
+            self.stride[0],
+            self.padding[0],
+            torch.is_autocast_enabled("cpu"),  # then bf16: applies
+        )
+
+
+def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether the kernel computes ``conv(x)`` here: no gradients, a CPU input of one channel,
+    float32 parameters and input with no autocast or bf16 autocast, at most
+    ``kernels.MAX_THREADS`` torch threads, an output of at least one pixel, built kernels."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != 1:
+        return False
+    if conv.weight.dtype != torch.float32 or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+            return False
+    elif x.dtype != torch.float32:
+        return False
+    if torch.get_num_threads() > kernels.MAX_THREADS:
+        return False
+    reach = conv.kernel_size[0] - 2 * conv.padding[0]
+    if min(x.shape[0], x.shape[2] - reach + 1, x.shape[3] - reach + 1) < 1:
+        return False  # PyTorch's convolution says what is wrong
+    return kernels.kernels() is not None
+
+
+def use_kernel(model: nn.Module) -> list[str]:
+    """Swap a ``SingleChannelConv2d`` (sharing the parameters) into ``model`` for each
+    ``eligible`` convolution; the paths swapped."""
+    swapped = []
+    for path, conv in list(model.named_modules()):
+        if not path or not eligible(conv):
+            continue
+        fast = SingleChannelConv2d(
+            1,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            bias=conv.bias is not None,
+            device="meta",
+        )
+        fast.weight, fast.bias = conv.weight, conv.bias
+        fast.train(conv.training)
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, fast)
+        swapped.append(path)
+    return swapped
