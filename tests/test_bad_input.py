@@ -76,6 +76,11 @@ CASES = {
         2,
         ["speed.fused_generation='maybe' must be"],
     ),
+    "single-channel kernel not a switch": (
+        ["speed.single_channel_conv=maybe"],
+        2,
+        ["speed.single_channel_conv='maybe' must be"],
+    ),
     "unknown logger mode": (["logger.mode=onlien"], 2, ["logger.mode='onlien' must be"]),
     "unwritable output dir": (["hydra.run.dir=/dev/null/run"], 2, ["not writable"]),
     "run directory in use": ([], 2, ["/run is in use by another run (process {pid})"]),

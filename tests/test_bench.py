@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import ROOT, run_entry
 
+from tadfkd.base import schema
 from tadfkd.base.errors import UserError
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
@@ -65,7 +66,8 @@ def test_small_benchmark_prints_the_whole_table_at_each_thread_count(capsys):
 
 
 def test_the_component_profile_adds_up_to_an_iteration(capsys):
-    found = bench_components.main(["--setting", "small", "--reps", "1", "--operators"])
+    against = ["--against", "speed.single_channel_conv=false", "--pairs", "1"]
+    found = bench_components.main(["--setting", "small", "--reps", "1", "--operators", *against])
     out = capsys.readouterr().out
     assert "generated batches per student step" in out
     assert re.search(r"; malloc: (keeps freed memory|its own policy|not glibc)", out)
@@ -75,6 +77,9 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
         assert any(line.startswith(name) for line in out.splitlines())
     assert re.search(r"one iteration: \d+ ms timed; \d+ ms from the components", out)
     assert re.search(r"one iteration: \d+ ms timed; its \d+ operator calls, each timed", out)
+    kernel = "on" if kernels.kernels() is not None else "off"
+    assert f"the teacher's one-input-channel kernel: {kernel}" in out
+    assert re.search(r"alternated iterations, 1 pair: this path [\d.]+ ms, with speed.single", out)
 
 
 def test_each_operator_call_is_timed_with_its_flops_and_precision():
@@ -160,6 +165,33 @@ def test_the_operator_split_times_and_records_the_same_iteration(capsys):
         assert torch.equal(parameter, expected)
     assert split["dense"] > 0 and split["other"] > 0 and 0 < split["dense_at_rate"]
     assert re.search(r"other operators \d+ ms$", capsys.readouterr().out, re.MULTILINE)
+
+
+def test_alternated_iterations_swap_which_path_runs_first_and_pair_their_times(monkeypatch):
+    order, clock = [], [0.0]
+
+    class Path:  # an iteration of 2 student steps of 4 samples, ``seconds`` of a fake clock
+        schedule = SimpleNamespace(batch_size=4, student_steps=2)
+
+        def __init__(self, name: str, seconds: float) -> None:
+            self.name, self.seconds, self.meter = name, seconds, None
+
+        def iterate(self) -> None:
+            order.append(self.name)
+            clock[0] += self.seconds
+            if self.meter is not None:  # three batches generated per student step
+                self.meter.add({schema.GENERATED: 2 * 3 * 4.0})
+
+    monkeypatch.setattr(bench_components.time, "perf_counter", lambda: clock[0])
+    pairs = bench_components.alternated(Path("a", 0.3), Path("b", 0.5), pairs=3)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert pairs == [(pytest.approx(0.3), pytest.approx(0.5))] * 3
+    line = bench_components.alternated_line(
+        Path("a", 0.3), Path("b", 0.5), 2, "speed.single_channel_conv=false"
+    )
+    assert "2 pairs: this path 300.0 ms, with speed.single_channel_conv=false 500.0 ms" in line
+    assert "(medians; 3.00 and 3.00 generated batches per student step)" in line
+    assert "takes +200.0 ms an iteration (the median of the paired differences)" in line
 
 
 def test_a_benchmarks_config_is_checked_as_a_runs():

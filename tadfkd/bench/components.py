@@ -14,6 +14,13 @@ a timed iteration, so the table adds up to what an iteration costs.
 ``--operators`` then times every operator call of one more iteration where it runs
 (``tadfkd.bench.operators``): the convolutions and matmuls against the matmul rate of their
 precision, and the other operators.
+
+``--against KEY=VALUE`` (repeatable) then times whole iterations of this path and of one built
+with those overrides, alternated pair by pair (which runs first swaps each pair), so that a
+machine whose speed drifts by 10-20% within minutes slows both alike; it prints both medians and
+the median of the paired differences:
+
+    python -m tadfkd.bench.components --against speed.single_channel_conv=false
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.bench.timing import matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
+from tadfkd.models.single_channel import SingleChannelConv2d
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
 
@@ -105,11 +113,20 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         action="store_true",
         help="also time each operator call of one iteration (tadfkd.bench.operators)",
     )
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time iterations alternated with a path built with these overrides",
+    )
+    parser.add_argument("--pairs", type=int, default=20, help="alternated pairs (--against)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     device = torch.device("cpu")
     overrides = [*SETTINGS[args.setting], "runtime.device=cpu"]
-    cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
+    chosen = [*overrides, f"speed.precision={args.precision}", *args.set]
+    cfg = bench_config(chosen)
     kept_memory = keep_freed_memory(cfg.runtime.keep_freed_memory)
     distiller = build_path(cfg, device, published=False, seed=0)
     for _ in range(2):
@@ -120,6 +137,32 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     generated = float(distiller.meter.sums[schema.GENERATED]) / distiller.schedule.batch_size
     per_step_batches = generated / (4 * steps)  # 1 untimed + 3 timed iterations
     found = components(distiller, args.reps)
+    print_components(distiller, found, args, iteration, per_step_batches, kept_memory)
+    if args.operators:
+        operator_split(distiller)
+    if args.against:  # two fresh paths: the one above has run more iterations than a warm-up
+        paths = []
+        for chosen_cfg in (cfg, bench_config([*chosen, *args.against])):
+            paths.append(build_path(chosen_cfg, device, published=False, seed=0))
+            for _ in range(2):
+                paths[-1].iterate()
+        print(alternated_line(*paths, args.pairs, " ".join(args.against)))
+    return found
+
+
+def print_components(
+    distiller: Distiller,
+    found: dict[str, tuple[float, float]],
+    args: argparse.Namespace,
+    iteration: float,
+    per_step_batches: float,
+    kept_memory: bool | None,
+) -> None:
+    """The components' table, and the iteration they add up to against the timed one."""
+    device, steps = torch.device("cpu"), distiller.schedule.student_steps
+    single = any(
+        isinstance(module, SingleChannelConv2d) for module in distiller.inference_teacher.modules()
+    )
     print(
         f"CPU: {device_name(device)}, {args.threads} thread(s); setting {args.setting}, "
         f"precision {distiller.precision.name}, generation "
@@ -127,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         f"scoring {str(distiller.synthesizer.scoring_dtype or 'fp32').removeprefix('torch.')}; "
         f"{per_step_batches:.2f} generated batches per student step; fused generator kernels: "
         f"{'on' if getattr(distiller.synthesizer.generator, 'fused_kernels', False) else 'off'}; "
+        f"the teacher's one-input-channel kernel: {'on' if single else 'off'}; "
         f"malloc: {malloc_policy(kept_memory)}"
     )
     print(f"{'component':<32}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
@@ -141,9 +185,44 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         f"one iteration: {iteration * 1e3:.0f} ms timed; {estimate * 1e3:.0f} ms from the "
         f"components ({steps} x (student batch + student step) + generator step)"
     )
-    if args.operators:
-        operator_split(distiller)
+
+
+def alternated(first: Distiller, second: Distiller, pairs: int) -> list[tuple[float, float]]:
+    """Seconds of ``pairs`` iterations of each of two paths, as (first, second) pairs, run
+    alternately: the second runs first in every other pair."""
+    found = []
+    for pair in range(pairs):
+        seconds = {}
+        for name in ("second", "first") if pair % 2 else ("first", "second"):
+            distiller = first if name == "first" else second
+            start = time.perf_counter()
+            distiller.iterate()
+            seconds[name] = time.perf_counter() - start
+        found.append((seconds["first"], seconds["second"]))
     return found
+
+
+def alternated_line(first: Distiller, second: Distiller, pairs: int, overrides: str) -> str:
+    """``alternated`` iterations of this path and of the one with ``overrides``, in one line,
+    with the generated batches per student step of each (the work an iteration did)."""
+    for path in (first, second):
+        path.meter = EpochMeter()
+    found = alternated(first, second, pairs)
+    this = statistics.median(a for a, _ in found)
+    other = statistics.median(b for _, b in found)
+    difference = statistics.median(b - a for a, b in found)
+    batches = [
+        float(path.meter.sums[schema.GENERATED])
+        / (path.schedule.batch_size * path.schedule.student_steps * pairs)
+        for path in (first, second)
+    ]
+    plural = "s" if pairs != 1 else ""
+    return (
+        f"alternated iterations, {pairs} pair{plural}: this path {this * 1e3:.1f} ms, with "
+        f"{overrides} {other * 1e3:.1f} ms (medians; {batches[0]:.2f} and {batches[1]:.2f} "
+        f"generated batches per student step); {overrides} takes {difference * 1e3:+.1f} ms an "
+        "iteration (the median of the paired differences)"
+    )
 
 
 def restore_point(distiller: Distiller) -> Callable[[], None]:
