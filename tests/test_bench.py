@@ -67,7 +67,8 @@ def test_small_benchmark_prints_the_whole_table_at_each_thread_count(capsys):
 
 def test_the_component_profile_adds_up_to_an_iteration(capsys):
     against = ["--against", "speed.single_channel_conv=false", "--pairs", "1"]
-    found = bench_components.main(["--setting", "small", "--reps", "1", "--operators", *against])
+    operator_rows = ["--operators", "--top", "12"]
+    found = bench_components.main(["--setting", "small", "--reps", "1", *operator_rows, *against])
     out = capsys.readouterr().out
     assert "generated batches per student step" in out
     assert re.search(r"; malloc: (keeps freed memory|its own policy|not glibc)", out)
@@ -77,6 +78,7 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
         assert any(line.startswith(name) for line in out.splitlines())
     assert re.search(r"one iteration: \d+ ms timed; \d+ ms from the components", out)
     assert re.search(r"one iteration: \d+ ms timed; its \d+ operator calls, each timed", out)
+    assert "convolutions and matmuls, top 12 by time:" in out
     kernel = "on" if kernels.kernels() is not None else "off"
     assert f"the teacher's one-input-channel kernel: {kernel}" in out
     assert re.search(r"alternated iterations, 1 pair: this path [\d.]+ ms, with speed.single", out)

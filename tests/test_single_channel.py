@@ -23,6 +23,12 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The kernel runs at one torch thread (``MAX_THREADS``); conftest restores the count."""
+    torch.set_num_threads(1)
+
+
 def swapped(conv: nn.Conv2d) -> nn.Module:
     """A copy of ``conv`` (in a container) with the kernel swapped in, and its paths."""
     model = nn.Sequential(copy.deepcopy(conv))
@@ -48,6 +54,7 @@ def test_the_kernel_is_pytorchs_convolution_in_float32(channels, size, stride, p
     fast = swapped(conv)
     x = batch((5, 1, 13, 11))  # odd sizes: a partial block of outputs at each row's end
     with torch.no_grad():
+        assert single_channel.applies(fast, x)
         out = fast(x)
         expected = F.conv2d(x.double(), conv.weight.double(), None, stride, padding)
         if bias:
@@ -67,6 +74,7 @@ def test_under_bf16_autocast_the_kernel_rounds_as_autocast_does(input_dtype, cha
     fast = swapped(conv)
     x = batch((6, 1, 28, 28)).to(input_dtype)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert single_channel.applies(fast, x)
         out, expected = fast(x), conv(x)
     assert out.dtype == expected.dtype == torch.bfloat16
     # each output is the same float32 sum of the rounded inputs, rounded once: equal but for
@@ -88,7 +96,7 @@ def test_with_gradients_or_another_dtype_pytorchs_convolution_runs():
         assert not single_channel.applies(fast, x.bfloat16())  # bf16 without autocast
         assert not single_channel.applies(fast, x.double())
         threads = torch.get_num_threads()
-        torch.set_num_threads(kernels.MAX_THREADS + 1)  # PyTorch's parallel convolution
+        torch.set_num_threads(single_channel.MAX_THREADS + 1)  # PyTorch's parallel one
         try:
             assert not single_channel.applies(fast, x)
         finally:
@@ -123,6 +131,8 @@ def test_only_plain_convolutions_of_one_input_channel_and_16_to_64_outputs_are_s
 def test_the_kernel_is_counted_as_the_convolution_it_replaces():
     conv = nn.Conv2d(1, 32, 3, stride=2, padding=1)
     fast, x = swapped(conv), batch((4, 1, 16, 16))
+    with torch.no_grad():
+        assert single_channel.applies(fast, x)
     counts = []
     for module in (conv, fast):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -166,6 +176,7 @@ def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting):
     size = 28 if setting == "fashion_mnist" else 16
     x = batch((8, 1, size, size)).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
+        assert single_channel.applies(built.inference_teacher.features[0], x)
         torch.testing.assert_close(built.inference_teacher(x), plain(x), rtol=1e-5, atol=1e-5)
 
 

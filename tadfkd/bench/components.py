@@ -41,7 +41,7 @@ from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.bench.timing import matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
-from tadfkd.models.single_channel import SingleChannelConv2d
+from tadfkd.models import kernels, single_channel
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         action="store_true",
         help="also time each operator call of one iteration (tadfkd.bench.operators)",
     )
+    parser.add_argument("--top", type=int, default=8, help="rows of each --operators table")
     parser.add_argument(
         "--against",
         action="append",
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     found = components(distiller, args.reps)
     print_components(distiller, found, args, iteration, per_step_batches, kept_memory)
     if args.operators:
-        operator_split(distiller)
+        operator_split(distiller, top=args.top)
     if args.against:  # two fresh paths: the one above has run more iterations than a warm-up
         paths = []
         for chosen_cfg in (cfg, bench_config([*chosen, *args.against])):
@@ -160,8 +161,12 @@ def print_components(
 ) -> None:
     """The components' table, and the iteration they add up to against the timed one."""
     device, steps = torch.device("cpu"), distiller.schedule.student_steps
-    single = any(
-        isinstance(module, SingleChannelConv2d) for module in distiller.inference_teacher.modules()
+    threads = torch.get_num_threads()  # the kernels stand aside beyond their thread counts
+    fused = getattr(distiller.synthesizer.generator, "fused_kernels", False)
+    fused = fused and threads <= kernels.MAX_THREADS
+    single = threads <= single_channel.MAX_THREADS and any(
+        isinstance(module, single_channel.SingleChannelConv2d)
+        for module in distiller.inference_teacher.modules()
     )
     print(
         f"CPU: {device_name(device)}, {args.threads} thread(s); setting {args.setting}, "
@@ -169,7 +174,7 @@ def print_components(
         f"{str(distiller.synthesizer.generation_dtype or 'fp32').removeprefix('torch.')}, "
         f"scoring {str(distiller.synthesizer.scoring_dtype or 'fp32').removeprefix('torch.')}; "
         f"{per_step_batches:.2f} generated batches per student step; fused generator kernels: "
-        f"{'on' if getattr(distiller.synthesizer.generator, 'fused_kernels', False) else 'off'}; "
+        f"{'on' if fused else 'off'}; "
         f"the teacher's one-input-channel kernel: {'on' if single else 'off'}; "
         f"malloc: {malloc_policy(kept_memory)}"
     )
@@ -237,11 +242,11 @@ def restore_point(distiller: Distiller) -> Callable[[], None]:
     return restore
 
 
-def operator_split(distiller: Distiller, reps: int = 3) -> dict[str, float]:
-    """The operator split (``tadfkd.bench.operators.report``) of one iteration on the CPU, run
-    from one restore point: timed ``reps`` times on its own (the median), then once more with
-    each operator call timed, so both run the same calls; against the fp32 and bf16 matmul
-    rates measured before and after (the higher)."""
+def operator_split(distiller: Distiller, reps: int = 3, top: int = 8) -> dict[str, float]:
+    """The operator split (``tadfkd.bench.operators.report``, the ``top`` groups of each kind)
+    of one iteration on the CPU, run from one restore point: timed ``reps`` times on its own
+    (the median), then once more with each operator call timed, so both run the same calls;
+    against the fp32 and bf16 matmul rates measured before and after (the higher)."""
     restore = restore_point(distiller)  # before the matmuls, which draw random matrices
     device = torch.device("cpu")
     rates = matmul_rates(device)
@@ -250,7 +255,7 @@ def operator_split(distiller: Distiller, reps: int = 3) -> dict[str, float]:
     calls = operators.record(distiller.iterate)
     rates = matmul_rates(device, rates)
     print(matmul_rates_line(rates))
-    return operators.report(calls, seconds, rates)
+    return operators.report(calls, seconds, rates, top)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ from torch.utils.flop_counter import register_flop_formula
 from tadfkd.models import kernels
 
 MAX_KERNEL_SIZE = 7  # cpu_kernels.c: MAX_TAPS
+# the kernel runs on one thread; at two torch threads oneDNN's two-threaded convolution made the
+# Fashion-MNIST and digits iterations 1.0-4.6 ms shorter (docs/performance.md, round ten)
+MAX_THREADS = 1
 
 
 @torch.library.custom_op("tadfkd::single_channel_conv", mutates_args=(), device_types="cpu")
@@ -102,8 +105,8 @@ class SingleChannelConv2d(nn.Conv2d):
 
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether the kernel computes ``conv(x)`` here: no gradients, a CPU input of one channel,
-    float32 parameters and input with no autocast or bf16 autocast, at most
-    ``kernels.MAX_THREADS`` torch threads, an output of at least one pixel, built kernels."""
+    float32 parameters and input with no autocast or bf16 autocast, at most ``MAX_THREADS``
+    torch threads, an output of at least one pixel, built kernels."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != 1:
         return False
     if conv.weight.dtype != torch.float32 or x.dtype not in (torch.float32, torch.bfloat16):
@@ -113,7 +116,7 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             return False
     elif x.dtype != torch.float32:
         return False
-    if torch.get_num_threads() > kernels.MAX_THREADS:
+    if torch.get_num_threads() > MAX_THREADS:
         return False
     reach = conv.kernel_size[0] - 2 * conv.padding[0]
     if min(x.shape[0], x.shape[2] - reach + 1, x.shape[3] - reach + 1) < 1:
