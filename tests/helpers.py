@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -20,13 +21,17 @@ from torch import nn
 
 from tadfkd.data.loading import Augmentation
 from tadfkd.distillation.loop import Distiller
-from tadfkd.models import build_classifier
+from tadfkd.models import build_classifier, kernels
 from tadfkd.run.builder import build_distiller
 from tadfkd.teachers.loading import random_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 CPU = torch.device("cpu")
+# the C kernels' tests (tadfkd.models.kernels) need a compiler that builds them
+needs_kernels = pytest.mark.skipif(
+    kernels.kernels() is None, reason=f"the kernels did not build: {kernels.unavailable_reason()}"
+)
 
 
 def compose_config(

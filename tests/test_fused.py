@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CPU
+from helpers import CPU, needs_kernels
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -18,9 +18,6 @@ from tadfkd.models import fused, kernels
 from tadfkd.models.generator import Generator
 from tadfkd.run.builder import use_fused_generation
 
-needs_kernels = pytest.mark.skipif(
-    kernels.kernels() is None, reason=f"the kernels did not build: {kernels.unavailable_reason()}"
-)
 SLOPE = 0.2
 
 
@@ -162,7 +159,7 @@ def test_the_kernels_stand_aside_for_many_threads_wide_networks_and_single_sampl
         assert not fused.applies(generator, noise)
         monkeypatch.undo()
         threads = torch.get_num_threads()
-        torch.set_num_threads(kernels.MAX_THREADS + 1)
+        torch.set_num_threads(fused.MAX_THREADS + 1)
         try:
             assert not fused.applies(generator, noise)
         finally:

@@ -1,14 +1,15 @@
 """The one-input-channel convolution kernel (``tadfkd.models.single_channel``,
 ``speed.single_channel_conv``) computes what PyTorch's convolution computes: float32 to float
 rounding, under bf16 autocast within one bf16 rounding; it runs only in the folded teacher's
-no-grad CPU forwards, and PyTorch's convolution runs wherever it does not apply."""
+no-grad CPU forwards at one thread, and PyTorch's convolution runs wherever it does not apply.
+Each comparison checks that the kernel ran."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CPU
+from helpers import CPU, needs_kernels
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -18,10 +19,6 @@ from tadfkd.models import kernels, single_channel
 from tadfkd.models.single_channel import SingleChannelConv2d
 from tadfkd.run.builder import use_kernels
 
-needs_kernels = pytest.mark.skipif(
-    kernels.kernels() is None, reason=f"the kernels did not build: {kernels.unavailable_reason()}"
-)
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -29,8 +26,18 @@ def one_thread():
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[str]:
+    """The C kernels called during the test, by name."""
+    calls, run_kernel = [], kernels.run_kernel
+    monkeypatch.setattr(
+        kernels, "run_kernel", lambda name, *args: calls.append(name) or run_kernel(name, *args)
+    )
+    return calls
+
+
 def swapped(conv: nn.Conv2d) -> nn.Module:
-    """A copy of ``conv`` (in a container) with the kernel swapped in, and its paths."""
+    """A copy of ``conv`` with the kernel swapped in."""
     model = nn.Sequential(copy.deepcopy(conv))
     assert single_channel.use_kernel(model) == ["0"]
     return model[0]
@@ -41,41 +48,64 @@ def batch(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape)
 
 
+def float64_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    bias = None if conv.bias is None else conv.bias.double()
+    return F.conv2d(x.double(), conv.weight.double(), bias, conv.stride, conv.padding)
+
+
 @needs_kernels
 @pytest.mark.parametrize(
     ("channels", "size", "stride", "padding"),
     [(16, 3, 2, 1), (32, 3, 1, 1), (48, 5, 2, 2), (64, 3, 1, 0), (16, 7, 3, 3), (32, 1, 1, 0)],
 )
 @pytest.mark.parametrize("bias", [True, False])
-def test_the_kernel_is_pytorchs_convolution_in_float32(channels, size, stride, padding, bias):
+def test_the_kernel_is_pytorchs_convolution_in_float32(
+    channels, size, stride, padding, bias, kernel_calls
+):
     torch.manual_seed(0)
     conv = nn.Conv2d(1, channels, size, stride=stride, padding=padding, bias=bias)
-    conv = conv.to(memory_format=torch.channels_last)
-    fast = swapped(conv)
+    fast = swapped(conv.to(memory_format=torch.channels_last))
     x = batch((5, 1, 13, 11))  # odd sizes: a partial block of outputs at each row's end
     with torch.no_grad():
-        assert single_channel.applies(fast, x)
         out = fast(x)
-        expected = F.conv2d(x.double(), conv.weight.double(), None, stride, padding)
-        if bias:
-            expected = expected + conv.bias.double().view(1, -1, 1, 1)
-    assert isinstance(fast, SingleChannelConv2d)
+    assert kernel_calls == ["single_channel_conv"]
+    expected = float64_conv(conv, x)
     assert out.dtype == torch.float32 and out.shape == expected.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
-@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("channels", [16, 32])
-def test_under_bf16_autocast_the_kernel_rounds_as_autocast_does(input_dtype, channels):
+def test_the_kernel_reads_strided_inputs_and_weights(kernel_calls):
     torch.manual_seed(0)
-    conv = nn.Conv2d(1, channels, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
+    conv = nn.Conv2d(1, 32, 3, stride=2, padding=1)
+    conv.weight = nn.Parameter(conv.weight.detach().transpose(2, 3))  # strides (9, 9, 1, 3)
+    fast = swapped(conv)
+    images = batch((4, 3, 12, 10))
+    with torch.no_grad():
+        for x in (images[:, 1:2], images[:, :1].transpose(2, 3)):  # a channel; H and W swapped
+            torch.testing.assert_close(
+                fast(x).double(), float64_conv(conv, x), rtol=1e-5, atol=1e-5
+            )
+    assert kernel_calls == ["single_channel_conv"] * 2
+
+
+@needs_kernels
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("channels", "size", "bias"), [(16, 3, True), (32, 3, True), (48, 5, False), (64, 3, True)]
+)
+def test_under_bf16_autocast_the_kernel_rounds_as_autocast_does(
+    input_dtype, channels, size, bias, kernel_calls
+):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, channels, size, stride=2, padding=size // 2, bias=bias)
+    conv = conv.to(memory_format=torch.channels_last)
     fast = swapped(conv)
     x = batch((6, 1, 28, 28)).to(input_dtype)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        assert single_channel.applies(fast, x)
         out, expected = fast(x), conv(x)
+    assert kernel_calls == ["single_channel_conv"]
     assert out.dtype == expected.dtype == torch.bfloat16
     # each output is the same float32 sum of the rounded inputs, rounded once: equal but for
     # the order of the sums (oneDNN's may differ), so within one bf16 rounding
@@ -84,7 +114,7 @@ def test_under_bf16_autocast_the_kernel_rounds_as_autocast_does(input_dtype, cha
 
 
 @needs_kernels
-def test_with_gradients_or_another_dtype_pytorchs_convolution_runs():
+def test_with_gradients_or_another_dtype_pytorchs_convolution_runs(kernel_calls):
     fast, x = swapped(nn.Conv2d(1, 16, 3, padding=1)), batch((4, 1, 8, 8))
     with torch.no_grad():
         assert single_channel.applies(fast, x)
@@ -95,19 +125,23 @@ def test_with_gradients_or_another_dtype_pytorchs_convolution_runs():
             assert not single_channel.applies(fast, x)
         assert not single_channel.applies(fast, x.bfloat16())  # bf16 without autocast
         assert not single_channel.applies(fast, x.double())
-        threads = torch.get_num_threads()
         torch.set_num_threads(single_channel.MAX_THREADS + 1)  # PyTorch's parallel one
-        try:
-            assert not single_channel.applies(fast, x)
-        finally:
-            torch.set_num_threads(threads)
+        assert not single_channel.applies(fast, x)
+        torch.set_num_threads(1)
+        bf16_bias = swapped(nn.Conv2d(1, 16, 3, padding=1))
+        bf16_bias.bias = nn.Parameter(bf16_bias.bias.detach().bfloat16())
+        assert not single_channel.applies(bf16_bias, x)
     assert not single_channel.applies(fast, x)  # gradients
     x.requires_grad_()
     fast(x).sum().backward()
     assert x.grad is not None and fast.weight.grad is not None
+    assert kernel_calls == []
 
 
 def test_only_plain_convolutions_of_one_input_channel_and_16_to_64_outputs_are_swapped():
+    hooked = nn.Conv2d(1, 16, 3, padding=1)
+    hooked.register_forward_hook(lambda *args: None)  # a swap would lose it
+    shared = nn.Conv2d(1, 32, 3, padding=1)
     model = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),  # swapped
         nn.Conv2d(16, 16, 3, padding=1),  # sixteen inputs
@@ -117,10 +151,15 @@ def test_only_plain_convolutions_of_one_input_channel_and_16_to_64_outputs_are_s
         nn.Conv2d(1, 16, 9, padding=4),  # larger than the kernel's 7 x 7
         nn.Conv2d(1, 16, 3, padding=1, padding_mode="reflect"),
         nn.Sequential(nn.Conv2d(1, 64, 3, stride=2)),  # swapped, nested
+        hooked,
+        nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 16, 3, padding=1)),  # computed
+        shared,  # swapped at both of its paths, as one module
+        nn.Sequential(shared),
     )
     state = copy.deepcopy(model.state_dict())
-    assert single_channel.use_kernel(model) == ["0", "7.0"]
-    assert type(model[1]) is nn.Conv2d and type(model[2]) is nn.Conv2d
+    assert single_channel.use_kernel(model) == ["0", "7.0", "10", "11.0"]
+    assert type(model[1]) is nn.Conv2d and type(model[2]) is nn.Conv2d and model[8] is hooked
+    assert model[10] is model[11][0] and isinstance(model[10], SingleChannelConv2d)
     # the same parameters under the same names
     assert model.state_dict().keys() == state.keys()
     for key, value in model.state_dict().items():
@@ -128,31 +167,57 @@ def test_only_plain_convolutions_of_one_input_channel_and_16_to_64_outputs_are_s
 
 
 @needs_kernels
-def test_the_kernel_is_counted_as_the_convolution_it_replaces():
+def test_the_kernel_is_counted_as_the_convolution_it_replaces(kernel_calls):
     conv = nn.Conv2d(1, 32, 3, stride=2, padding=1)
     fast, x = swapped(conv), batch((4, 1, 16, 16))
-    with torch.no_grad():
-        assert single_channel.applies(fast, x)
     counts = []
     for module in (conv, fast):
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(x)
         counts.append(counter.get_total_flops())
+    assert kernel_calls == ["single_channel_conv"]
     assert counts[0] == counts[1] > 0
 
 
 @needs_kernels
-def test_the_kernel_refuses_a_bf16_input_without_bf16_in_one_error():
-    weight = torch.randn(16, 1, 3, 3)
+def test_torch_compile_traces_the_kernel(kernel_calls):
+    conv = nn.Conv2d(1, 16, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
+    fast, x = swapped(conv), batch((4, 1, 12, 12))
+    compiled = torch.compile(fast, backend="aot_eager", fullgraph=False)
+    with torch.no_grad():
+        out = compiled(x)
+    assert "single_channel_conv" in kernel_calls
+    torch.testing.assert_close(out.double(), float64_conv(conv, x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("weight", "bias", "stride", "says"),
+    [
+        ((16, 1, 3, 5), None, 1, "a weight \\(C, 1, K, K\\)"),
+        ((16, 2, 3, 3), None, 1, "a weight \\(C, 1, K, K\\)"),
+        ((24, 1, 3, 3), None, 1, "16 to 64 outputs"),
+        ((16, 1, 3, 3), (8,), 1, "a bias \\(C,\\)"),
+        ((16, 1, 3, 3), None, 0, "stride"),
+    ],
+)
+def test_the_operator_refuses_what_the_kernel_cannot_compute_in_one_error(
+    weight, bias, stride, says
+):
+    bias_tensor = None if bias is None else torch.zeros(bias)
+    with pytest.raises(RuntimeError, match=says):
+        torch.ops.tadfkd.single_channel_conv(
+            batch((2, 1, 5, 5)), torch.randn(weight), bias_tensor, stride, 1, False
+        )
     with pytest.raises(RuntimeError, match="bf16"):
         torch.ops.tadfkd.single_channel_conv(
-            batch((2, 1, 5, 5)).bfloat16(), weight, None, 1, 1, False
+            batch((2, 1, 5, 5)).bfloat16(), torch.randn(16, 1, 3, 3), None, 1, 1, False
         )
 
 
 @needs_kernels
 @pytest.mark.parametrize("setting", ["fashion_mnist", "small"])
-def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting):
+def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting, kernel_calls):
     overrides = {"fashion_mnist": ["experiment=fashion_mnist"], "small": []}[setting]
 
     def distiller(*more: str):
@@ -175,9 +240,10 @@ def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting):
     plain = distiller("speed.single_channel_conv=false").inference_teacher
     size = 28 if setting == "fashion_mnist" else 16
     x = batch((8, 1, size, size)).contiguous(memory_format=torch.channels_last)
+    kernel_calls.clear()
     with torch.no_grad():
-        assert single_channel.applies(built.inference_teacher.features[0], x)
         torch.testing.assert_close(built.inference_teacher(x), plain(x), rtol=1e-5, atol=1e-5)
+    assert kernel_calls == ["single_channel_conv"]
 
 
 def test_where_the_kernels_do_not_build_auto_runs_pytorchs_convolution(monkeypatch):

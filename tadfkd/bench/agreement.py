@@ -67,7 +67,33 @@ def agreement(
     depthwise output convolution, bf16 scoring, a bf16 generator forward with PyTorch's
     kernels and, on a CPU where they build, with the fused ones, the folded teacher's
     one-input-channel convolutions through the C kernel, this device's default): the
-    share left unchanged by each (fractions; printed as percent)."""
+    share left unchanged by each (fractions; printed as percent). On a CPU at one torch
+    thread, as a sweep's job runs, where every C kernel applies."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        masks = keep_masks(cfg, device, generator_run, samples)
+    finally:
+        torch.set_num_threads(threads)
+    reference = masks.pop("reference (fp32, unfolded)")
+    print(
+        f"teacher {cfg.teacher.name} ({cfg.teacher.arch}), generator "
+        f"{generator_run or 'untrained'}, {reference.numel()} generated samples, "
+        f"{100 * reference.float().mean():.1f}% kept by the reference (fp32, unfolded)"
+        + (", one CPU thread" if device.type == "cpu" else "")
+    )
+    shares = {}
+    for name, mask in masks.items():
+        shares[name] = float((mask == reference).float().mean())
+        print(f"{name}: {100 * shares[name]:.2f}% of the keep decisions unchanged")
+    return shares
+
+
+def keep_masks(
+    cfg: DictConfig, device: torch.device, generator_run: Path | None, samples: int
+) -> dict[str, torch.Tensor]:
+    """Each ``variants`` entry's keep mask on the same generated samples (``agreement``)."""
     from tadfkd.run.checkpoint import load_checkpoint
     from tadfkd.run.runtime import build
 
@@ -89,14 +115,4 @@ def agreement(
                 [synthesizer.generate(synthesizer.batch_size) for _ in range(batches)]
             )
             masks[name] = synthesizer.keep_mask(images)
-    reference = masks.pop("reference (fp32, unfolded)")
-    print(
-        f"teacher {cfg.teacher.name} ({cfg.teacher.arch}), generator "
-        f"{generator_run or 'untrained'}, {reference.numel()} generated samples, "
-        f"{100 * reference.float().mean():.1f}% kept by the reference (fp32, unfolded)"
-    )
-    shares = {}
-    for name, mask in masks.items():
-        shares[name] = float((mask == reference).float().mean())
-        print(f"{name}: {100 * shares[name]:.2f}% of the keep decisions unchanged")
-    return shares
+    return masks

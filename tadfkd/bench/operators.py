@@ -34,10 +34,11 @@ WEIGHT_ARGUMENT = {"convolution": 1, "convolution_backward": 2, "addmm": 2, "bad
 @dataclass(frozen=True)
 class OperatorCall:
     """One call: ``name`` the ATen overload (e.g. ``aten.convolution.default``), ``shape`` that
-    of its first tensor output (() without one), ``dtype`` its first floating-point input's
-    (None without one), ``seconds`` as it ran, ``flops`` by torch's formula (0 for
-    memory-bound operators), ``operand`` the shape of its weight (``WEIGHT_ARGUMENT``; of its
-    second tensor argument for another operator, e.g. ``mm``'s; () without one)."""
+    of its first tensor output (() without one), ``dtype`` its precision (a dense operator's
+    output's, another's first floating-point input's; None without one), ``seconds`` as it
+    ran, ``flops`` by torch's formula (0 for memory-bound operators), ``operand`` the shape of
+    its weight (``WEIGHT_ARGUMENT``; of its second tensor argument for another operator, e.g.
+    ``mm``'s; () without one)."""
 
     name: str
     shape: tuple[int, ...]
@@ -65,6 +66,8 @@ class _Recorder(TorchDispatchMode):
         output = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         source = next((t for t in inputs if t.is_floating_point()), None)
+        if formula and output is not None and output.is_floating_point():
+            source = output  # what it computes in: a kernel may round float32 inputs itself
         index = WEIGHT_ARGUMENT.get(func._overloadpacket.__name__, 1)
         weight = args[index] if index < len(args) else None
         if not isinstance(weight, torch.Tensor):

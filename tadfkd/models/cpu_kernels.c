@@ -324,7 +324,7 @@ int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t
                         int64_t swc, int64_t swh, int64_t sww, const float *bias, int64_t stride,
                         int64_t padding, int bf16, void *out) {
     const int64_t groups = C / 16, Hp = H + 2 * padding, Wp = W + 2 * padding;
-    if (C % 16 != 0 || groups < 1 || groups > 4 || K < 1 || K > 7 || stride < 1 ||
+    if (C % 16 != 0 || groups < 1 || groups > 4 || K < 1 || K * K > MAX_TAPS || stride < 1 ||
         padding < 0 || Hp < K || Wp < K)
         return REFUSED;
     const int64_t Ho = (Hp - K) / stride + 1, Wo = (Wp - K) / stride + 1;

@@ -15,9 +15,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-from tadfkd.models.kernels import MAX_THREADS, kernels, layout, pointer, run_kernel
+from tadfkd.models import kernels
 
 MAX_CHANNELS = 1024  # cpu_kernels.c's per-channel arrays
+# the kernels run on one thread: beyond two, PyTorch's parallel kernels are left to it (the
+# kernels were measured to pay at one thread and to break even at two, docs/performance.md)
+MAX_THREADS = 2
 
 
 @torch.library.custom_op(
@@ -40,20 +43,27 @@ def batch_norm_scale_shift(
     with ``momentum``, or from the running ones."""
     scale = torch.empty(x.shape[1], dtype=torch.float32)
     shift = torch.empty(x.shape[1], dtype=torch.float32)
-    run_kernel(
+    kernels.run_kernel(
         "batch_norm_scale_shift",
-        *layout(x),
-        pointer(weight),
-        pointer(bias),
+        *kernels.layout(x),
+        kernels.pointer(weight),
+        kernels.pointer(bias),
         eps,
         int(batch_statistics),
         momentum,
-        pointer(running_mean),
-        pointer(running_var),
-        pointer(scale),
-        pointer(shift),
+        kernels.pointer(running_mean),
+        kernels.pointer(running_var),
+        kernels.pointer(scale),
+        kernels.pointer(shift),
     )
     return scale, shift
+
+
+@batch_norm_scale_shift.register_fake
+def batch_norm_scale_shift_fake(x, weight, bias, running_mean, running_var, *args):
+    """The per-channel scale and shift's shapes, for ``torch.compile``'s tracing."""
+    scale = x.new_empty(x.shape[1], dtype=torch.float32)
+    return scale, torch.empty_like(scale)
 
 
 @torch.library.custom_op("tadfkd::affine_leaky_relu_upsample", mutates_args=(), device_types="cpu")
@@ -64,15 +74,23 @@ def affine_leaky_relu_upsample(
     -> (N, C, 2H, 2W) bf16, channels-last."""
     n, c, h, w = x.shape
     out = torch.empty((n, c, 2 * h, 2 * w), dtype=torch.bfloat16, memory_format=torch.channels_last)
-    run_kernel(
+    kernels.run_kernel(
         "affine_leaky_relu_upsample",
-        *layout(x),
-        pointer(scale),
-        pointer(shift),
+        *kernels.layout(x),
+        kernels.pointer(scale),
+        kernels.pointer(shift),
         slope,
         out.data_ptr(),
     )
     return out
+
+
+@affine_leaky_relu_upsample.register_fake
+def affine_leaky_relu_upsample_fake(x, scale, shift, slope):
+    """The upsampled tensor's shape, dtype and layout, for ``torch.compile``'s tracing."""
+    n, c, h, w = x.shape
+    out = x.new_empty((n, c, 2 * h, 2 * w), dtype=torch.bfloat16)
+    return out.contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("tadfkd::affine_leaky_relu_conv_one", mutates_args=(), device_types="cpu")
@@ -90,17 +108,24 @@ def affine_leaky_relu_conv_one(
     n, c, h, w = x.shape
     taps = weight[0].permute(1, 2, 0).float().contiguous()  # (3, 3, C)
     out = torch.empty((n, 1, h, w), dtype=torch.float32)
-    run_kernel(
+    kernels.run_kernel(
         "affine_leaky_relu_conv_one",
-        *layout(x),
-        pointer(scale),
-        pointer(shift),
+        *kernels.layout(x),
+        kernels.pointer(scale),
+        kernels.pointer(shift),
         slope,
-        pointer(taps),
+        kernels.pointer(taps),
         0.0 if bias is None else float(bias),
-        pointer(out),
+        kernels.pointer(out),
     )
     return out
+
+
+@affine_leaky_relu_conv_one.register_fake
+def affine_leaky_relu_conv_one_fake(x, weight, bias, scale, shift, slope):
+    """The output's shape and dtype, for ``torch.compile``'s tracing."""
+    n, _, h, w = x.shape
+    return x.new_empty((n, 1, h, w), dtype=torch.float32)
 
 
 @register_flop_formula(torch.ops.tadfkd.affine_leaky_relu_conv_one, get_raw=True)
@@ -133,6 +158,7 @@ def batch_norm_map(x: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor,
     )
 
 
+@torch.compiler.disable  # plain Python checks and the build: not for a graph
 def applies(generator: nn.Module, z: torch.Tensor) -> bool:
     """Whether the fused forward computes ``generator(z)`` here: no gradients, a CPU batch of
     at least two under bf16 autocast, at most ``MAX_THREADS`` torch threads, float32
@@ -150,7 +176,7 @@ def applies(generator: nn.Module, z: torch.Tensor) -> bool:
         return False
     if any(m.num_features > MAX_CHANNELS for m in norms):
         return False
-    return kernels() is not None
+    return kernels.kernels() is not None
 
 
 def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,6 @@ SIGNATURES = {
         *[_I64, _I64, _INT, _PTR],
     ],
 }
-# the kernels run on one thread: beyond two, PyTorch's parallel kernels are left to it (the
-# kernels were measured to pay at one thread and to break even at two, docs/performance.md)
-MAX_THREADS = 2
 # the entry points' return codes (cpu_kernels.c) that are not success
 FAILURES = {-1: "refused its input", -2: "ran out of memory"}
 _failure: list[str] = []

@@ -23,6 +23,28 @@ MAX_KERNEL_SIZE = 7  # cpu_kernels.c: MAX_TAPS
 MAX_THREADS = 1
 
 
+def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> list[int]:
+    """(N, C, Ho, Wo) of the convolution of x (N, 1, H, W) with weight (C, 1, K, K), after
+    checking what the kernel takes: one input channel, a square kernel of up to
+    ``MAX_KERNEL_SIZE``, C a multiple of 16 up to 64, a stride of at least 1, at least one
+    output pixel."""
+    torch._check(x.dim() == 4 and x.shape[1] == 1, lambda: "an input (N, 1, H, W)")
+    torch._check(
+        weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[2] == weight.shape[3],
+        lambda: "a weight (C, 1, K, K)",
+    )
+    channels, size = weight.shape[0], weight.shape[2]
+    torch._check(channels % 16 == 0 and 16 <= channels <= 64, lambda: "16 to 64 outputs by 16")
+    torch._check(
+        size <= MAX_KERNEL_SIZE and stride >= 1 and padding >= 0,
+        lambda: f"a kernel of up to {MAX_KERNEL_SIZE}, a stride of 1 or more, no negative padding",
+    )
+    out_h = (x.shape[2] + 2 * padding - size) // stride + 1
+    out_w = (x.shape[3] + 2 * padding - size) // stride + 1
+    torch._check(out_h >= 1 and out_w >= 1, lambda: "an output of at least one pixel")
+    return [x.shape[0], channels, out_h, out_w]
+
+
 @torch.library.custom_op("tadfkd::single_channel_conv", mutates_args=(), device_types="cpu")
 def single_channel_conv(
     x: torch.Tensor,
@@ -33,30 +55,35 @@ def single_channel_conv(
     bf16: bool,
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` for x (N, 1, H, W) float32 or bf16 and
-    float32 weight (C, 1, K, K) and bias, C a multiple of 16 up to 64, in float32 sums; with
-    ``bf16`` as bf16 autocast runs it (x, weight and bias rounded to bf16, the output bf16).
-    The output (N, C, Ho, Wo) is channels-last."""
-    torch._check(x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4 and x.shape[1] == 1)
+    float32 weight (C, 1, K, K) and bias (C,) (``output_shape`` says what it takes), in float32
+    sums; with ``bf16`` as bf16 autocast runs it (x, weight and bias rounded to bf16, the
+    output bf16). The output (N, C, Ho, Wo) is channels-last."""
+    shape = output_shape(x, weight, stride, padding)
+    torch._check(x.dtype in (torch.float32, torch.bfloat16), lambda: "a float32 or bf16 input")
     torch._check(bf16 or x.dtype == torch.float32, lambda: "a bf16 input with bf16")
     torch._check(weight.dtype == torch.float32, lambda: "a float32 weight")
+    torch._check(bias is None or bias.shape == (shape[1],), lambda: "a bias (C,)")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    out = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
     n, _, h, w = x.shape
-    channels, _, size, _ = weight.shape
-    out_h, out_w = (h + 2 * padding - size) // stride + 1, (w + 2 * padding - size) // stride + 1
-    out = torch.empty(
-        (n, channels, out_h, out_w),
-        dtype=torch.bfloat16 if bf16 else torch.float32,
-        memory_format=torch.channels_last,
-    )
     sn, _, sh, sw = x.stride()
     swc, _, swh, sww = weight.stride()
     kernels.run_kernel(
         "single_channel_conv",
         *(x.data_ptr(), int(x.dtype == torch.bfloat16), n, h, w, sn, sh, sw),
-        *(weight.data_ptr(), channels, size, swc, swh, sww),
+        *(weight.data_ptr(), shape[1], weight.shape[2], swc, swh, sww),
         kernels.pointer(bias),
         *(stride, padding, int(bf16), out.data_ptr()),
     )
     return out
+
+
+@single_channel_conv.register_fake
+def single_channel_conv_fake(x, weight, bias, stride, padding, bf16):
+    """The output's shape, dtype and layout, for ``torch.compile``'s tracing."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    shape = output_shape(x, weight, stride, padding)
+    return x.new_empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
 @register_flop_formula(torch.ops.tadfkd.single_channel_conv, get_raw=True)
@@ -70,7 +97,8 @@ def single_channel_flops(
 def eligible(conv: nn.Module) -> bool:
     """Whether the kernel can compute ``conv``: a plain ``nn.Conv2d`` of one input channel,
     16, 32, 48 or 64 output channels, a square kernel of up to 7, one stride and one zero
-    padding for both dims, no dilation or groups."""
+    padding for both dims, no dilation or groups; its weight a parameter of its own (not
+    reparametrised), no hooks on it (the swap would lose them)."""
     return (
         type(conv) is nn.Conv2d
         and conv.in_channels == 1
@@ -83,6 +111,8 @@ def eligible(conv: nn.Module) -> bool:
         and conv.dilation == (1, 1)
         and conv.groups == 1
         and conv.padding_mode == "zeros"
+        and isinstance(conv.weight, nn.Parameter)
+        and not (conv._forward_hooks or conv._forward_pre_hooks)
     )
 
 
@@ -103,13 +133,19 @@ class SingleChannelConv2d(nn.Conv2d):
         )
 
 
+@torch.compiler.disable  # plain Python checks and the build: not for a graph
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether the kernel computes ``conv(x)`` here: no gradients, a CPU input of one channel,
-    float32 parameters and input with no autocast or bf16 autocast, at most ``MAX_THREADS``
-    torch threads, an output of at least one pixel, built kernels."""
+    float32 parameters (the bias contiguous) and input with no autocast or bf16 autocast, at
+    most ``MAX_THREADS`` torch threads, an output of at least one pixel, built kernels."""
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != 1:
         return False
-    if conv.weight.dtype != torch.float32 or x.dtype not in (torch.float32, torch.bfloat16):
+    weight, bias = conv.weight, conv.bias
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16):
         return False
     if torch.is_autocast_enabled("cpu"):
         if torch.get_autocast_dtype("cpu") != torch.bfloat16:
@@ -126,23 +162,25 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 def use_kernel(model: nn.Module) -> list[str]:
     """Swap a ``SingleChannelConv2d`` (sharing the parameters) into ``model`` for each
-    ``eligible`` convolution; the paths swapped."""
-    swapped = []
-    for path, conv in list(model.named_modules()):
+    ``eligible`` convolution, at every path that holds it (one swapped module per
+    convolution); the paths swapped."""
+    swapped, fast_of = [], {}
+    for path, conv in list(model.named_modules(remove_duplicate=False)):
         if not path or not eligible(conv):
             continue
-        fast = SingleChannelConv2d(
-            1,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            bias=conv.bias is not None,
-            device="meta",
-        )
-        fast.weight, fast.bias = conv.weight, conv.bias
-        fast.train(conv.training)
+        if id(conv) not in fast_of:
+            fast = SingleChannelConv2d(
+                1,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                bias=conv.bias is not None,
+                device="meta",
+            )
+            fast.weight, fast.bias = conv.weight, conv.bias
+            fast_of[id(conv)] = fast.train(conv.training)
         parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, fast)
+        setattr(model.get_submodule(parent), name, fast_of[id(conv)])
         swapped.append(path)
     return swapped
