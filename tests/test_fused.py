@@ -193,6 +193,19 @@ def test_the_fused_kernels_run_and_are_counted_as_the_convolution_they_replace()
 
 
 @needs_kernels
+def test_torch_compile_traces_the_fused_kernels(monkeypatch):
+    ran, run_kernel = [], kernels.run_kernel
+    monkeypatch.setattr(
+        kernels, "run_kernel", lambda name, *args: ran.append(name) or run_kernel(name, *args)
+    )
+    nets, noise = generators(28, 1), torch.randn(8, 100)
+    eager = copy.deepcopy(nets["fused"])
+    compiled = torch.compile(nets["fused"], backend="aot_eager")  # the operators' fakes
+    torch.testing.assert_close(images(compiled, noise, bf16=True), images(eager, noise, bf16=True))
+    assert {"batch_norm_scale_shift", "affine_leaky_relu_conv_one"} <= set(ran)
+
+
+@needs_kernels
 def test_with_gradients_or_without_bf16_the_generator_runs_pytorchs_kernels(monkeypatch):
     generator = generators(28, 1)["fused"]
     monkeypatch.setattr(fused, "forward", lambda *args: pytest.fail("fused forward ran"))
