@@ -1,11 +1,14 @@
 """Shared fixtures: the tiny job config (``debug=tiny``), the thread counts restored after each
-test, and a CUDA skip marker. Helpers that are not fixtures live in ``helpers.py``."""
+test, the C kernels a test calls, and a CUDA skip marker. Helpers that are not fixtures live
+in ``helpers.py``."""
 
 import pytest
 import torch
 from helpers import compose_config
 from omegaconf import DictConfig
 from threadpoolctl import threadpool_limits
+
+from tadfkd.models import kernels
 
 
 @pytest.fixture(autouse=True)
@@ -16,6 +19,16 @@ def threads_restored():
     with threadpool_limits(limits=None, user_api="blas"):  # restores the BLAS limits on exit
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[str]:
+    """The C kernels (``tadfkd.models.kernels``) the test calls, by name, in order."""
+    calls, run_kernel = [], kernels.run_kernel
+    monkeypatch.setattr(
+        kernels, "run_kernel", lambda name, *args: calls.append(name) or run_kernel(name, *args)
+    )
+    return calls
 
 
 @pytest.fixture

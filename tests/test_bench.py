@@ -377,11 +377,7 @@ def test_the_published_style_path_computes_the_bn_statistics_the_references_way(
     assert published_path.published_style(dafl.copy()) == dafl
 
 
-def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys, monkeypatch):
-    ran, run_kernel = [], kernels.run_kernel
-    monkeypatch.setattr(
-        kernels, "run_kernel", lambda name, *a: ran.append(name) or run_kernel(name, *a)
-    )
+def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys, kernel_calls):
     shares = bench.main(["--agreement", "--small", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "teacher digits_cnn (digits_cnn), generator untrained, 4096 generated samples" in out
@@ -394,5 +390,5 @@ def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys, monk
     assert ("fold_teacher_bn=true, single_channel_conv=true" in shares) == built
     if built:  # float rounding only; at one thread, where the kernels ran
         assert shares["fold_teacher_bn=true, single_channel_conv=true"] >= 0.999
-        assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(ran)
+        assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(kernel_calls)
     assert "kept by the reference (fp32, unfolded), one CPU thread" in out

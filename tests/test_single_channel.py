@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tadfkd.base.errors import UserError
+from tadfkd.bench import operators
 from tadfkd.bench.setting import bench_config, build_path
 from tadfkd.models import kernels, single_channel
 from tadfkd.models.single_channel import SingleChannelConv2d
@@ -24,16 +25,6 @@ from tadfkd.run.builder import use_kernels
 def one_thread():
     """The kernel runs at one torch thread (``MAX_THREADS``); conftest restores the count."""
     torch.set_num_threads(1)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch) -> list[str]:
-    """The C kernels called during the test, by name."""
-    calls, run_kernel = [], kernels.run_kernel
-    monkeypatch.setattr(
-        kernels, "run_kernel", lambda name, *args: calls.append(name) or run_kernel(name, *args)
-    )
-    return calls
 
 
 def swapped(conv: nn.Conv2d) -> nn.Module:
@@ -180,14 +171,34 @@ def test_the_kernel_is_counted_as_the_convolution_it_replaces(kernel_calls):
 
 
 @needs_kernels
-def test_torch_compile_traces_the_kernel(kernel_calls):
+def test_under_torch_compile_pytorchs_convolution_is_compiled(kernel_calls):
     conv = nn.Conv2d(1, 16, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
     fast, x = swapped(conv), batch((4, 1, 12, 12))
-    compiled = torch.compile(fast, backend="aot_eager", fullgraph=False)
+    compiled = torch.compile(fast, backend="aot_eager")
     with torch.no_grad():
         out = compiled(x)
-    assert "single_channel_conv" in kernel_calls
+    assert kernel_calls == []  # as speed.compile=true leaves the kernel out of a run
     torch.testing.assert_close(out.double(), float64_conv(conv, x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_operator_passes_torchs_operator_checks(bf16):
+    x, weight, bias = batch((3, 1, 9, 8)), torch.randn(16, 1, 3, 3), torch.randn(16)
+    found = torch.library.opcheck(
+        torch.ops.tadfkd.single_channel_conv.default, (x, weight, bias, 2, 1, bf16)
+    )
+    assert set(found.values()) == {"SUCCESS"}  # its schema and its fake implementation
+
+
+@needs_kernels
+def test_the_operator_split_rates_the_kernel_at_the_precision_it_computes_in(kernel_calls):
+    fast, x = swapped(nn.Conv2d(1, 16, 3, padding=1)), batch((4, 1, 8, 8))
+    for autocast, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            calls = operators.record(lambda: fast(x))  # a float32 input either way
+        (call,) = [c for c in calls if c.name == "tadfkd.single_channel_conv.default"]
+        assert call.dtype == dtype and call.flops > 0
 
 
 @needs_kernels

@@ -41,7 +41,7 @@ from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.bench.timing import matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
-from tadfkd.models import fused as fused_kernels
+from tadfkd.models import fused as fused_module
 from tadfkd.models import single_channel
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
@@ -164,7 +164,7 @@ def print_components(
     device, steps = torch.device("cpu"), distiller.schedule.student_steps
     threads = torch.get_num_threads()  # the kernels stand aside beyond their thread counts
     fused = getattr(distiller.synthesizer.generator, "fused_kernels", False)
-    fused = fused and threads <= fused_kernels.MAX_THREADS
+    fused = fused and threads <= fused_module.MAX_THREADS
     single = threads <= single_channel.MAX_THREADS and any(
         isinstance(module, single_channel.SingleChannelConv2d)
         for module in distiller.inference_teacher.modules()

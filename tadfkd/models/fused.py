@@ -61,7 +61,7 @@ def batch_norm_scale_shift(
 
 @batch_norm_scale_shift.register_fake
 def batch_norm_scale_shift_fake(x, weight, bias, running_mean, running_var, *args):
-    """The per-channel scale and shift's shapes, for ``torch.compile``'s tracing."""
+    """The per-channel scale and shift's shapes, for tracing (``torch.library.opcheck``)."""
     scale = x.new_empty(x.shape[1], dtype=torch.float32)
     return scale, torch.empty_like(scale)
 
@@ -87,10 +87,12 @@ def affine_leaky_relu_upsample(
 
 @affine_leaky_relu_upsample.register_fake
 def affine_leaky_relu_upsample_fake(x, scale, shift, slope):
-    """The upsampled tensor's shape, dtype and layout, for ``torch.compile``'s tracing."""
+    """The upsampled tensor's shape, dtype and layout, for tracing (``torch.library.opcheck``)."""
     n, c, h, w = x.shape
-    out = x.new_empty((n, c, 2 * h, 2 * w), dtype=torch.bfloat16)
-    return out.contiguous(memory_format=torch.channels_last)
+    shape = (n, c, 2 * h, 2 * w)
+    return torch.empty(
+        shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last
+    )
 
 
 @torch.library.custom_op("tadfkd::affine_leaky_relu_conv_one", mutates_args=(), device_types="cpu")
@@ -123,7 +125,7 @@ def affine_leaky_relu_conv_one(
 
 @affine_leaky_relu_conv_one.register_fake
 def affine_leaky_relu_conv_one_fake(x, weight, bias, scale, shift, slope):
-    """The output's shape and dtype, for ``torch.compile``'s tracing."""
+    """The output's shape and dtype, for tracing (``torch.library.opcheck``)."""
     n, _, h, w = x.shape
     return x.new_empty((n, 1, h, w), dtype=torch.float32)
 
@@ -158,12 +160,13 @@ def batch_norm_map(x: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor,
     )
 
 
-@torch.compiler.disable  # plain Python checks and the build: not for a graph
 def applies(generator: nn.Module, z: torch.Tensor) -> bool:
     """Whether the fused forward computes ``generator(z)`` here: no gradients, a CPU batch of
     at least two under bf16 autocast, at most ``MAX_THREADS`` torch threads, float32
     BatchNorm parameters and statistics of at most ``MAX_CHANNELS`` channels, compiled
-    kernels."""
+    kernels; not while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():  # it compiles PyTorch's kernels, as with speed.compile
+        return False
     if torch.is_grad_enabled() or z.device.type != "cpu" or z.shape[0] < 2:
         return False
     if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:

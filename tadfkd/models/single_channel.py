@@ -21,6 +21,17 @@ MAX_KERNEL_SIZE = 7  # cpu_kernels.c: MAX_TAPS
 # the kernel runs on one thread; at two torch threads oneDNN's two-threaded convolution made the
 # Fashion-MNIST and digits iterations 1.0-4.6 ms shorter (docs/performance.md, round ten)
 MAX_THREADS = 1
+# an nn.Module's hook registries: a swapped module would lose what they hold
+MODULE_HOOKS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> list[int]:
@@ -36,7 +47,7 @@ def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: in
     channels, size = weight.shape[0], weight.shape[2]
     torch._check(channels % 16 == 0 and 16 <= channels <= 64, lambda: "16 to 64 outputs by 16")
     torch._check(
-        size <= MAX_KERNEL_SIZE and stride >= 1 and padding >= 0,
+        1 <= size <= MAX_KERNEL_SIZE and stride >= 1 and padding >= 0,
         lambda: f"a kernel of up to {MAX_KERNEL_SIZE}, a stride of 1 or more, no negative padding",
     )
     out_h = (x.shape[2] + 2 * padding - size) // stride + 1
@@ -80,10 +91,10 @@ def single_channel_conv(
 
 @single_channel_conv.register_fake
 def single_channel_conv_fake(x, weight, bias, stride, padding, bf16):
-    """The output's shape, dtype and layout, for ``torch.compile``'s tracing."""
+    """The output's shape, dtype and layout, for tracing (``torch.library.opcheck``)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     shape = output_shape(x, weight, stride, padding)
-    return x.new_empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
 
 
 @register_flop_formula(torch.ops.tadfkd.single_channel_conv, get_raw=True)
@@ -98,7 +109,7 @@ def eligible(conv: nn.Module) -> bool:
     """Whether the kernel can compute ``conv``: a plain ``nn.Conv2d`` of one input channel,
     16, 32, 48 or 64 output channels, a square kernel of up to 7, one stride and one zero
     padding for both dims, no dilation or groups; its weight a parameter of its own (not
-    reparametrised), no hooks on it (the swap would lose them)."""
+    reparametrised), no hooks of any kind on it (the swap would lose them)."""
     return (
         type(conv) is nn.Conv2d
         and conv.in_channels == 1
@@ -112,7 +123,7 @@ def eligible(conv: nn.Module) -> bool:
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and isinstance(conv.weight, nn.Parameter)
-        and not (conv._forward_hooks or conv._forward_pre_hooks)
+        and not any(getattr(conv, hooks, None) for hooks in MODULE_HOOKS)
     )
 
 
@@ -133,12 +144,15 @@ class SingleChannelConv2d(nn.Conv2d):
         )
 
 
-@torch.compiler.disable  # plain Python checks and the build: not for a graph
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether the kernel computes ``conv(x)`` here: no gradients, a CPU input of one channel,
     float32 parameters (the bias contiguous) and input with no autocast or bf16 autocast, at
-    most ``MAX_THREADS`` torch threads, an output of at least one pixel, built kernels."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != 1:
+    most ``MAX_THREADS`` torch threads, an output of at least one pixel, built kernels; not
+    while ``torch.compile`` traces (it compiles PyTorch's convolution, as with
+    ``speed.compile``)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return False
+    if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != 1:
         return False
     weight, bias = conv.weight, conv.bias
     if weight.dtype != torch.float32 or weight.device.type != "cpu":

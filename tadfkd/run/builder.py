@@ -95,7 +95,7 @@ def set_generator_speed(
     generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
     generator.fused_kernels = use_fused_generation(speed.fused_generation, device, generation_dtype)
     if speed.compile and generator.fused_kernels:
-        # torch.compile fuses on its own and cannot trace the kernels' ctypes calls
+        # torch.compile fuses on its own (the kernels also stand aside while it traces)
         log.info("speed.compile=true: the generator runs PyTorch's kernels, compiled")
         generator.fused_kernels = False
 
