@@ -284,17 +284,12 @@ static inline __attribute__((always_inline)) void single_channel_image(
     int64_t Ho, int64_t Wo, const f32x16 (*taps)[4], const f32x16 *bias, void *out,
     int out_bf16) {
     const int64_t C = 16 * groups;
-    f32x16 kept[MAX_TAPS][4], start[4]; /* local copies: the stores below cannot alias them */
-    for (int64_t g = 0; g < groups; g++) {
-        start[g] = bias[g];
-        for (int64_t t = 0; t < K * K; t++) kept[t][g] = taps[t][g];
-    }
     for (int64_t i = 0; i < Ho; i++)
         for (int64_t j0 = 0; j0 < Wo; j0 += PIXELS) {
             const int64_t count = Wo - j0 < PIXELS ? Wo - j0 : PIXELS;
             f32x16 sums[PIXELS][4];
             for (int64_t p = 0; p < PIXELS; p++)
-                for (int64_t g = 0; g < groups; g++) sums[p][g] = start[g];
+                for (int64_t g = 0; g < groups; g++) sums[p][g] = bias[g];
             const float *corner = padded + i * stride * Wp + j0 * stride;
             for (int64_t ki = 0; ki < K; ki++)
                 for (int64_t kj = 0; kj < K; kj++)
@@ -303,7 +298,7 @@ static inline __attribute__((always_inline)) void single_channel_image(
                          * summed but never stored */
                         float v = corner[ki * Wp + (p < count ? p : 0) * stride + kj];
                         for (int64_t g = 0; g < groups; g++)
-                            sums[p][g] += v * kept[ki * K + kj][g];
+                            sums[p][g] += v * taps[ki * K + kj][g];
                     }
             for (int64_t p = 0; p < count; p++)
                 for (int64_t g = 0; g < groups; g++)
