@@ -22,6 +22,13 @@ def threads_restored():
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread, where every C kernel applies (``tadfkd.models.kernels.may_run``)
+    whatever the machine's cores; ``threads_restored`` puts the count back."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
 def kernel_calls(monkeypatch) -> list[str]:
     """The C kernels (``tadfkd.models.kernels``) the test calls, by name, in order."""
     calls, run_kernel = [], kernels.run_kernel

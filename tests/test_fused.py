@@ -21,11 +21,7 @@ from tadfkd.run.builder import use_fused_generation
 SLOPE = 0.2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernels run at up to ``fused.MAX_THREADS`` torch threads, whatever the machine's
-    cores; conftest restores the count."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # where the kernels apply
 
 
 def bf16_batch(shape: tuple[int, ...], channels_last: bool, offset: float = 0.0) -> torch.Tensor:

@@ -20,11 +20,7 @@ from tadfkd.models import kernels, single_channel
 from tadfkd.models.single_channel import SingleChannelConv2d
 from tadfkd.run.builder import use_kernels
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernel runs at one torch thread (``MAX_THREADS``); conftest restores the count."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # where the kernels apply
 
 
 def swapped(conv: nn.Conv2d) -> nn.Module:

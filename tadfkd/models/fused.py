@@ -161,25 +161,19 @@ def batch_norm_map(x: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor,
 
 
 def applies(generator: nn.Module, z: torch.Tensor) -> bool:
-    """Whether the fused forward computes ``generator(z)`` here: no gradients, a CPU batch of
-    at least two under bf16 autocast, at most ``MAX_THREADS`` torch threads, float32
-    BatchNorm parameters and statistics of at most ``MAX_CHANNELS`` channels, compiled
-    kernels; not while ``torch.compile`` traces."""
-    if torch.compiler.is_compiling():  # it compiles PyTorch's kernels, as with speed.compile
-        return False
-    if torch.is_grad_enabled() or z.device.type != "cpu" or z.shape[0] < 2:
+    """Whether the fused forward computes ``generator(z)`` here: a batch of at least two under
+    bf16 autocast, float32 BatchNorm parameters and statistics of at most ``MAX_CHANNELS``
+    channels, and what every kernel needs (``kernels.may_run``: no gradients, a CPU batch, at
+    most ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
+    if not kernels.may_run(z, MAX_THREADS) or z.shape[0] < 2:
         return False
     if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
-        return False
-    if torch.get_num_threads() > MAX_THREADS:
         return False
     norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
     tensors = [t for m in norms for t in (m.weight, m.bias, m.running_mean, m.running_var)]
     if any(t is not None and t.dtype != torch.float32 for t in tensors):
         return False
-    if any(m.num_features > MAX_CHANNELS for m in norms):
-        return False
-    return kernels.kernels() is not None
+    return all(m.num_features <= MAX_CHANNELS for m in norms)
 
 
 def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,15 @@ def cached_path(compiler: str) -> Path:
     return cache_dir() / f"cpu_kernels-{key}.so"
 
 
+def may_run(x: torch.Tensor, max_threads: int) -> bool:
+    """What every kernel needs to compute on x here: not while ``torch.compile`` traces (it
+    compiles PyTorch's operators, as with ``speed.compile``), no gradients, a CPU tensor, at
+    most ``max_threads`` torch threads (the kernels run on one), built kernels."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu":
+        return False
+    return torch.get_num_threads() <= max_threads and kernels() is not None
+
+
 def unavailable_reason() -> str | None:
     """Why ``kernels()`` is None, in a few words; None when they are there."""
     return None if kernels() is not None else _failure[-1]

@@ -145,14 +145,11 @@ class SingleChannelConv2d(nn.Conv2d):
 
 
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether the kernel computes ``conv(x)`` here: no gradients, a CPU input of one channel,
-    float32 parameters (the bias contiguous) and input with no autocast or bf16 autocast, at
-    most ``MAX_THREADS`` torch threads, an output of at least one pixel, built kernels; not
-    while ``torch.compile`` traces (it compiles PyTorch's convolution, as with
-    ``speed.compile``)."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled():
-        return False
-    if x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != 1:
+    """Whether the kernel computes ``conv(x)`` here: an input of one channel, float32
+    parameters (the bias contiguous) and input with no autocast or bf16 autocast, an output
+    of at least one pixel, and what every kernel needs (``kernels.may_run``: no gradients, a
+    CPU input, at most ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
+    if not kernels.may_run(x, MAX_THREADS) or x.dim() != 4 or x.shape[1] != 1:
         return False
     weight, bias = conv.weight, conv.bias
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
@@ -166,12 +163,9 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             return False
     elif x.dtype != torch.float32:
         return False
-    if torch.get_num_threads() > MAX_THREADS:
-        return False
     reach = conv.kernel_size[0] - 2 * conv.padding[0]
-    if min(x.shape[0], x.shape[2] - reach + 1, x.shape[3] - reach + 1) < 1:
-        return False  # PyTorch's convolution says what is wrong
-    return kernels.kernels() is not None
+    # no output pixel: PyTorch's convolution says what is wrong
+    return min(x.shape[0], x.shape[2] - reach + 1, x.shape[3] - reach + 1) >= 1
 
 
 def use_kernel(model: nn.Module) -> list[str]:
