@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import CPU, needs_kernels
+from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -16,7 +17,7 @@ from tadfkd.base.errors import UserError
 from tadfkd.bench.setting import bench_config, build_path
 from tadfkd.models import fused, kernels
 from tadfkd.models.generator import Generator
-from tadfkd.run.builder import use_fused_generation
+from tadfkd.run.builder import set_generator_speed, use_fused_generation
 
 SLOPE = 0.2
 
@@ -249,6 +250,18 @@ def test_where_the_kernels_do_not_build_auto_runs_pytorchs_kernels_and_true_is_a
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: None)
     assert use_fused_generation("auto", CPU, bf16) is True
     assert use_fused_generation(False, CPU, bf16) is False
+
+
+def test_under_speed_compile_the_kernels_are_off_and_true_is_no_error(monkeypatch):
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "no C compiler (cc) on the PATH")
+    generator = Generator(nz=100, img_size=28, channels=1)
+    speed = OmegaConf.create({"depthwise_output": "auto", "fused_generation": True})
+    with pytest.raises(UserError, match=r"speed.fused_generation=true needs"):
+        set_generator_speed(
+            generator, OmegaConf.merge(speed, {"compile": False}), CPU, torch.bfloat16
+        )
+    set_generator_speed(generator, OmegaConf.merge(speed, {"compile": True}), CPU, torch.bfloat16)
+    assert generator.fused_kernels is False  # torch.compile fuses on its own
 
 
 @needs_kernels

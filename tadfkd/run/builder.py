@@ -93,11 +93,11 @@ def set_generator_speed(
     if not hasattr(generator, "depthwise_output"):
         return
     generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
-    generator.fused_kernels = use_fused_generation(speed.fused_generation, device, generation_dtype)
-    if speed.compile and generator.fused_kernels:
-        # torch.compile fuses on its own (the kernels also stand aside while it traces)
-        log.info("speed.compile=true: the generator runs PyTorch's kernels, compiled")
-        generator.fused_kernels = False
+    # off under torch.compile, which fuses on its own, as speed.single_channel_conv is (no
+    # error for true where the kernels do not build: they would not run)
+    generator.fused_kernels = not speed.compile and use_fused_generation(
+        speed.fused_generation, device, generation_dtype
+    )
 
 
 def adaptive_refill(setting: str, device: torch.device) -> bool:
