@@ -147,6 +147,17 @@ def test_the_operator_split_sums_the_calls_by_kind_and_rates_the_dense_ones(caps
     assert "the other" not in out.split("other operators, top 1")[1]  # one operator: relu
 
 
+@pytest.mark.parametrize(("scoring", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_components_time_the_scoring_forward_the_selection_runs(scoring, dtype):
+    """The scoring forward is timed in ``speed.scoring``'s precision, as the refill runs it
+    (it ran the inference teacher in fp32 whatever ``speed.scoring`` said)."""
+    overrides = ["trainer.student_steps=1", f"speed.scoring={scoring}"]
+    distiller = setting.build_path(
+        setting.bench_config(overrides), torch.device("cpu"), False, seed=0
+    )
+    assert bench_components.parts(distiller)["teacher scoring forward"]().dtype == dtype
+
+
 def test_the_operator_split_times_and_records_the_same_iteration(capsys):
     torch.set_num_threads(1)  # oneDNN's multi-threaded reductions may change the last bits
     distiller = setting.build_path(

@@ -214,6 +214,25 @@ def test_the_default_run_builds_for_the_cpu_it_finds_and_trains(monkeypatch, bf1
     assert all(torch.isfinite(p).all() for p in distiller.student.parameters())
 
 
+@pytest.mark.parametrize(
+    ("overrides", "dtype"), [((), torch.float32), (("speed.scoring=bf16",), torch.bfloat16)]
+)
+def test_the_selection_scores_in_the_scoring_precision(monkeypatch, overrides, dtype):
+    """``scoring_logits`` is the selection's teacher forward (and the components benchmark's):
+    fp32 by default on a bf16 CPU, bf16 with ``speed.scoring=bf16``."""
+    monkeypatch.setattr(tadfkd.distillation.precision, "cpu_has_bf16", lambda: True)
+    synthesizer = tiny_distiller(*overrides).synthesizer
+    with torch.no_grad():
+        views = synthesizer.views.test_view(synthesizer.sample(16))
+    seen = []
+    forward = synthesizer.scoring_logits
+    monkeypatch.setattr(
+        synthesizer, "scoring_logits", lambda v: seen.append(forward(v)) or seen[-1]
+    )
+    keep = synthesizer.score(views)
+    assert keep.shape == (16,) and [logits.dtype for logits in seen] == [dtype]
+
+
 def test_forcing_fp32_and_nchw_on_a_bf16_cpu_gives_the_published_computation(monkeypatch):
     monkeypatch.setattr(tadfkd.distillation.precision, "cpu_has_bf16", lambda: True)
     distiller = tiny_distiller("speed.precision=fp32", "speed.channels_last=false")

@@ -68,16 +68,16 @@ def flops(function: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def components(distiller: Distiller, reps: int) -> dict[str, tuple[float, float]]:
-    """Seconds and FLOPs of each component of one iteration."""
+def parts(distiller: Distiller) -> dict[str, Callable[[], object]]:
+    """Each component of one iteration as a call, on inputs prepared once (``components``);
+    the scoring forward is the selection's own (``Synthesizer.scoring_logits``)."""
     synthesizer, size = distiller.synthesizer, distiller.schedule.batch_size
     with torch.no_grad():
         images = synthesizer.sample(size)
         test_view = synthesizer.views.test_view(images)
-        logits = synthesizer.inference_teacher(test_view)
+    logits = synthesizer.scoring_logits(test_view)
     batch, _ = synthesizer.student_batch()
     refill = synthesizer.student_batch
-    score = torch.no_grad()(synthesizer.inference_teacher)
 
     def student_step() -> None:
         synthesizer.student_batch = lambda: (batch, {})
@@ -87,17 +87,21 @@ def components(distiller: Distiller, reps: int) -> dict[str, tuple[float, float]
             synthesizer.student_batch = refill
 
     student, objective = distiller.student, distiller.objective
-    parts: dict[str, Callable[[], object]] = {
+    return {
         "generate one batch (no grad)": lambda: synthesizer.sample(size),
         "test view": lambda: synthesizer.views.test_view(images),
         "train view": lambda: synthesizer.views.train_view(images),
-        "teacher scoring forward": lambda: score(test_view),
+        "teacher scoring forward": lambda: synthesizer.scoring_logits(test_view),
         "mixture fit (one batch)": lambda: synthesizer.selection.keep_mask(logits, size),
         "student step (ready batch)": student_step,
         "generator step": lambda: synthesizer.generator_step(student, objective),
         "student batch (refill)": refill,
     }
-    return {name: (timed(part, reps), flops(part)) for name, part in parts.items()}
+
+
+def components(distiller: Distiller, reps: int) -> dict[str, tuple[float, float]]:
+    """Seconds and FLOPs of each component of one iteration."""
+    return {name: (timed(part, reps), flops(part)) for name, part in parts(distiller).items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:

@@ -119,15 +119,20 @@ class Synthesizer:
         )
 
     @torch.no_grad()
+    def scoring_logits(self, test_views: torch.Tensor) -> torch.Tensor:
+        """The selection's teacher logits of generated test views: the inference teacher's
+        forward, in fp32 unless ``scoring_dtype`` says otherwise (``speed.scoring``): the
+        min-max normalised losses amplify bf16 rounding, which changes some keep decisions
+        (docs/performance.md has the measured share)."""
+        with autocast_to(self.device.type, self.scoring_dtype):
+            return self.inference_teacher(test_views)
+
+    @torch.no_grad()
     def score(self, test_views: torch.Tensor) -> torch.Tensor:
         """Keep mask (N,) of whole generated batches' test views: one teacher forward scores
         them all, and one mixture is fitted per batch, as if each batch had been selected on its
-        own (the teacher is in eval mode). In fp32 unless ``scoring_dtype`` says otherwise
-        (``speed.scoring``): the min-max normalised losses amplify bf16 rounding, which changes
-        some keep decisions (docs/performance.md has the measured share)."""
-        with autocast_to(self.device.type, self.scoring_dtype):
-            logits = self.inference_teacher(test_views)
-        return self.selection.keep_mask(logits, self.batch_size)
+        own (the teacher is in eval mode)."""
+        return self.selection.keep_mask(self.scoring_logits(test_views), self.batch_size)
 
     def keep_mask(self, images: torch.Tensor) -> torch.Tensor:
         """The selection on the test view of generated ``images`` (whole batches); all-true
