@@ -1,9 +1,18 @@
 """The C kernels' build (``tadfkd.models.kernels``): a cached library loads only from a folder
-no one else writes to, and a failed build says why in one line and leaves nothing behind."""
+no one else writes to, a failed build says why in one line and leaves nothing behind, and on
+x86 the source builds and computes alike for CPUs without AVX-512."""
+
+import copy
+import platform
+import shutil
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from tadfkd.models import kernels
+from tadfkd.models import kernels, single_channel
+from tadfkd.models.generator import Generator
 
 
 def test_a_cached_library_is_loaded_only_from_a_folder_no_one_else_writes(tmp_path):
@@ -28,3 +37,41 @@ def test_a_failed_build_says_why_in_one_line_and_leaves_no_file(tmp_path, compil
     assert failure is not None and failure.startswith(compiler) and says in failure
     assert "\n" not in failure
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("cc") is None,
+    reason="an x86 CPU and cc",
+)
+@pytest.mark.parametrize("target", ["x86-64", "x86-64-v3"])  # SSE2 only; AVX2 (most laptops)
+def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
+    monkeypatch, tmp_path, one_thread, kernel_calls, target
+):
+    """The vector code is GCC's and Clang's portable extension, not AVX-512 intrinsics: built
+    for an older x86 CPU than this one, every kernel runs and computes what PyTorch does."""
+    flags = [f"-march={target}" if flag == "-march=native" else flag for flag in kernels.FLAGS]
+    monkeypatch.setattr(kernels, "FLAGS", flags)
+    monkeypatch.setenv("CC", "cc")
+    monkeypatch.setenv("TADFKD_CACHE", str(tmp_path))
+    kernels.kernels.cache_clear()
+    try:
+        assert kernels.kernels() is not None, kernels.unavailable_reason()
+        torch.manual_seed(0)
+        conv = nn.Conv2d(1, 16, 3, stride=2, padding=1).to(memory_format=torch.channels_last)
+        model = nn.Sequential(copy.deepcopy(conv))
+        assert single_channel.use_kernel(model) == ["0"]
+        generator = Generator(nz=100, img_size=28, channels=1, width=32)
+        generator = generator.to(memory_format=torch.channels_last)
+        fused = copy.deepcopy(generator)
+        generator.depthwise_output = fused.depthwise_output = fused.fused_kernels = True
+        x, noise = torch.randn(5, 1, 13, 11), torch.randn(16, 100)
+        with torch.no_grad():
+            out = model(x)
+            with torch.autocast("cpu", torch.bfloat16):
+                expected_images, images = generator(noise).float(), fused(noise).float()
+        assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(kernel_calls)
+        assert "affine_leaky_relu_conv_one" in kernel_calls
+        torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, 2, 1))
+        torch.testing.assert_close(images, expected_images, rtol=1e-2, atol=1e-2)
+    finally:
+        kernels.kernels.cache_clear()  # the next test loads this machine's own build again
