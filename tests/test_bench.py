@@ -17,6 +17,7 @@ from tadfkd.bench import components as bench_components
 from tadfkd.bench import operators, processes, setting, timing
 from tadfkd.bench import published as published_path
 from tadfkd.bench import threads as bench_threads
+from tadfkd.distillation.meter import EpochMeter
 from tadfkd.distillation.precision import cpu_has_bf16, resolve_precision
 from tadfkd.models import kernels
 from tadfkd.run import runtime
@@ -205,6 +206,19 @@ def test_alternated_iterations_swap_which_path_runs_first_and_pair_their_times(m
     assert "2 pairs: this path 300.0 ms, with speed.single_channel_conv=false 500.0 ms" in line
     assert "(medians; 3.00 and 3.00 generated batches per student step)" in line
     assert "takes +200.0 ms an iteration (the median of the paired differences)" in line
+
+
+def test_alternated_paths_that_compute_alike_draw_the_same_noise_and_do_the_same_work():
+    torch.set_num_threads(1)
+    cfg = setting.bench_config(["trainer.student_steps=2", "trainer.batch_size=32"])
+    paths = [setting.build_path(cfg, torch.device("cpu"), False, seed=0) for _ in range(2)]
+    for path in paths:
+        path.meter = EpochMeter()
+    bench_components.alternated(*paths, pairs=3)
+    first, second = (path.meter.sums[schema.GENERATED] for path in paths)
+    assert first == second
+    for a, b in zip(paths[0].student.parameters(), paths[1].student.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_benchmarks_config_is_checked_as_a_runs():

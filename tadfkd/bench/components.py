@@ -199,12 +199,16 @@ def print_components(
 
 def alternated(first: Distiller, second: Distiller, pairs: int) -> list[tuple[float, float]]:
     """Seconds of ``pairs`` iterations of each of two paths, as (first, second) pairs, run
-    alternately: the second runs first in every other pair."""
+    alternately: the second runs first in every other pair. Both iterations of a pair start
+    from the same seed of torch's random generator, so that two paths that compute alike draw
+    the same noise and do the same work (from one shared stream, they drew different noise and
+    generated different numbers of batches)."""
     found = []
     for pair in range(pairs):
         seconds = {}
         for name in ("second", "first") if pair % 2 else ("first", "second"):
             distiller = first if name == "first" else second
+            torch.manual_seed(pair)
             start = time.perf_counter()
             distiller.iterate()
             seconds[name] = time.perf_counter() - start
