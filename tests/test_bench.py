@@ -233,6 +233,31 @@ def test_a_bad_setting_ends_a_benchmark_in_one_sentence(entry):
     assert done.stderr.strip() == "error: runtime.keep_freed_memory='maybe' must be true or false."
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--set", "speed.nope=1"],
+        ["--against", "speed.nope=1"],
+        ["--set", "speed.x=["],
+        ["--set", "dataset=nope"],
+    ],
+)
+def test_an_unknown_or_unparsable_override_ends_a_benchmark_in_one_sentence(option):
+    """Before anything is measured: ``--against`` is checked with ``--set``, not after the
+    component timings."""
+    done = run_entry(*option, entry="-m tadfkd.bench.components", timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the benchmark's config refused")
+    if "speed.nope" in option[1]:
+        assert "Could not override 'speed.nope'" in lines[0] and "+speed.nope=1" in lines[0]
+    if "dataset" in option[1]:
+        assert (
+            "Available options in 'dataset': cifar10, cifar100, digits, fashion_mnist" in lines[0]
+        )
+
+
 def test_the_threads_benchmark_times_a_worker_and_prints_the_ratios(monkeypatch, capsys):
     figures = bench_threads.worker("small", "1", 1)
     assert figures["threads"] == 1 and figures["s_per_iter"] > 0

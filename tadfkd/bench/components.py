@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     overrides = [*SETTINGS[args.setting], "runtime.device=cpu"]
     chosen = [*overrides, f"speed.precision={args.precision}", *args.set]
     cfg = bench_config(chosen)
+    against_cfg = bench_config([*chosen, *args.against]) if args.against else None  # checked now
     kept_memory = keep_freed_memory(cfg.runtime.keep_freed_memory)
     distiller = build_path(cfg, device, published=False, seed=0)
     for _ in range(2):
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         operator_split(distiller, top=args.top)
     if args.against:  # two fresh paths: the one above has run more iterations than a warm-up
         paths = []
-        for chosen_cfg in (cfg, bench_config([*chosen, *args.against])):
+        for chosen_cfg in (cfg, against_cfg):
             paths.append(build_path(chosen_cfg, device, published=False, seed=0))
             for _ in range(2):
                 paths[-1].iterate()

@@ -6,12 +6,15 @@ applies it) the reference's BN statistics (``bench.published``). Also the machin
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig
 
+from tadfkd.base.errors import UserError
 from tadfkd.bench.published import PublishedStyleScorer
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.precision import cpu_has_bf16
@@ -33,11 +36,31 @@ SETTINGS = {
 
 def bench_config(overrides: list[str]) -> DictConfig:
     """The run's config with ``overrides`` (no W&B, no test set needed), its values checked as
-    a run's are: a bad ``--set`` value is a one-sentence ``UserError``."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "logger=none"])
+    a run's are: a bad ``--set`` value, an unknown key or an unparsable override is a
+    one-sentence ``UserError``."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, "logger=none"])
+    except OverrideParseException as error:
+        reason = str(error).strip().splitlines()[0]  # the next line is a link to the grammar
+        raise UserError(f"the benchmark's config refused {error.override!r}: {reason}.") from None
+    except (HydraException, ValueError) as error:  # ValueError: e.g. "=3", a key-less override
+        reason = hydra_reason(str(error))
+        raise UserError(f"the benchmark's config refused an override: {reason}.") from None
     check_rules(cfg)
     return cfg
+
+
+def hydra_reason(message: str) -> str:
+    """Hydra's composition error in one line: its first two lines ("Could not override
+    'speed.nope'.", "To append to your config use +speed.nope=1"), or its first line and the
+    options it lists ("Could not find 'dataset/nope'", "Available options in 'dataset':", one
+    a line)."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].endswith(":"):
+        options = itertools.takewhile(lambda line: not line.endswith(":"), lines[2:])
+        return f"{lines[0]}; {lines[1]} {', '.join(options)}"
+    return " ".join(lines[:2]).rstrip(".")
 
 
 def build_path(cfg: DictConfig, device: torch.device, published: bool, seed: int) -> Distiller:
