@@ -258,6 +258,36 @@ def test_an_unknown_or_unparsable_override_ends_a_benchmark_in_one_sentence(opti
         )
 
 
+@pytest.mark.parametrize(
+    ("main", "argv"),
+    [
+        (bench.main, ["--iters", "0"]),
+        (bench.main, ["--threads", "1,0"]),
+        (bench.main, ["--batch-size", "0"]),  # was ignored: a batch size of 0 ran the setting's
+        (bench.main, ["--student-steps", "-1"]),
+        (bench_components.main, ["--pairs", "0"]),
+        (bench_components.main, ["--reps", "0"]),
+        (bench_components.main, ["--threads", "x"]),
+        (bench_components.main, ["--top", "-3"]),
+        (bench_threads.main, ["--iters", "0"]),
+        (bench_threads.main, ["--setting", "nope"]),
+    ],
+)
+def test_a_count_below_one_or_an_unknown_setting_is_refused_before_anything_runs(
+    main, argv, capsys
+):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "not a whole number above 0" in error or "invalid choice: 'nope'" in error
+
+
+def test_an_agreement_generator_without_a_checkpoint_is_one_sentence(tmp_path):
+    with pytest.raises(UserError, match=r"--generator .* holds no checkpoint; give a run"):
+        bench.main(["--small", "--agreement", "--generator", str(tmp_path)])
+
+
 def test_the_threads_benchmark_times_a_worker_and_prints_the_ratios(monkeypatch, capsys):
     figures = bench_threads.worker("small", "1", 1)
     assert figures["threads"] == 1 and figures["s_per_iter"] > 0

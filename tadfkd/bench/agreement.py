@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tadfkd.base.errors import UserError
 from tadfkd.distillation.precision import resolve_precision
 from tadfkd.models import kernels
 from tadfkd.run.builder import build_distiller
@@ -106,7 +107,9 @@ def keep_masks(
         if generator_run is not None:
             saved = load_checkpoint(generator_run)
             if saved is None:
-                raise SystemExit(f"error: {generator_run} holds no checkpoint")
+                raise UserError(
+                    f"--generator {generator_run} holds no checkpoint; give a run directory."
+                )
             synthesizer.generator.load_state_dict(saved[0]["distiller"]["generator"])
         torch.manual_seed(1)
         batches = max(1, samples // synthesizer.batch_size)

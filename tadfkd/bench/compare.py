@@ -35,7 +35,7 @@ from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench.agreement import agreement
 from tadfkd.bench.processes import PathProcess, PathSpec
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
-from tadfkd.bench.setting import SETTINGS, bench_config, device_name
+from tadfkd.bench.setting import SETTINGS, bench_config, device_name, positive_int, thread_counts
 from tadfkd.bench.timing import EPOCH_ITERS, matmul_rates, matmul_rates_line, time_paths
 from tadfkd.distillation.precision import resolve_precision
 from tadfkd.run.runtime import resolve_device
@@ -134,14 +134,16 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--generator", type=Path, help="--agreement: a run directory whose generator to use"
     )
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations per path")
-    parser.add_argument("--batch-size", type=int, help="override the setting's batch size")
-    parser.add_argument("--student-steps", type=int, help="override student steps per iteration")
+    parser.add_argument("--iters", type=positive_int, default=3, help="timed iterations per path")
+    parser.add_argument("--batch-size", type=positive_int, help="override the setting's batch size")
+    parser.add_argument(
+        "--student-steps", type=positive_int, help="override student steps per iteration"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--precision", default="auto", help="fast path: auto, fp32, bf16, fp16")
     parser.add_argument(
         "--threads",
-        type=lambda text: [int(t) for t in text.split(",")],
+        type=thread_counts,
         default=[1, 2],
         help="CPU thread counts to time, comma-separated (default 1,2; ignored on a GPU)",
     )
@@ -214,9 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     overrides = [*SETTINGS[setting], f"runtime.device={args.device}"]
     if args.agreement:
         return agreement(bench_config(overrides), resolve_device(args.device), args.generator)
-    if args.batch_size:
+    if args.batch_size is not None:
         overrides.append(f"trainer.batch_size={args.batch_size}")
-    if args.student_steps:
+    if args.student_steps is not None:
         overrides.append(f"trainer.student_steps={args.student_steps}")
     fast_cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
     published_cfg = published_style(bench_config([*overrides, *PUBLISHED_STYLE]))

@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tadfkd.base import schema
 from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench import operators
-from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
+from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name, positive_int
 from tadfkd.bench.timing import matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
@@ -110,15 +110,17 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     )
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="fashion_mnist")
     parser.add_argument("--precision", default="auto", help="auto, fp32 or bf16")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--reps", type=positive_int, default=10)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--operators",
         action="store_true",
         help="also time each operator call of one iteration (tadfkd.bench.operators)",
     )
-    parser.add_argument("--top", type=int, default=8, help="rows of each --operators table")
+    parser.add_argument(
+        "--top", type=positive_int, default=8, help="rows of each --operators table"
+    )
     parser.add_argument(
         "--against",
         action="append",
@@ -126,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
         metavar="KEY=VALUE",
         help="also time iterations alternated with a path built with these overrides",
     )
-    parser.add_argument("--pairs", type=int, default=20, help="alternated pairs (--against)")
+    parser.add_argument(
+        "--pairs", type=positive_int, default=20, help="alternated pairs (--against)"
+    )
     args = parser.parse_args(argv)
     set_threads(args.threads)
     device = torch.device("cpu")

@@ -6,6 +6,7 @@ applies it) the reference's BN statistics (``bench.published``). Also the machin
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from pathlib import Path
 
@@ -32,6 +33,22 @@ SETTINGS = {
     "small": [],
     "fashion_mnist": ["experiment=fashion_mnist"],
 }
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above 0 (iterations, pairs, threads, a batch size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return value
+
+
+def thread_counts(text: str) -> list[int]:
+    """An argparse type: comma-separated thread counts, each above 0 ("1,2")."""
+    return [positive_int(count) for count in text.split(",")]
 
 
 def bench_config(overrides: list[str]) -> DictConfig:

@@ -77,11 +77,15 @@ def run_configuration(setting: str, threads: str, busy: bool, iters: int) -> dic
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
+    from tadfkd.bench.setting import SETTINGS, positive_int
+
     parser = argparse.ArgumentParser(
         prog="python -m tadfkd.bench.threads", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--setting", default="small", help="small (digits) or fashion_mnist")
-    parser.add_argument("--iters", type=int, default=6, help="timed iterations per configuration")
+    parser.add_argument("--setting", default="small", choices=sorted(SETTINGS))
+    parser.add_argument(
+        "--iters", type=positive_int, default=6, help="timed iterations per configuration"
+    )
     parser.add_argument("--worker", metavar="THREADS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
