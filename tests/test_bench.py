@@ -286,6 +286,9 @@ def test_a_count_below_one_or_an_unknown_setting_is_refused_before_anything_runs
 def test_an_agreement_generator_without_a_checkpoint_is_one_sentence(tmp_path):
     with pytest.raises(UserError, match=r"--generator .* holds no checkpoint; give a run"):
         bench.main(["--small", "--agreement", "--generator", str(tmp_path)])
+    # --set reaches the agreement's config too (it was ignored there): a bad one stops it
+    with pytest.raises(UserError, match="Could not override 'speed.nope'"):
+        bench.main(["--small", "--agreement", "--set", "speed.nope=1"])
 
 
 def test_the_threads_benchmark_times_a_worker_and_prints_the_ratios(monkeypatch, capsys):

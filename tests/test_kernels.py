@@ -39,6 +39,20 @@ def test_a_failed_build_says_why_in_one_line_and_leaves_no_file(tmp_path, compil
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_build_names_the_compilers_first_error_not_a_warning_before_it(tmp_path):
+    compiler = tmp_path / "cc"
+    compiler.write_text(
+        "#!/bin/sh\n"
+        "echo \"cpu_kernels.c: In function 'load16':\" >&2\n"
+        'echo "cpu_kernels.c:170: note: the ABI of passing AVX vectors changed" >&2\n'
+        "echo \"cpu_kernels.c:180:5: error: unknown type name 'f32x32'\" >&2\n"
+        "exit 1\n"
+    )
+    compiler.chmod(0o755)
+    failure = kernels.compile_kernels(str(compiler), tmp_path / "out" / "kernels.so")
+    assert failure == f"{compiler} failed: cpu_kernels.c:180:5: error: unknown type name 'f32x32'"
+
+
 @pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("cc") is None,
     reason="an x86 CPU and cc",
@@ -68,10 +82,14 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         with torch.no_grad():
             out = model(x)
             with torch.autocast("cpu", torch.bfloat16):
+                out_bf16, expected_bf16 = model(x), conv(x)
                 expected_images, images = generator(noise).float(), fused(noise).float()
         assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(kernel_calls)
         assert "affine_leaky_relu_conv_one" in kernel_calls
+        assert kernel_calls.count("single_channel_conv") == 2  # fp32, then under bf16 autocast
         torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, 2, 1))
+        assert out_bf16.dtype == expected_bf16.dtype == torch.bfloat16
+        torch.testing.assert_close(out_bf16.float(), expected_bf16.float(), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(images, expected_images, rtol=1e-2, atol=1e-2)
     finally:
         kernels.kernels.cache_clear()  # the next test loads this machine's own build again

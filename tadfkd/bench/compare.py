@@ -153,7 +153,8 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a config override of the fast path (repeatable), e.g. speed.generation=fp32",
+        help="a config override of the fast path (repeatable), e.g. speed.generation=fp32; "
+        "with --agreement, of the config every compared variant starts from",
     )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the fast path (after counting)"
@@ -214,12 +215,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float | None]]:
     args = arguments(argv)
     setting = args.setting or ("small" if args.small else "cifar10")
     overrides = [*SETTINGS[setting], f"runtime.device={args.device}"]
-    if args.agreement:
-        return agreement(bench_config(overrides), resolve_device(args.device), args.generator)
     if args.batch_size is not None:
         overrides.append(f"trainer.batch_size={args.batch_size}")
     if args.student_steps is not None:
         overrides.append(f"trainer.student_steps={args.student_steps}")
+    if args.agreement:  # --set: the config every compared variant starts from
+        cfg = bench_config([*overrides, *args.set])
+        return agreement(cfg, resolve_device(args.device), args.generator)
     fast_cfg = bench_config([*overrides, f"speed.precision={args.precision}", *args.set])
     published_cfg = published_style(bench_config([*overrides, *PUBLISHED_STYLE]))
     device = resolve_device(args.device)

@@ -59,7 +59,10 @@ def bench_config(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, "logger=none"])
     except OverrideParseException as error:
-        reason = str(error).strip().splitlines()[0]  # the next line is a link to the grammar
+        # e.g. "Error parsing override 'speed.compile'", "missing EQUAL at '<EOF>'", and a
+        # link to the grammar, left out
+        lines = [line.strip() for line in str(error).strip().splitlines()]
+        reason = "; ".join(line for line in lines if line and not line.startswith("See http"))
         raise UserError(f"the benchmark's config refused {error.override!r}: {reason}.") from None
     except (HydraException, ValueError) as error:  # ValueError: e.g. "=3", a key-less override
         reason = hydra_reason(str(error))

@@ -112,7 +112,9 @@ def compile_kernels(compiler: str, target: Path) -> str | None:
         return f"{compiler} did not run ({error})"
     if done.returncode != 0:
         Path(partial).unlink(missing_ok=True)
-        first = (done.stderr.strip().splitlines() or ["no message"])[0]
+        lines = done.stderr.strip().splitlines() or ["no message"]
+        # the first error, not a warning before it (e.g. GCC's -Wpsabi note on AVX vectors)
+        first = next((line for line in lines if "error" in line.lower()), lines[0])
         return f"{compiler} failed: {first}"
     os.chmod(partial, 0o700)  # the linker may have written it under a group-writable umask
     os.replace(partial, target)
