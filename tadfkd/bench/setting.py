@@ -2,7 +2,9 @@
 random-weight networks (no data or teacher file is needed): the fast path is this project's
 ``Distiller``; the published-style path is the same with the ``PUBLISHED_STYLE`` settings, the
 reference's scoring and selection and (``published_style`` on its config, as ``bench.compare``
-applies it) the reference's BN statistics (``bench.published``). Also the machine's name."""
+applies it) the reference's BN statistics (``bench.published``). Also the machine's name, and
+what every benchmark's command line shares: its config overrides checked as a run's (a bad one
+is a one-sentence ``UserError``) and the argparse type of its counts."""
 
 from __future__ import annotations
 
