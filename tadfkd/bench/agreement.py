@@ -98,19 +98,22 @@ def keep_masks(
     from tadfkd.run.checkpoint import load_checkpoint
     from tadfkd.run.runtime import build
 
+    trained = None  # the generator's weights, read once for every variant
+    if generator_run is not None:
+        saved = load_checkpoint(generator_run)
+        if saved is None:
+            raise UserError(
+                f"--generator {generator_run} holds no checkpoint; give a run directory."
+            )
+        trained = saved[0]["distiller"]["generator"]
     masks: dict[str, torch.Tensor] = {}
     for name, overrides in variants(cfg, device).items():
         variant_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         torch.manual_seed(0)
         distiller = build_distiller(variant_cfg, build(cfg.teacher), device)
         synthesizer = distiller.synthesizer
-        if generator_run is not None:
-            saved = load_checkpoint(generator_run)
-            if saved is None:
-                raise UserError(
-                    f"--generator {generator_run} holds no checkpoint; give a run directory."
-                )
-            synthesizer.generator.load_state_dict(saved[0]["distiller"]["generator"])
+        if trained is not None:
+            synthesizer.generator.load_state_dict(trained)
         torch.manual_seed(1)
         batches = max(1, samples // synthesizer.batch_size)
         with torch.no_grad():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, OverrideParseException
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from tadfkd.base.errors import UserError
@@ -60,29 +60,28 @@ def bench_config(overrides: list[str]) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             cfg = compose("config", overrides=[*overrides, "logger=none"])
-    except OverrideParseException as error:
-        # e.g. "Error parsing override 'speed.compile'", "missing EQUAL at '<EOF>'", and a
-        # link to the grammar, left out
-        lines = [line.strip() for line in str(error).strip().splitlines()]
-        reason = "; ".join(line for line in lines if line and not line.startswith("See http"))
-        raise UserError(f"the benchmark's config refused {error.override!r}: {reason}.") from None
     except (HydraException, ValueError) as error:  # ValueError: e.g. "=3", a key-less override
+        # a parse error names the override it could not read; its message may not
+        override = getattr(error, "override", None)
+        refused = "an override" if override is None else repr(override)
         reason = hydra_reason(str(error))
-        raise UserError(f"the benchmark's config refused an override: {reason}.") from None
+        raise UserError(f"the benchmark's config refused {refused}: {reason}.") from None
     check_rules(cfg)
     return cfg
 
 
 def hydra_reason(message: str) -> str:
-    """Hydra's composition error in one line: its first two lines ("Could not override
-    'speed.nope'.", "To append to your config use +speed.nope=1"), or its first line and the
+    """Hydra's error in one line, without its link to the override grammar: its first two lines
+    ("Could not override 'speed.nope'.", "To append to your config use +speed.nope=1"; "Error
+    parsing override 'speed.compile'", "missing EQUAL at '<EOF>'"), or its first line and the
     options it lists ("Could not find 'dataset/nope'", "Available options in 'dataset':", one
     a line)."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("See http")]
     if len(lines) > 1 and lines[1].endswith(":"):
         options = itertools.takewhile(lambda line: not line.endswith(":"), lines[2:])
         return f"{lines[0]}; {lines[1]} {', '.join(options)}"
-    return " ".join(lines[:2]).rstrip(".")
+    return "; ".join(line.rstrip(".") for line in lines[:2])
 
 
 def build_path(cfg: DictConfig, device: torch.device, published: bool, seed: int) -> Distiller:
