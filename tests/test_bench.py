@@ -475,3 +475,7 @@ def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys, kern
         assert shares["fold_teacher_bn=true, single_channel_conv=true"] >= 0.999
         assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(kernel_calls)
     assert "kept by the reference (fp32, unfolded), one CPU thread" in out
+    # for scale, how often the published fit agrees with itself from another random start
+    assert 0.5 < shares["published fit, another start"] <= 1.0
+    assert 0.5 < shares["this fit against the published fit"] <= 1.0
+    assert "the published fit from 4 random starts, on the reference's scores" in out

@@ -179,3 +179,38 @@ def test_fill_order_returns_fewer_when_too_few_were_kept():
     keep = torch.tensor([0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool)
     assert sorted(fill_order(keep, 4).tolist()) == [1, 6]
     assert fill_order(torch.zeros(8, dtype=torch.bool), 4).numel() == 0
+
+
+def test_the_agreement_yardstick_is_the_published_fit_from_seeded_random_starts(capsys):
+    # --agreement's yardstick: scikit-learn's mixture (the published fit) from 4 seeded random
+    # starts on the same scores; how often two starts agree, and how often our fit agrees
+    from omegaconf import OmegaConf
+
+    from tadfkd.bench.agreement import published_fit_yardstick
+
+    rng = np.random.default_rng(5)
+    logits = teacher_like_logits(rng, 12 * 64).view(12, 64, 10)
+    ours = GMMSelection(threshold=0.5).keep_mask(logits.flatten(0, 1), 64).numpy()
+    selection = OmegaConf.create({"threshold": 0.5, "max_iter": 10, "tol": 1e-2, "reg_covar": 5e-4})
+    shares = published_fit_yardstick(OmegaConf.create({"selection": selection}), logits, ours)
+    starts = []
+    for seed in range(4):
+        stream = np.random.RandomState(seed)  # one stream of starts, a fit per batch
+        masks = []
+        for row in logits:
+            x = minmax_normalise(pseudo_label_loss(row)[0].double().numpy()).reshape(-1, 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                mixture = GaussianMixture(
+                    n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=stream
+                ).fit(x)
+            masks.append(mixture.predict_proba(x)[:, mixture.means_.argmin()] > 0.5)
+        starts.append(np.concatenate(masks))
+    between = [(starts[i] == starts[j]).mean() for i in range(4) for j in range(i + 1, 4)]
+    assert shares["published fit, another start"] == pytest.approx(np.mean(between))
+    assert shares["this fit against the published fit"] == pytest.approx(
+        np.mean([(ours == mask).mean() for mask in starts])
+    )
+    # the starts disagree on some samples: the published selection is itself random
+    assert 0.9 < shares["published fit, another start"] < 1.0
+    assert "the published fit from 4 random starts" in capsys.readouterr().out

@@ -10,9 +10,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tadfkd.base.errors import UserError
+from tadfkd.bench.published import ScikitLearnGMMSelection
 from tadfkd.distillation.precision import resolve_precision
 from tadfkd.models import kernels
 from tadfkd.run.builder import build_distiller
+
+# the mixture's settings, which the published fit shares with this project's
+MIXTURE_SETTINGS = ("threshold", "max_iter", "tol", "reg_covar")
 
 
 def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
@@ -74,7 +78,7 @@ def agreement(
     if device.type == "cpu":
         torch.set_num_threads(1)
     try:
-        masks = keep_masks(cfg, device, generator_run, samples)
+        masks, logits = keep_masks(cfg, device, generator_run, samples)
     finally:
         torch.set_num_threads(threads)
     reference = masks.pop("reference (fp32, unfolded)")
@@ -88,13 +92,47 @@ def agreement(
     for name, mask in masks.items():
         shares[name] = float((mask == reference).float().mean())
         print(f"{name}: {100 * shares[name]:.2f}% of the keep decisions unchanged")
+    if all(key in cfg.selection for key in MIXTURE_SETTINGS):  # a mixture selection
+        shares |= published_fit_yardstick(cfg, logits, reference)
     return shares
+
+
+def published_fit_yardstick(
+    cfg: DictConfig, logits: torch.Tensor, reference: torch.Tensor, starts: int = 4
+) -> dict[str, float]:
+    """For scale: the published selection (scikit-learn's mixture from its random k-means
+    start, ``ScikitLearnGMMSelection``) fitted ``starts`` times to the reference's scores
+    ``logits`` (batches, batch size, K), each start seeded apart: the mean share of keep
+    decisions two starts agree on, and the mean share on which this project's fit (the keep
+    mask ``reference``) agrees with one start (fractions; printed as percent, with ranges)."""
+    settings = {key: cfg.selection[key] for key in MIXTURE_SETTINGS}
+    published = [
+        ScikitLearnGMMSelection(random_state=start, **settings).keep_mask(
+            logits.flatten(0, 1), logits.shape[1]
+        )
+        for start in range(starts)
+    ]
+    between = [
+        float((published[i] == published[j]).float().mean())
+        for i in range(starts)
+        for j in range(i + 1, starts)
+    ]
+    ours = [float((mask == reference).float().mean()) for mask in published]
+    found = {"published fit, another start": between, "this fit against the published fit": ours}
+    print(f"for scale, the published fit from {starts} random starts, on the reference's scores:")
+    for name, values in found.items():
+        print(
+            f"{name}: {100 * sum(values) / len(values):.2f}% of the keep decisions the same "
+            f"(range {100 * min(values):.2f}-{100 * max(values):.2f}%)"
+        )
+    return {name: sum(values) / len(values) for name, values in found.items()}
 
 
 def keep_masks(
     cfg: DictConfig, device: torch.device, generator_run: Path | None, samples: int
-) -> dict[str, torch.Tensor]:
-    """Each ``variants`` entry's keep mask on the same generated samples (``agreement``)."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Each ``variants`` entry's keep mask on the same generated samples (``agreement``), and
+    the reference's scoring logits of them (batches, batch size, K)."""
     from tadfkd.run.checkpoint import load_checkpoint
     from tadfkd.run.runtime import build
 
@@ -107,6 +145,7 @@ def keep_masks(
             )
         trained = saved[0]["distiller"]["generator"]
     masks: dict[str, torch.Tensor] = {}
+    scores: dict[str, torch.Tensor] = {}
     for name, overrides in variants(cfg, device).items():
         variant_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         torch.manual_seed(0)
@@ -120,5 +159,8 @@ def keep_masks(
             images = torch.cat(
                 [synthesizer.generate(synthesizer.batch_size) for _ in range(batches)]
             )
-            masks[name] = synthesizer.keep_mask(images)
-    return masks
+            # what synthesizer.keep_mask(images) computes, with the logits kept
+            logits = synthesizer.scoring_logits(synthesizer.views.test_view(images)).float()
+            masks[name] = synthesizer.selection.keep_mask(logits, synthesizer.batch_size)
+            scores[name] = logits.view(batches, synthesizer.batch_size, -1)
+    return masks, scores["reference (fp32, unfolded)"]
