@@ -475,6 +475,9 @@ def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys, kern
         assert shares["fold_teacher_bn=true, single_channel_conv=true"] >= 0.999
         assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(kernel_calls)
     assert "kept by the reference (fp32, unfolded), one CPU thread" in out
+    assert re.search(
+        r"\nscoring=bf16: \d+\.\d\d% of the keep decisions unchanged, \d+\.\d% kept\n", out
+    )
     # for scale, how often the published fit agrees with itself from another random start
     assert 0.5 < shares["published fit, another start"] <= 1.0
     assert 0.5 < shares["this fit against the published fit"] <= 1.0

@@ -72,7 +72,8 @@ def agreement(
     depthwise output convolution, bf16 scoring, a bf16 generator forward with PyTorch's
     kernels and, on a CPU where they build, with the fused ones, the folded teacher's
     one-input-channel convolutions through the C kernel, this device's default): the
-    share left unchanged by each (fractions; printed as percent). On a CPU at one torch
+    share left unchanged by each (fractions; printed as percent, with the share each keeps:
+    a setting can shift the kept share, not only swap decisions). On a CPU at one torch
     thread, as a sweep's job runs, where every C kernel applies."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -91,7 +92,10 @@ def agreement(
     shares = {}
     for name, mask in masks.items():
         shares[name] = float((mask == reference).float().mean())
-        print(f"{name}: {100 * shares[name]:.2f}% of the keep decisions unchanged")
+        print(
+            f"{name}: {100 * shares[name]:.2f}% of the keep decisions unchanged, "
+            f"{100 * mask.float().mean():.1f}% kept"
+        )
     if all(key in cfg.selection for key in MIXTURE_SETTINGS):  # a mixture selection
         shares |= published_fit_yardstick(cfg, logits, reference)
     return shares
