@@ -81,8 +81,12 @@ def test_the_upsampling_kernel_rounds_once_what_pytorch_computes_in_float32(
 
 @needs_kernels
 @pytest.mark.parametrize("channels", [16, 32, 48, 64])
-def test_the_output_convolution_kernel_is_the_convolution_of_the_activation(channels):
-    x = bf16_batch((3, channels, 9, 11), channels_last=True)
+# odd and even sizes, and the Fashion-MNIST generator's 28-pixel rows
+@pytest.mark.parametrize("height, width", [(9, 11), (5, 16), (7, 28)])
+def test_the_output_convolution_kernel_is_the_convolution_of_the_activation(
+    channels, height, width
+):
+    x = bf16_batch((3, channels, height, width), channels_last=True)
     scale, shift = channel_map(channels)
     conv = nn.Conv2d(channels, 1, 3, padding=1)
     with torch.no_grad():
@@ -94,7 +98,7 @@ def test_the_output_convolution_kernel_is_the_convolution_of_the_activation(chan
             SLOPE,
         )
         expected = F.conv2d(activation, conv.weight.double(), conv.bias.double(), padding=1)
-    assert out.dtype == torch.float32 and out.shape == (3, 1, 9, 11)
+    assert out.dtype == torch.float32 and out.shape == (3, 1, height, width)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
