@@ -13,7 +13,7 @@ from tadfkd.base.errors import (
     exit_on_known_errors,
     headline,
 )
-from tadfkd.run.context import JobContext, hydra_context
+from tadfkd.run.context import JobContext, hydra_context, refuse_keyless_overrides
 from tadfkd.run.job import distil
 from tadfkd.run.results import clear_failure, echo_traceback, record_failure
 from tadfkd.run.rundir import RECORD_FOLDER, save_hydra_record
@@ -58,4 +58,6 @@ def record_failed_job(error: Exception, context: JobContext) -> None:
 
 
 if __name__ == "__main__":
+    with exit_on_known_errors():
+        refuse_keyless_overrides(sys.argv[1:])
     main()

@@ -1,12 +1,14 @@
 """Teacher training job, the other entry point: ``python -m tadfkd.train_teacher [overrides]``
 (README.md, "Using your own teacher"); what it does is tadfkd.run.teacher_job."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.run.checks import validate
-from tadfkd.run.context import hydra_context
+from tadfkd.run.context import hydra_context, refuse_keyless_overrides
 from tadfkd.run.runtime import check_resolvable
 from tadfkd.run.teacher_job import output_path, train_teacher
 
@@ -24,4 +26,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    with exit_on_known_errors():
+        refuse_keyless_overrides(sys.argv[1:])
     main()

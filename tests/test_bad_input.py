@@ -32,6 +32,7 @@ CASES = {
     "integer teacher weights": (["teacher.checkpoint={tmp}/ints.pt"], 2, ["not floating point"]),
     "non-finite teacher weights": (["teacher.checkpoint={tmp}/nan.pt"], 2, ["NaN or infinite"]),
     "unknown option": (["trainer.nonsense=1"], 1, ["Could not override 'trainer.nonsense'"]),
+    "override with no key": (["=3"], 2, ["the override '=3' names no key"]),
     "zero batch size": (["trainer.batch_size=0"], 2, ["trainer.batch_size=0 must be"]),
     "negative batch size": (["trainer.batch_size=-8"], 2, ["trainer.batch_size=-8 must be"]),
     "batch size beyond memory": (["trainer.batch_size=1000000000"], 2, ["out of memory"]),

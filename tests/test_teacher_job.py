@@ -61,6 +61,10 @@ CASES = {
         ["recipe.epochs=1", "paths.teachers={tmp}/zoo", "teacher.arch=x/y"],
         ["teacher.arch='x/y' must be a known architecture"],
     ),
+    "override with no key": (
+        ["recipe.epochs=1", "output={tmp}/teacher.pt", "+=3"],
+        ["the override '+=3' names no key"],
+    ),
 }
 AS_ROOT = os.geteuid() == 0  # root writes into a read-only folder all the same
 

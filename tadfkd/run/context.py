@@ -11,6 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from tadfkd.base.errors import UserError
+
 
 @dataclass(frozen=True)
 class JobContext:
@@ -63,3 +65,25 @@ def jobs_side_by_side(hydra: DictConfig, multirun: bool) -> int:
     if not multirun or not launcher.endswith("LocalLauncher"):
         return 1
     return max(1, int(hydra.sweeper.get("max_batch_size") or 1))
+
+
+def refuse_keyless_overrides(arguments: list[str]) -> None:
+    """Before Hydra reads the command line: an override that names no key (``=3``, ``+=3``),
+    which Hydra's config loader meets with a traceback, stops the entry point with one
+    sentence and exit code 2. Options (``-m``, ``--cfg job``) and overrides Hydra's parser
+    refuses are left to Hydra, which names them itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for argument in arguments:
+        if argument.startswith("-") or "=" not in argument:
+            continue
+        try:
+            (override,) = parser.parse_overrides([argument])
+        except HydraException:  # Hydra's own message says what is wrong
+            continue
+        if not override.key_or_group:
+            raise UserError(
+                f"the override {argument!r} names no key; write KEY=VALUE, e.g. seed=3."
+            )
