@@ -389,6 +389,7 @@ def nonsense_cases() -> list[Case]:
         Case("empty W&B project", [*WANDB, "logger.project="]),
         Case("W&B group with a slash", [*WANDB, "logger.group=a/b"]),
         Case("secret_env not a list", [*RUN, "runtime.secret_env=abc"]),
+        Case("override with no key", [*RUN, "=3"]),
     ]
 
 
