@@ -482,3 +482,23 @@ def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys, kern
     assert 0.5 < shares["published fit, another start"] <= 1.0
     assert 0.5 < shares["this fit against the published fit"] <= 1.0
     assert "the published fit from 4 random starts, on the reference's scores" in out
+
+
+def test_the_agreement_reference_stays_fp32_whatever_set_gives_the_scoring_and_generator():
+    from omegaconf import OmegaConf
+
+    from tadfkd.bench import agreement
+
+    cfg = setting.bench_config([*setting.SETTINGS["small"], "speed.scoring=bf16"])
+    cfg.speed.generation = "bf16"
+    found = agreement.variants(cfg, torch.device("cpu"))
+
+    def merged(name: str):
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(found[name])).speed
+
+    assert (merged(agreement.REFERENCE).scoring, merged(agreement.REFERENCE).generation) == (
+        "fp32",
+        "fp32",
+    )
+    assert merged("scoring=bf16").scoring == "bf16" and merged("scoring=bf16").generation == "fp32"
+    assert merged("generation=bf16").generation == "bf16"

@@ -1,11 +1,14 @@
 """``python run.py`` as a command: its own --help page (what it does, every group of the job
-with its options, the launchers, example commands that work), tab completion, and each job's
-lines in its own run.log with either launcher."""
+with its options, the launchers, example commands that work), tab completion, each job's
+lines in its own run.log with either launcher, and the check of overrides with no key."""
 
 import re
 
 import pytest
 from helpers import CONF, compose_config, environment, options, run_entry
+
+from tadfkd.base.errors import UserError
+from tadfkd.run.context import refuse_keyless_overrides
 
 # one epoch of one iteration of one student step at batch 8
 TINY = ["debug=tiny", "trainer.iters_per_epoch=1", "trainer.student_steps=1"]
@@ -99,3 +102,21 @@ def test_each_job_of_a_multirun_writes_its_own_lines_to_its_run_log(tmp_path, la
     if launcher == "basic":  # the console shows the same lines, without time stamps
         assert result.stdout.count("epoch 1/1: student test accuracy") == 2
         assert "\nepoch 1/1: " in result.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["seed=0,1,2", "hydra/launcher=basic", "~speed.scoring", "++trainer.epochs=2"],
+        ["-m", "--cfg", "job", "teacher.name='=3'", "paths.data=/tmp/a=b"],
+        ["-cd", "=conf", "-cn", "config", "seed=range(3)"],  # an option's value, not an override
+    ],
+)
+def test_overrides_with_keys_and_options_pass_the_keyless_check(arguments):
+    refuse_keyless_overrides(arguments)
+
+
+@pytest.mark.parametrize("override", ["=3", "+=3", "++=3", "~=", "=3,4"])
+def test_an_override_with_no_key_is_refused_in_one_sentence(override):
+    with pytest.raises(UserError, match="names no key; write KEY=VALUE"):
+        refuse_keyless_overrides(["seed=1", override])

@@ -15,16 +15,18 @@ from tadfkd.distillation.precision import resolve_precision
 from tadfkd.models import kernels
 from tadfkd.run.builder import build_distiller
 
+REFERENCE = "reference (fp32, unfolded)"
 # the mixture's settings, which the published fit shares with this project's
 MIXTURE_SETTINGS = ("threshold", "max_iter", "tol", "reg_covar")
 
 
 def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
-    """The reference and the speed settings ``agreement`` compares, as config overrides."""
-    fp32 = ["speed.precision=fp32"]
+    """The reference and the speed settings ``agreement`` compares, as config overrides (each
+    in fp32 but for what it names, whatever ``--set`` gave the scoring and the generator)."""
+    fp32 = ["speed.precision=fp32", "speed.scoring=fp32", "speed.generation=fp32"]
     default_precision = resolve_precision(str(cfg.speed.precision), device)
     found = {
-        "reference (fp32, unfolded)": [
+        REFERENCE: [
             *fp32,
             "speed.fold_teacher_bn=false",
             "speed.depthwise_output=false",
@@ -73,7 +75,8 @@ def agreement(
     kernels and, on a CPU where they build, with the fused ones, the folded teacher's
     one-input-channel convolutions through the C kernel, this device's default): the
     share left unchanged by each (fractions; printed as percent, with the share each keeps:
-    a setting can shift the kept share, not only swap decisions). On a CPU at one torch
+    a setting can shift the kept share, not only swap decisions), and with a mixture selection
+    ``published_fit_yardstick``'s two shares under their own names. On a CPU at one torch
     thread, as a sweep's job runs, where every C kernel applies."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
@@ -82,7 +85,7 @@ def agreement(
         masks, logits = keep_masks(cfg, device, generator_run, samples)
     finally:
         torch.set_num_threads(threads)
-    reference = masks.pop("reference (fp32, unfolded)")
+    reference = masks.pop(REFERENCE)
     print(
         f"teacher {cfg.teacher.name} ({cfg.teacher.arch}), generator "
         f"{generator_run or 'untrained'}, {reference.numel()} generated samples, "
@@ -149,7 +152,6 @@ def keep_masks(
             )
         trained = saved[0]["distiller"]["generator"]
     masks: dict[str, torch.Tensor] = {}
-    scores: dict[str, torch.Tensor] = {}
     for name, overrides in variants(cfg, device).items():
         variant_cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
         torch.manual_seed(0)
@@ -163,8 +165,8 @@ def keep_masks(
             images = torch.cat(
                 [synthesizer.generate(synthesizer.batch_size) for _ in range(batches)]
             )
-            # what synthesizer.keep_mask(images) computes, with the logits kept
-            logits = synthesizer.scoring_logits(synthesizer.views.test_view(images)).float()
-            masks[name] = synthesizer.selection.keep_mask(logits, synthesizer.batch_size)
-            scores[name] = logits.view(batches, synthesizer.batch_size, -1)
-    return masks, scores["reference (fp32, unfolded)"]
+            # the selection's own scoring (synthesizer.keep_mask), with the logits kept
+            masks[name], logits = synthesizer.scored(synthesizer.views.test_view(images))
+            if name == REFERENCE:
+                reference_logits = logits.float().reshape(batches, synthesizer.batch_size, -1)
+    return masks, reference_logits

@@ -27,8 +27,7 @@ REPORT_FIELDS = {  # results.json field -> a wrong value, for the report's cases
     "accuracy 5.0": ("student_final_acc", 5.0),
     "accuracy -3.0": ("student_best_acc", -3.0),
 }
-# the command lines of the cases (``{tmp}`` is the case's folder)
-RUN = [*TINY, "hydra.run.dir={tmp}/run"]
+RUN = [*TINY, "hydra.run.dir={tmp}/run"]  # the cases' command lines ({tmp}: the case's folder)
 WANDB = [*TINY[:3], "logger=wandb", "hydra.run.dir={tmp}/run"]
 TEACHER_RUN = [*TEACHER_JOB, "hydra.run.dir={tmp}/teacher_run", "paths.teachers={tmp}/zoo"]
 SWEEP = [

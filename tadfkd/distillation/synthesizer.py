@@ -132,7 +132,13 @@ class Synthesizer:
         """Keep mask (N,) of whole generated batches' test views: one teacher forward scores
         them all, and one mixture is fitted per batch, as if each batch had been selected on its
         own (the teacher is in eval mode)."""
-        return self.selection.keep_mask(self.scoring_logits(test_views), self.batch_size)
+        return self.scored(test_views)[0]
+
+    @torch.no_grad()
+    def scored(self, test_views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``score``'s keep mask (N,) and the teacher's logits (N, K) it was fitted to."""
+        logits = self.scoring_logits(test_views)
+        return self.selection.keep_mask(logits, self.batch_size), logits
 
     def keep_mask(self, images: torch.Tensor) -> torch.Tensor:
         """The selection on the test view of generated ``images`` (whole batches); all-true

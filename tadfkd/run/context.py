@@ -67,17 +67,32 @@ def jobs_side_by_side(hydra: DictConfig, multirun: bool) -> int:
     return max(1, int(hydra.sweeper.get("max_batch_size") or 1))
 
 
+# Hydra's options that take the next argument as their value (a path or a name, never an override)
+VALUED_OPTIONS = {
+    "-cp",
+    "--config-path",
+    "-cn",
+    "--config-name",
+    "-cd",
+    "--config-dir",
+    "-p",
+    "--package",
+    "--experimental-rerun",
+}
+
+
 def refuse_keyless_overrides(arguments: list[str]) -> None:
     """Before Hydra reads the command line: an override that names no key (``=3``, ``+=3``),
-    which Hydra's config loader meets with a traceback, stops the entry point with one
-    sentence and exit code 2. Options (``-m``, ``--cfg job``) and overrides Hydra's parser
-    refuses are left to Hydra, which names them itself."""
+    which Hydra's config loader meets with a traceback (or, for some, a message of its own),
+    stops the entry point with one sentence and exit code 2. Options (``-m``, ``--cfg job``,
+    the value after ``-cn`` and the like) and overrides Hydra's parser refuses are left to
+    Hydra, which names them itself."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     parser = OverridesParser.create()
-    for argument in arguments:
-        if argument.startswith("-") or "=" not in argument:
+    for previous, argument in zip(["", *arguments], arguments, strict=False):
+        if previous in VALUED_OPTIONS or argument.startswith("-") or "=" not in argument:
             continue
         try:
             (override,) = parser.parse_overrides([argument])
