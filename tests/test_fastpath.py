@@ -244,7 +244,7 @@ def test_forcing_fp32_and_nchw_on_a_bf16_cpu_gives_the_published_computation(mon
 def test_a_channels_last_generator_keeps_its_activations_channels_last():
     generator = small("bf16").synthesizer.generator
     seen = []
-    generator.conv_blocks1.register_forward_pre_hook(
+    generator.conv_blocks1[1].register_forward_pre_hook(  # its BatchNorm: by phase or not
         lambda module, inputs: seen.append(
             inputs[0].is_contiguous(memory_format=torch.channels_last)
         )

@@ -259,7 +259,9 @@ def test_where_the_kernels_do_not_build_auto_runs_pytorchs_kernels_and_true_is_a
 def test_under_speed_compile_the_kernels_are_off_and_true_is_no_error(monkeypatch):
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: "no C compiler (cc) on the PATH")
     generator = Generator(nz=100, img_size=28, channels=1)
-    speed = OmegaConf.create({"depthwise_output": "auto", "fused_generation": True})
+    speed = OmegaConf.create(
+        {"depthwise_output": "auto", "phased_upsampling": "auto", "fused_generation": True}
+    )
     with pytest.raises(UserError, match=r"speed.fused_generation=true needs"):
         set_generator_speed(
             generator, OmegaConf.merge(speed, {"compile": False}), CPU, torch.bfloat16

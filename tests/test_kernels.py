@@ -78,18 +78,24 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         generator = generator.to(memory_format=torch.channels_last)
         fused = copy.deepcopy(generator)
         generator.depthwise_output = fused.depthwise_output = fused.fused_kernels = True
+        phased = copy.deepcopy(fused)
+        phased.phased_upsampling = True
         x, noise = torch.randn(5, 1, 13, 11), torch.randn(16, 100)
         with torch.no_grad():
             out = model(x)
             with torch.autocast("cpu", torch.bfloat16):
                 out_bf16, expected_bf16 = model(x), conv(x)
                 expected_images, images = generator(noise).float(), fused(noise).float()
+                phased_images = phased(noise).float()
         assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(kernel_calls)
-        assert "affine_leaky_relu_conv_one" in kernel_calls
+        assert {"affine_leaky_relu_conv_one", "affine_leaky_relu", "interleave_phases"} <= set(
+            kernel_calls
+        )
         assert kernel_calls.count("single_channel_conv") == 2  # fp32, then under bf16 autocast
         torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, 2, 1))
         assert out_bf16.dtype == expected_bf16.dtype == torch.bfloat16
         torch.testing.assert_close(out_bf16.float(), expected_bf16.float(), rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(images, expected_images, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(phased_images, expected_images, rtol=1e-2, atol=1e-2)
     finally:
         kernels.kernels.cache_clear()  # the next test loads this machine's own build again

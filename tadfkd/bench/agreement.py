@@ -23,7 +23,12 @@ MIXTURE_SETTINGS = ("threshold", "max_iter", "tol", "reg_covar")
 def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
     """The reference and the speed settings ``agreement`` compares, as config overrides (each
     in fp32 but for what it names, whatever ``--set`` gave the scoring and the generator)."""
-    fp32 = ["speed.precision=fp32", "speed.scoring=fp32", "speed.generation=fp32"]
+    fp32 = [
+        "speed.precision=fp32",
+        "speed.scoring=fp32",
+        "speed.generation=fp32",
+        "speed.phased_upsampling=false",
+    ]
     default_precision = resolve_precision(str(cfg.speed.precision), device)
     found = {
         REFERENCE: [
@@ -43,6 +48,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
             "speed.compile=false",
         ],
         "depthwise_output=true": [*fp32, "speed.depthwise_output=true"],
+        "phased_upsampling=true": [*fp32, "speed.phased_upsampling=true"],
         "scoring=bf16": [*fp32, "speed.scoring=bf16"],
         "generation=bf16": [*fp32, "speed.generation=bf16", "speed.fused_generation=false"],
         "generation=bf16, fused_generation=true": [

@@ -4,12 +4,13 @@
     python -m tadfkd.bench.components --setting small --precision fp32
 
 Builds the benchmark's distiller (random weights, ``tadfkd.bench.setting``), runs two warm-up
-iterations, then times each component on its own (the median of ``--reps`` calls) and counts its
-FLOPs (torch's ``FlopCounterMode``): one generated batch (no gradients), its test view, its
-train view, the teacher's scoring forward, the mixture fit, one student step on a ready batch,
-one generator step, and a whole student batch with its refill. The last lines scale them to one
-iteration (``student_steps`` student batches and steps plus one generator step) and compare with
-a timed iteration, so the table adds up to what an iteration costs.
+iterations, then times each component on its own (the median of ``--reps`` calls) and counts
+its FLOPs (torch's ``FlopCounterMode``, the published computation's: ``bench.timing``): one
+generated batch (no gradients), its test view, its train view, the teacher's scoring forward,
+the mixture fit, one student step on a ready batch, one generator step, and a whole student
+batch with its refill. The last lines scale them to one iteration (``student_steps`` student
+batches and steps plus one generator step) and compare with a timed iteration, so the table
+adds up to what an iteration costs.
 
 ``--operators`` then times every operator call of one more iteration where it runs
 (``tadfkd.bench.operators``): the convolutions and matmuls against the matmul rate of their
@@ -38,7 +39,7 @@ from tadfkd.base import schema
 from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench import operators
 from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name, positive_int
-from tadfkd.bench.timing import matmul_rates, matmul_rates_line
+from tadfkd.bench.timing import counted_as_published, matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
 from tadfkd.models import fused as fused_module
@@ -101,7 +102,12 @@ def parts(distiller: Distiller) -> dict[str, Callable[[], object]]:
 
 def components(distiller: Distiller, reps: int) -> dict[str, tuple[float, float]]:
     """Seconds and FLOPs of each component of one iteration."""
-    return {name: (timed(part, reps), flops(part)) for name, part in parts(distiller).items()}
+    found = {}
+    for name, part in parts(distiller).items():
+        seconds = timed(part, reps)
+        with counted_as_published(distiller):  # the published computation's FLOPs
+            found[name] = (seconds, flops(part))
+    return found
 
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:

@@ -32,6 +32,7 @@ PUBLISHED_STYLE = [
     "speed.scoring=fp32",
     "speed.generation=fp32",
     "speed.depthwise_output=false",
+    "speed.phased_upsampling=false",
     "speed.fused_generation=false",
     "speed.single_channel_conv=false",
 ]

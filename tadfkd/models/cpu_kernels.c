@@ -7,6 +7,9 @@
  * affine arithmetic, the activation and the last convolution in float32, rounded once to bf16
  * where a bf16 tensor is written.
  *
+ * With the generator's upsampled convolutions computed by phase (tadfkd.models.upsampling): the
+ * BatchNorm-LeakyReLU pair without the upsampling, and the phases' outputs put in place.
+ *
  * A grayscale network's first convolution, one input channel (tadfkd.models.single_channel):
  * float32 or bf16 in and out, float32 sums.
  *
@@ -129,24 +132,28 @@ int batch_norm_scale_shift(const uint16_t *x, int64_t N, int64_t H, int64_t W, i
     return DONE;
 }
 
-static inline __attribute__((always_inline)) void upsample_impl(
+/* leaky_relu(scale * x + shift, slope) of each pixel of x, written to `factor` x `factor`
+ * pixels of y (factor 1: y (N, H, W, C); 2: its nearest upsampling, (N, 2H, 2W, C)) */
+static inline __attribute__((always_inline)) void affine_impl(
     const int64_t C, const int64_t sc, const uint16_t *x, int64_t N, int64_t H, int64_t W,
     int64_t sn, int64_t sh, int64_t sw, const float *scale, const float *shift, float slope,
-    uint16_t *y) {
+    int64_t factor, uint16_t *y) {
     uint16_t pixel[MAX_CHANNELS];
+    const int64_t row = factor * W * C;
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < H; h++) {
-            uint16_t *even = y + (n * 2 * H + 2 * h) * 2 * W * C, *odd = even + 2 * W * C;
+            uint16_t *first = y + (n * factor * H + factor * h) * row;
             for (int64_t w = 0; w < W; w++) {
                 const uint16_t *p = x + n * sn + h * sh + w * sw;
 #pragma omp simd
                 for (int64_t c = 0; c < C; c++)
                     pixel[c] = float_to_bf16(
                         leaky_relu(bf16_to_float(p[c * sc]) * scale[c] + shift[c], slope));
-                memcpy(even + 2 * w * C, pixel, C * sizeof(uint16_t));
-                memcpy(even + (2 * w + 1) * C, pixel, C * sizeof(uint16_t));
+                for (int64_t f = 0; f < factor; f++)
+                    memcpy(first + (factor * w + f) * C, pixel, C * sizeof(uint16_t));
             }
-            memcpy(odd, even, 2 * W * C * sizeof(uint16_t));
+            for (int64_t f = 1; f < factor; f++)
+                memcpy(first + f * row, first, row * sizeof(uint16_t));
         }
 }
 
@@ -157,7 +164,36 @@ int affine_leaky_relu_upsample(const uint16_t *x, int64_t N, int64_t H, int64_t 
                                const float *scale, const float *shift, float slope,
                                uint16_t *y) {
     if (C > MAX_CHANNELS) return REFUSED;
-    BY_CHANNELS(upsample_impl, C, sc, x, N, H, W, sn, sh, sw, scale, shift, slope, y);
+    BY_CHANNELS(affine_impl, C, sc, x, N, H, W, sn, sh, sw, scale, shift, slope, 2, y);
+    return DONE;
+}
+
+/* y (N, H, W, C), bf16, contiguous = leaky_relu(scale * x + shift, slope) for x (N, H, W, C) */
+int affine_leaky_relu(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t sn,
+                      int64_t sh, int64_t sw, int64_t sc, const float *scale, const float *shift,
+                      float slope, uint16_t *y) {
+    if (C > MAX_CHANNELS) return REFUSED;
+    BY_CHANNELS(affine_impl, C, sc, x, N, H, W, sn, sh, sw, scale, shift, slope, 1, y);
+    return DONE;
+}
+
+/* y (N, 2H, 2W, C), bf16, contiguous = the four phases of an upsampled convolution
+ * (tadfkd.models.upsampling) put in place: pixel (2i + a, 2j + b) is pixel (i + a, j + b),
+ * channels (2a + b) C to (2a + b + 1) C, of x (N, H + 1, W + 1, 4 C), unit channel stride */
+int interleave_phases(const uint16_t *x, int64_t N, int64_t Hp, int64_t Wp, int64_t C4,
+                      int64_t sn, int64_t sh, int64_t sw, int64_t sc, uint16_t *y) {
+    const int64_t C = C4 / 4, H = Hp - 1, W = Wp - 1;
+    if (sc != 1 || C4 % 4 != 0 || H < 1 || W < 1) return REFUSED;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t i = 0; i < H; i++)
+            for (int64_t a = 0; a < 2; a++) {
+                uint16_t *out = y + (n * 2 * H + 2 * i + a) * 2 * W * C;
+                for (int64_t j = 0; j < W; j++)
+                    for (int64_t b = 0; b < 2; b++)
+                        memcpy(out + (2 * j + b) * C,
+                               x + n * sn + (i + a) * sh + (j + b) * sw + (2 * a + b) * C,
+                               C * sizeof(uint16_t));
+            }
     return DONE;
 }
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tadfkd.base.errors import UserError
-from tadfkd.models import fused
+from tadfkd.models import fused, upsampling
 
 
 class Generator(nn.Module):
@@ -28,6 +28,11 @@ class Generator(nn.Module):
     autocast on a CPU run each BatchNorm-LeakyReLU pair with the upsampling after it as one C
     kernel, and, where ``depthwise_output`` applies, the last pair with the one-output-channel
     convolution too (``tadfkd.models.fused``).
+
+    ``phased_upsampling`` (``speed.phased_upsampling``, off by default): each convolution after
+    an upsampling runs on the input before it, as four 2x2 convolutions
+    (``tadfkd.models.upsampling``): the same sums up to float rounding, about half the
+    multiplies.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class Generator(nn.Module):
         self.width = width
         self.depthwise_output = False
         self.fused_kernels = False
+        self.phased_upsampling = False
         self.l1 = nn.Linear(nz, width * self.init_size**2)
         # TA-DFKD adds the LeakyReLU to DAFL's BN-only first block; it has no parameters. In
         # place, as DAFL's: BatchNorm's backward needs its input, not its output.
@@ -70,9 +76,16 @@ class Generator(nn.Module):
             # a channels-last generator (``speed.channels_last``) stays so from its first
             # activation: on a CPU, upsampling an NCHW tensor costs ten times as much
             out = out.contiguous(memory_format=torch.channels_last)
-        out = F.interpolate(self.conv_blocks0(out), scale_factor=2)
-        out = F.interpolate(self.conv_blocks1(out), scale_factor=2)
-        return self.output_layers(self.conv_blocks2[0](out))
+        out = self.upsampled_conv(self.conv_blocks0(out), self.conv_blocks1[0])
+        out = self.conv_blocks1[2](self.conv_blocks1[1](out))
+        return self.output_layers(self.upsampled_conv(out, self.conv_blocks2[0]))
+
+    def upsampled_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+        """``conv`` of x upsampled 2x (nearest), as four 2x2 convolutions of x where
+        ``phased_upsampling`` is on and applies."""
+        if self.phased_upsampling and upsampling.applies(conv):
+            return upsampling.upsampled_conv(x, conv)
+        return conv(F.interpolate(x, scale_factor=2))
 
     def output_layers(self, x: torch.Tensor) -> torch.Tensor:
         """The last block after its first convolution: BatchNorm, LeakyReLU, the output

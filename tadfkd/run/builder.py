@@ -89,10 +89,12 @@ def set_generator_speed(
     generation_dtype: torch.dtype | None,
 ) -> None:
     """The DAFL generator's CPU switches (``tadfkd.models.generator``): the depthwise output
-    convolution and the fused kernels; other generators have none."""
+    convolution, the upsampled convolutions by phase and the fused kernels; other generators
+    have none."""
     if not hasattr(generator, "depthwise_output"):
         return
     generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
+    generator.phased_upsampling = on_if_auto(speed.phased_upsampling, device, "cpu")
     # off under torch.compile, which fuses on its own, as speed.single_channel_conv is (no
     # error for true where the kernels do not build: they would not run)
     generator.fused_kernels = not speed.compile and use_fused_generation(

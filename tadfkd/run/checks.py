@@ -153,6 +153,7 @@ RULES: tuple[Rule, ...] = (
     Rule("speed.scoring", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", with_node=True),
     Rule("speed.generation", one_of("auto", "fp32", "bf16"), "auto, fp32 or bf16", with_node=True),
     Rule("speed.depthwise_output", one_of("auto", True, False), AUTO_BOOL, with_node=True),
+    Rule("speed.phased_upsampling", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.fused_generation", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.single_channel_conv", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("dataset.num_classes", whole(2), "a whole number of at least 2"),
