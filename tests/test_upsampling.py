@@ -72,6 +72,30 @@ def test_the_phases_take_half_the_multiplies_at_the_generators_sizes(size, share
     assert counts["phased"] == pytest.approx(share * counts["published"])
 
 
+def test_no_grad_forwards_reuse_the_phase_kernels_until_the_parameters_change():
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(4, 3, 3, padding=1), torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        first = upsampling.phase_parameters(conv, "cpu")
+        assert upsampling.phase_parameters(conv, "cpu")[0] is first[0]  # kept
+        for change in (
+            lambda: conv.weight.add_(1.0),  # in place, as an optimiser step
+            lambda: conv.bias.mul_(2.0),
+            lambda: conv.load_state_dict(nn.Conv2d(4, 3, 3, padding=1).state_dict()),
+            lambda: setattr(conv, "weight", nn.Parameter(torch.randn(3, 4, 3, 3))),  # replaced
+        ):
+            before = upsampling.phase_parameters(conv, "cpu")
+            change()
+            assert upsampling.phase_parameters(conv, "cpu")[0] is not before[0]
+            expected = published(x, conv)
+            torch.testing.assert_close(upsampling.upsampled_conv(x, conv), expected)
+        with torch.autocast("cpu", torch.bfloat16):
+            kernels, bias = upsampling.phase_parameters(conv, "cpu")
+        assert kernels.dtype == bias.dtype == torch.bfloat16  # as autocast would cast them
+    upsampling.upsampled_conv(x, conv).sum().backward()  # with gradients: made afresh
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
 def generators(channels: int = 1, img_size: int = 28, width: int = 32) -> dict[str, Generator]:
     """One channels-last generator twice: as published and by phase."""
     torch.manual_seed(0)
@@ -130,10 +154,13 @@ def test_the_fused_phased_forward_runs_its_kernels_and_computes_the_images(kerne
     with torch.no_grad():
         fp32 = copy.deepcopy(nets["published"])(noise)
     kernel_calls.clear()
-    out = {"fused": bf16_images(fused, noise), "phased": bf16_images(nets["phased"], noise)}
+    out = {"fused": bf16_images(fused, noise)}
     assert kernel_calls.count("interleave_phases") == 2
     assert kernel_calls.count("affine_leaky_relu") == 2
     assert "affine_leaky_relu_upsample" not in kernel_calls  # no upsampled tensor is made
+    kernel_calls.clear()
+    out["phased"] = bf16_images(nets["phased"], noise)  # PyTorch's kernels, bar the copies
+    assert kernel_calls == ["interleave_phases"] * 2
     torch.testing.assert_close(out["fused"], fp32, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(out["fused"], out["phased"], rtol=1e-2, atol=1e-2)
     states = {"fused": fused.state_dict(), "phased": nets["phased"].state_dict()}
@@ -156,17 +183,26 @@ def test_the_activation_kernel_rounds_once_what_pytorch_computes_in_float32(chan
 
 @needs_kernels
 @pytest.mark.parametrize("channels", [16, 3])
-def test_the_interleaving_kernel_puts_each_phase_where_pytorchs_copies_do(channels):
+def test_the_copying_kernels_move_each_phase_and_its_gradient_as_pytorchs_copies_do(
+    channels, monkeypatch, kernel_calls
+):
     torch.manual_seed(0)
     phased = torch.randn(2, 4 * channels, 6, 8).bfloat16()
-    phased = phased.contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        out = torch.ops.tadfkd.interleave_phases(phased)
-    assert out.shape == (2, channels, 10, 14)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(out, upsampling.interleave_phases(phased, channels))
+    phased = phased.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    grad = torch.randn(2, channels, 10, 14).bfloat16().contiguous(memory_format=torch.channels_last)
+    found = {}
+    for copies in ("kernels", "pytorch"):
+        if copies == "pytorch":
+            monkeypatch.setattr(upsampling, "copies_by_kernel", lambda x: False)
+        out = upsampling.interleave_phases(phased, channels)
+        found[copies] = (out, *torch.autograd.grad(out, phased, grad))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert kernel_calls == ["interleave_phases", "deinterleave_phases"]
+    for kernels_made, pytorch_made in zip(found["kernels"], found["pytorch"], strict=True):
+        assert kernels_made.shape == pytorch_made.shape
+        assert torch.equal(kernels_made, pytorch_made)
     with torch.no_grad(), pytest.raises(RuntimeError, match="refused its input"):
-        torch.ops.tadfkd.interleave_phases(phased.contiguous())  # channels not in unit stride
+        torch.ops.tadfkd.interleave_phases(phased.detach().contiguous())  # channels not unit
 
 
 @needs_kernels
@@ -175,6 +211,7 @@ def test_the_new_operators_pass_torchs_operator_checks():
     calls = {
         torch.ops.tadfkd.affine_leaky_relu.default: (x, torch.rand(16), torch.rand(16), SLOPE),
         torch.ops.tadfkd.interleave_phases.default: (x,),
+        torch.ops.tadfkd.deinterleave_phases.default: (x[:, :, :4],),  # even sizes
     }
     for operator, arguments in calls.items():
         found = torch.library.opcheck(operator, arguments)

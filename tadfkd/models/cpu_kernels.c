@@ -8,7 +8,8 @@
  * where a bf16 tensor is written.
  *
  * With the generator's upsampled convolutions computed by phase (tadfkd.models.upsampling): the
- * BatchNorm-LeakyReLU pair without the upsampling, and the phases' outputs put in place.
+ * BatchNorm-LeakyReLU pair without the upsampling, and the phases' outputs put in place (and
+ * their gradients back, in the generator step).
  *
  * A grayscale network's first convolution, one input channel (tadfkd.models.single_channel):
  * float32 or bf16 in and out, float32 sums.
@@ -194,6 +195,25 @@ int interleave_phases(const uint16_t *x, int64_t N, int64_t Hp, int64_t Wp, int6
                                x + n * sn + (i + a) * sh + (j + b) * sw + (2 * a + b) * C,
                                C * sizeof(uint16_t));
             }
+    return DONE;
+}
+
+/* x (N, H + 1, W + 1, 4 C), bf16, contiguous = the gradient of interleave_phases: zero, then
+ * each phase's pixels of y (N, 2H, 2W, C), unit channel stride, where interleave_phases took
+ * them from */
+int deinterleave_phases(const uint16_t *y, int64_t N, int64_t H2, int64_t W2, int64_t C,
+                        int64_t sn, int64_t sh, int64_t sw, int64_t sc, uint16_t *x) {
+    const int64_t H = H2 / 2, W = W2 / 2, C4 = 4 * C;
+    if (sc != 1 || H2 % 2 != 0 || W2 % 2 != 0 || H < 1 || W < 1) return REFUSED;
+    memset(x, 0, (size_t)(N * (H + 1) * (W + 1) * C4) * sizeof(uint16_t));
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t i = 0; i < H; i++)
+            for (int64_t a = 0; a < 2; a++)
+                for (int64_t j = 0; j < W; j++)
+                    for (int64_t b = 0; b < 2; b++)
+                        memcpy(x + ((n * (H + 1) + i + a) * (W + 1) + j + b) * C4 + (2 * a + b) * C,
+                               y + n * sn + (2 * i + a) * sh + (2 * j + b) * sw,
+                               C * sizeof(uint16_t));
     return DONE;
 }
 

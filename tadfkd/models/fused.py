@@ -121,38 +121,6 @@ def affine_leaky_relu_fake(x, scale, shift, slope):
     )
 
 
-@torch.library.custom_op("tadfkd::interleave_phases", mutates_args=(), device_types="cpu")
-def interleave_phases(phased: torch.Tensor) -> torch.Tensor:
-    """``tadfkd.models.upsampling.interleave_phases``: phased (N, 4 C, H + 1, W + 1) bf16,
-    channels-last -> (N, C, 2H, 2W) bf16, channels-last."""
-    n, channels, h, w = (
-        phased.shape[0],
-        phased.shape[1] // 4,
-        phased.shape[2] - 1,
-        phased.shape[3] - 1,
-    )
-    out = torch.empty(
-        (n, channels, 2 * h, 2 * w), dtype=torch.bfloat16, memory_format=torch.channels_last
-    )
-    kernels.run_kernel("interleave_phases", *kernels.layout(phased), out.data_ptr())
-    return out
-
-
-@interleave_phases.register_fake
-def interleave_phases_fake(phased):
-    """The interleaved output's shape, dtype and layout, for tracing."""
-    n, channels, h, w = (
-        phased.shape[0],
-        phased.shape[1] // 4,
-        phased.shape[2] - 1,
-        phased.shape[3] - 1,
-    )
-    shape = (n, channels, 2 * h, 2 * w)
-    return torch.empty(
-        shape, dtype=torch.bfloat16, device=phased.device, memory_format=torch.channels_last
-    )
-
-
 @torch.library.custom_op("tadfkd::affine_leaky_relu_conv_one", mutates_args=(), device_types="cpu")
 def affine_leaky_relu_conv_one(
     x: torch.Tensor,
@@ -247,8 +215,8 @@ def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     size = generator.init_size
     out = generator.l1(z).view(z.shape[0], generator.width, size, size)
     if generator.phased_upsampling and all(upsampling.applies(c) for c in (blocks1[0], blocks2[0])):
-        out = phased_conv(activated(out, blocks0[0], blocks0[1]), blocks1[0])
-        out = phased_conv(activated(out, blocks1[1], blocks1[2]), blocks2[0])
+        out = upsampling.upsampled_conv(activated(out, blocks0[0], blocks0[1]), blocks1[0])
+        out = upsampling.upsampled_conv(activated(out, blocks1[1], blocks1[2]), blocks2[0])
     else:
         out = upsampled(out, blocks0[0], blocks0[1])
         out = upsampled(blocks1[0](out), blocks1[1], blocks1[2])
@@ -291,9 +259,3 @@ def activated(x: torch.Tensor, norm: nn.BatchNorm2d, activation: nn.LeakyReLU) -
     """``activation(norm(x))``, x bf16, in one kernel after the statistics."""
     scale, shift = batch_norm_map(x, norm)
     return torch.ops.tadfkd.affine_leaky_relu(x, scale, shift, activation.negative_slope)
-
-
-def phased_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(F.interpolate(x, scale_factor=2))`` by phase (``tadfkd.models.upsampling``),
-    x bf16 channels-last under bf16 autocast, the phases put in place by a kernel."""
-    return torch.ops.tadfkd.interleave_phases(upsampling.phases(x, conv))

@@ -50,6 +50,7 @@ SIGNATURES = {
     "affine_leaky_relu_upsample": [*_LAYOUT, _PTR, _PTR, _F32, _PTR],
     "affine_leaky_relu": [*_LAYOUT, _PTR, _PTR, _F32, _PTR],
     "interleave_phases": [*_LAYOUT, _PTR],
+    "deinterleave_phases": [*_LAYOUT, _PTR],
     "affine_leaky_relu_conv_one": [*_LAYOUT, _PTR, _PTR, _F32, _PTR, _F32, _PTR],
     # input, its dtype flag, (N, H, W) and strides; weight, (C, K), strides; bias; stride,
     # padding; bf16; output

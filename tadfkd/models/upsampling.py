@@ -14,9 +14,16 @@ convolution has them.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tadfkd.models import kernels
+
+# the copying kernels run on one thread: beyond two, PyTorch's parallel copies are left to it
+MAX_THREADS = 2
 
 
 def applies(conv: nn.Module) -> bool:
@@ -52,9 +59,38 @@ def phase_weights(weight: torch.Tensor) -> torch.Tensor:
 def phases(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """The four phases' 2x2 convolutions of x (N, C, H, W) for a 3x3 ``conv`` (``applies``):
     (N, 4 O, H + 1, W + 1), for ``interleave_phases``; under autocast as the convolution is (the
-    phase kernels summed in the weight's dtype first)."""
-    bias = None if conv.bias is None else conv.bias.repeat(4)
-    return F.conv2d(x, phase_weights(conv.weight), bias, padding=1)
+    phase kernels summed in the weight's dtype, then cast)."""
+    weight, bias = phase_parameters(conv, x.device.type)
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+# per convolution, for no-grad forwards: the parameters they were made from (the tensors and
+# their in-place versions), the dtype, and the phase kernels and bias
+_made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def phase_parameters(conv: nn.Conv2d, device_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``conv``'s phase kernels (``phase_weights``, in the weight's memory format) and its bias
+    once per phase, (4 O,), in the dtype autocast gives the convolution (the weight's without
+    autocast). Made afresh where gradients flow; in no-grad forwards kept until the parameters
+    change in place (an optimiser step, a state-dict load) or are replaced: the generator's
+    weights change once an iteration, its no-grad forwards run some 20 times."""
+    weight, bias = conv.weight, conv.bias
+    dtype = weight.dtype
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    fresh = torch.is_grad_enabled() or torch.compiler.is_compiling()
+    versions = (weight._version, None if bias is None else bias._version, dtype)
+    if not fresh and conv in _made:
+        (was_weight, was_bias, was_versions), made = _made[conv]
+        if was_weight is weight and was_bias is bias and was_versions == versions:
+            return made
+    layout = memory_format_of(weight)
+    kernels = phase_weights(weight).to(dtype).contiguous(memory_format=layout)
+    made = (kernels, None if bias is None else bias.repeat(4).to(dtype))
+    if not fresh:
+        _made[conv] = ((weight, bias, versions), made)
+    return made
 
 
 def upsampled_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -73,17 +109,20 @@ def interleave_phases(phased: torch.Tensor, channels: int) -> torch.Tensor:
 
 class InterleavePhases(torch.autograd.Function):
     """``interleave_phases`` and its backward, one copy per phase each way (autograd's own
-    backward of four slice assignments allocates and adds four full-size gradients)."""
+    backward of four slice assignments allocates and adds four full-size gradients); on a CPU,
+    bf16 channels-last tensors are copied by C kernels (``cpu_kernels.c``), bit for bit."""
 
     @staticmethod
     def forward(ctx, phased: torch.Tensor, channels: int) -> torch.Tensor:
         n, _, rows, columns = phased.shape
-        ctx.phased_shape = phased.shape
+        ctx.phased_shape, ctx.layout = phased.shape, memory_format_of(phased)
+        if copies_by_kernel(phased):
+            return torch.ops.tadfkd.interleave_phases(phased)
         out = torch.empty(
             (n, channels, 2 * (rows - 1), 2 * (columns - 1)),
             dtype=phased.dtype,
             device=phased.device,
-            memory_format=memory_format_of(phased),
+            memory_format=ctx.layout,
         )
         for pixels, phase in phase_views(out, phased):
             pixels.copy_(phase)
@@ -91,11 +130,73 @@ class InterleavePhases(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        layout = memory_format_of(grad)
-        phased = grad.new_zeros(ctx.phased_shape).contiguous(memory_format=layout)
+        if ctx.layout == torch.channels_last and copies_by_kernel(grad):
+            return torch.ops.tadfkd.deinterleave_phases(grad), None
+        # in the layout the phases came in, whatever the gradient's: the convolution's backward
+        # takes it as its forward gave it
+        phased = torch.empty(
+            ctx.phased_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.layout
+        ).zero_()
         for pixels, phase in phase_views(grad, phased):
             phase.copy_(pixels)
         return phased, None
+
+
+def copies_by_kernel(x: torch.Tensor) -> bool:
+    """Whether the C kernels copy x's phases: a bf16 (N, C, H, W) tensor with its channels in
+    unit stride, and what every kernel needs (``kernels.may_run``: no gradients being recorded,
+    a CPU tensor, at most ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.dim() == 4
+        and x.stride(1) == 1
+        and kernels.may_run(x, MAX_THREADS)
+    )
+
+
+@torch.library.custom_op("tadfkd::interleave_phases", mutates_args=(), device_types="cpu")
+def interleave_phases_kernel(phased: torch.Tensor) -> torch.Tensor:
+    """``interleave_phases`` in C: phased (N, 4 C, H + 1, W + 1) bf16, channels in unit stride
+    -> (N, C, 2H, 2W) bf16, channels-last."""
+    shape = interleaved_shape(phased)
+    out = torch.empty(shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    kernels.run_kernel("interleave_phases", *kernels.layout(phased), out.data_ptr())
+    return out
+
+
+@interleave_phases_kernel.register_fake
+def interleave_phases_fake(phased):
+    """The interleaved output's shape, dtype and layout, for tracing."""
+    shape, layout = interleaved_shape(phased), torch.channels_last
+    return torch.empty(shape, dtype=torch.bfloat16, device=phased.device, memory_format=layout)
+
+
+def interleaved_shape(phased: torch.Tensor) -> tuple[int, int, int, int]:
+    n, channels, rows, columns = phased.shape
+    return (n, channels // 4, 2 * (rows - 1), 2 * (columns - 1))
+
+
+@torch.library.custom_op("tadfkd::deinterleave_phases", mutates_args=(), device_types="cpu")
+def deinterleave_phases_kernel(grad: torch.Tensor) -> torch.Tensor:
+    """``interleave_phases``' backward in C: the gradient (N, C, 2H, 2W) bf16, channels in unit
+    stride -> the phases' gradient (N, 4 C, H + 1, W + 1) bf16, channels-last, zero where no
+    output pixel came from."""
+    shape = phased_shape(grad)
+    out = torch.empty(shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    kernels.run_kernel("deinterleave_phases", *kernels.layout(grad), out.data_ptr())
+    return out
+
+
+@deinterleave_phases_kernel.register_fake
+def deinterleave_phases_fake(grad):
+    """The phases' gradient's shape, dtype and layout, for tracing."""
+    shape, layout = phased_shape(grad), torch.channels_last
+    return torch.empty(shape, dtype=torch.bfloat16, device=grad.device, memory_format=layout)
+
+
+def phased_shape(upsampled: torch.Tensor) -> tuple[int, int, int, int]:
+    n, channels, rows, columns = upsampled.shape
+    return (n, 4 * channels, rows // 2 + 1, columns // 2 + 1)
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
