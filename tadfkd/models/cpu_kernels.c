@@ -1,4 +1,5 @@
-/* CPU kernels for no-grad forwards (built by tadfkd.models.kernels), one thread each.
+/* CPU kernels for no-grad forwards and one copying backward (built by tadfkd.models.kernels),
+ * one thread each.
  *
  * The DAFL generator's bf16 forward (tadfkd.models.fused): each BatchNorm-LeakyReLU pair, with
  * the nearest 2x upsampling that follows it or the one-output-channel convolution that follows

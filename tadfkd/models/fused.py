@@ -3,7 +3,9 @@
 ``cpu_kernels.c`` (built at first use by ``tadfkd.models.kernels``) does each BatchNorm-LeakyReLU
 pair with the upsampling that follows it, and the last pair with the one-output-channel
 convolution that follows it, in one pass over memory; PyTorch's kernels take three to five.
-Where nothing compiles it, the generator runs PyTorch's kernels.
+Where the generator computes its upsampled convolutions by phase (``phased_upsampling``,
+``tadfkd.models.upsampling``), the first two pairs run without their upsampling. Where nothing
+compiles it, the generator runs PyTorch's kernels.
 
 The kernels are torch custom operators (``torch.ops.tadfkd.*``), so ``FlopCounterMode`` counts
 the last convolution's FLOPs as it counts PyTorch's, and dispatch modes see each call.
