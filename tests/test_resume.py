@@ -310,14 +310,15 @@ def test_resuming_with_other_settings_is_refused_but_runtime_settings_may_change
         check_same_run(base, identity(teacher="b" * 64), Path("checkpoint.pt"))
 
 
-def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_computed():
+@pytest.mark.parametrize("setting", ["speed.depthwise_output", "speed.phased_upsampling"])
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_computed(setting):
     def identity(*overrides: str) -> dict:
         return run_identity(compose_config([*TINY, *overrides], hydra_node=False), "a" * 64)
 
-    former = identity("speed.depthwise_output=false")
-    del former["speed.depthwise_output"]  # written before the setting existed
-    check_same_run(former, identity("speed.depthwise_output=false"), Path("checkpoint.pt"))
-    with pytest.raises(UserError, match="speed.depthwise_output=False there"):
+    former = identity(f"{setting}=false")
+    del former[setting]  # written before the setting existed
+    check_same_run(former, identity(f"{setting}=false"), Path("checkpoint.pt"))
+    with pytest.raises(UserError, match=f"{setting}=False there"):
         check_same_run(former, identity(), Path("checkpoint.pt"))  # today's default: auto
 
 

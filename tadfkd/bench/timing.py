@@ -3,7 +3,7 @@ FLOPs counted by torch's ``FlopCounterMode``, a measured matmul rate to compare 
 optionally ``torch.compile`` and one profiled iteration.
 
 The FLOPs are those of the computation as published: where the generator computes its
-upsampled convolutions by phase (``speed.phased_upsampling``), with 0.50-0.69 of the
+upsampled convolutions by phase (``speed.phased_upsampling``), with 0.47-0.69 of the
 multiplies, they are counted as the 3x3 convolutions they compute (``counted_as_published``),
 as a Winograd convolution's rate is quoted; so a rate compares the same work on every path.
 """

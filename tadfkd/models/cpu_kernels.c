@@ -1,5 +1,5 @@
-/* CPU kernels for no-grad forwards and one copying backward (built by tadfkd.models.kernels),
- * one thread each.
+/* CPU kernels (built by tadfkd.models.kernels), one thread each: for no-grad forwards, and the
+ * copies of the generator's upsampled convolutions by phase, forward and backward.
  *
  * The DAFL generator's bf16 forward (tadfkd.models.fused): each BatchNorm-LeakyReLU pair, with
  * the nearest 2x upsampling that follows it or the one-output-channel convolution that follows

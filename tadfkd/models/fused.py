@@ -74,27 +74,13 @@ def affine_leaky_relu_upsample(
 ) -> torch.Tensor:
     """Nearest 2x upsampling of ``leaky_relu(scale * x + shift, slope)``: x (N, C, H, W) bf16
     -> (N, C, 2H, 2W) bf16, channels-last."""
-    n, c, h, w = x.shape
-    out = torch.empty((n, c, 2 * h, 2 * w), dtype=torch.bfloat16, memory_format=torch.channels_last)
-    kernels.run_kernel(
-        "affine_leaky_relu_upsample",
-        *kernels.layout(x),
-        kernels.pointer(scale),
-        kernels.pointer(shift),
-        slope,
-        out.data_ptr(),
-    )
-    return out
+    return mapped("affine_leaky_relu_upsample", x, scale, shift, slope, factor=2)
 
 
 @affine_leaky_relu_upsample.register_fake
 def affine_leaky_relu_upsample_fake(x, scale, shift, slope):
     """The upsampled tensor's shape, dtype and layout, for tracing (``torch.library.opcheck``)."""
-    n, c, h, w = x.shape
-    shape = (n, c, 2 * h, 2 * w)
-    return torch.empty(
-        shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last
-    )
+    return mapped_like(x, factor=2)
 
 
 @torch.library.custom_op("tadfkd::affine_leaky_relu", mutates_args=(), device_types="cpu")
@@ -103,23 +89,37 @@ def affine_leaky_relu(
 ) -> torch.Tensor:
     """``leaky_relu(scale * x + shift, slope)``: x (N, C, H, W) bf16 -> the same shape, bf16,
     channels-last."""
-    out = torch.empty(x.shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
-    kernels.run_kernel(
-        "affine_leaky_relu",
-        *kernels.layout(x),
-        kernels.pointer(scale),
-        kernels.pointer(shift),
-        slope,
-        out.data_ptr(),
-    )
-    return out
+    return mapped("affine_leaky_relu", x, scale, shift, slope, factor=1)
 
 
 @affine_leaky_relu.register_fake
 def affine_leaky_relu_fake(x, scale, shift, slope):
     """The activation's shape, dtype and layout, for tracing (``torch.library.opcheck``)."""
+    return mapped_like(x, factor=1)
+
+
+def mapped(
+    kernel: str,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    slope: float,
+    factor: int,
+) -> torch.Tensor:
+    """``leaky_relu(scale * x + shift, slope)`` of x (N, C, H, W) bf16 by the C ``kernel`` that
+    writes it ``factor`` times larger (N, C, factor H, factor W), bf16, channels-last."""
+    out = mapped_like(x, factor)
+    pointers = (kernels.pointer(scale), kernels.pointer(shift))
+    kernels.run_kernel(kernel, *kernels.layout(x), *pointers, slope, out.data_ptr())
+    return out
+
+
+def mapped_like(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """An empty bf16 channels-last (N, C, factor H, factor W) for x (N, C, H, W)."""
+    n, c, h, w = x.shape
+    shape = (n, c, factor * h, factor * w)
     return torch.empty(
-        x.shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last
+        shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last
     )
 
 
@@ -216,12 +216,14 @@ def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     )
     size = generator.init_size
     out = generator.l1(z).view(z.shape[0], generator.width, size, size)
-    if generator.phased_upsampling and all(upsampling.applies(c) for c in (blocks1[0], blocks2[0])):
-        out = upsampling.upsampled_conv(activated(out, blocks0[0], blocks0[1]), blocks1[0])
-        out = upsampling.upsampled_conv(activated(out, blocks1[1], blocks1[2]), blocks2[0])
+    if generator.by_phase(blocks1, blocks1[0]) and generator.by_phase(blocks2[0], blocks2[0]):
+        out = activated(out, blocks0[0], blocks0[1], upsample=False)
+        out = upsampling.upsampled_conv(out, blocks1[0], copy_kernels=True)
+        out = activated(out, blocks1[1], blocks1[2], upsample=False)
+        out = upsampling.upsampled_conv(out, blocks2[0], copy_kernels=True)
     else:
-        out = upsampled(out, blocks0[0], blocks0[1])
-        out = upsampled(blocks1[0](out), blocks1[1], blocks1[2])
+        out = activated(out, blocks0[0], blocks0[1], upsample=True)
+        out = activated(blocks1[0](out), blocks1[1], blocks1[2], upsample=True)
         out = blocks2[0](out)
     last = blocks2[3]
     if not (generator.depthwise_applies() and takes_output_conv(last, out)):
@@ -251,13 +253,15 @@ def takes_output_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     )
 
 
-def upsampled(x: torch.Tensor, norm: nn.BatchNorm2d, activation: nn.LeakyReLU) -> torch.Tensor:
-    """``F.interpolate(activation(norm(x)), scale_factor=2)``, x bf16, in one kernel."""
+def activated(
+    x: torch.Tensor, norm: nn.BatchNorm2d, activation: nn.LeakyReLU, upsample: bool
+) -> torch.Tensor:
+    """``activation(norm(x))``, upsampled 2x (nearest) with ``upsample``, x bf16, in one kernel
+    after the statistics."""
     scale, shift = batch_norm_map(x, norm)
-    return torch.ops.tadfkd.affine_leaky_relu_upsample(x, scale, shift, activation.negative_slope)
-
-
-def activated(x: torch.Tensor, norm: nn.BatchNorm2d, activation: nn.LeakyReLU) -> torch.Tensor:
-    """``activation(norm(x))``, x bf16, in one kernel after the statistics."""
-    scale, shift = batch_norm_map(x, norm)
-    return torch.ops.tadfkd.affine_leaky_relu(x, scale, shift, activation.negative_slope)
+    operator = (
+        torch.ops.tadfkd.affine_leaky_relu_upsample
+        if upsample
+        else torch.ops.tadfkd.affine_leaky_relu
+    )
+    return operator(x, scale, shift, activation.negative_slope)

@@ -76,16 +76,24 @@ class Generator(nn.Module):
             # a channels-last generator (``speed.channels_last``) stays so from its first
             # activation: on a CPU, upsampling an NCHW tensor costs ten times as much
             out = out.contiguous(memory_format=torch.channels_last)
-        out = self.upsampled_conv(self.conv_blocks0(out), self.conv_blocks1[0])
-        out = self.conv_blocks1[2](self.conv_blocks1[1](out))
-        return self.output_layers(self.upsampled_conv(out, self.conv_blocks2[0]))
+        out = self.conv_blocks0(out)
+        block, conv = self.conv_blocks1, self.conv_blocks1[0]
+        if self.by_phase(block, conv):
+            out = block[2](block[1](upsampling.upsampled_conv(out, conv, self.fused_kernels)))
+        else:
+            out = block(F.interpolate(out, scale_factor=2))
+        conv = self.conv_blocks2[0]
+        if self.by_phase(conv, conv):
+            return self.output_layers(upsampling.upsampled_conv(out, conv, self.fused_kernels))
+        return self.output_layers(conv(F.interpolate(out, scale_factor=2)))
 
-    def upsampled_conv(self, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        """``conv`` of x upsampled 2x (nearest), as four 2x2 convolutions of x where
-        ``phased_upsampling`` is on and applies."""
-        if self.phased_upsampling and upsampling.applies(conv):
-            return upsampling.upsampled_conv(x, conv)
-        return conv(F.interpolate(x, scale_factor=2))
+    def by_phase(self, called: nn.Module, conv: nn.Module) -> bool:
+        """Whether ``conv`` (inside ``called``, the module the published forward calls) runs on
+        its input before the upsampling, as four 2x2 convolutions: ``phased_upsampling`` on, and
+        neither with forward hooks, which that path would skip (``upsampling.applies``)."""
+        if not (self.phased_upsampling and upsampling.applies(conv)):
+            return False
+        return not (called._forward_hooks or called._forward_pre_hooks)
 
     def output_layers(self, x: torch.Tensor) -> torch.Tensor:
         """The last block after its first convolution: BatchNorm, LeakyReLU, the output

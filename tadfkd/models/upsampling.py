@@ -5,8 +5,8 @@ Each output pixel of ``conv(F.interpolate(x, scale_factor=2))`` at row 2i + a, c
 i - 1, i, i (a = 0) or i, i, i + 1 (a = 1), and the columns alike. So the convolution is four
 2x2 convolutions of x, one per phase, whose kernels add up the taps that fall on the same input
 pixel (``phase_weights``): w1 * v + w2 * v computed as (w1 + w2) * v, equal up to float
-rounding, with 4 x 4 taps on (H + 1) x (W + 1) pixels instead of 9 on 2H x 2W, 0.50-0.69 of the
-multiplies at the DAFL generators' 4- to 16-pixel inputs (0.58 and 0.51 at Fashion-MNIST's 7
+rounding, with 4 x 4 taps on (H + 1) x (W + 1) pixels instead of 9 on 2H x 2W, 0.47-0.69 of the
+multiplies at the DAFL generators' 4- to 32-pixel inputs (0.58 and 0.51 at Fashion-MNIST's 7
 and 14), and no upsampled tensor in memory. The four phases run as one convolution with four
 times the output channels; ``interleave_phases`` puts their outputs where the upsampled
 convolution has them.
@@ -28,9 +28,12 @@ MAX_THREADS = 2
 
 def applies(conv: nn.Module) -> bool:
     """Whether ``upsampled_conv`` computes ``conv``: a plain ``nn.Conv2d`` 3x3, stride 1, zero
-    padding 1, no dilation or groups."""
+    padding 1, no dilation or groups, and no forward hooks (it is not called as a module, so
+    they would not run; a weight norm's pre-forward hook would leave its weight stale)."""
     return (
         type(conv) is nn.Conv2d
+        and not conv._forward_hooks
+        and not conv._forward_pre_hooks
         and conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == (1, 1)
@@ -64,62 +67,74 @@ def phases(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return F.conv2d(x, weight, bias, padding=1)
 
 
-# per convolution, for no-grad forwards: the parameters they were made from (the tensors and
-# their in-place versions), the dtype, and the phase kernels and bias
+# per convolution, for no-grad forwards: copies of the parameters they were made from, the
+# dtype, and the phase kernels and bias
 _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def phase_parameters(conv: nn.Conv2d, device_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``conv``'s phase kernels (``phase_weights``, in the weight's memory format) and its bias
     once per phase, (4 O,), in the dtype autocast gives the convolution (the weight's without
-    autocast). Made afresh where gradients flow; in no-grad forwards kept until the parameters
-    change in place (an optimiser step, a state-dict load) or are replaced: the generator's
+    autocast). Made afresh where gradients flow; in no-grad forwards kept while the parameters
+    hold the values they were made from (compared in full on every call, a few microseconds:
+    version counters miss fused optimisers and writes through ``.data``): the generator's
     weights change once an iteration, its no-grad forwards run some 20 times."""
     weight, bias = conv.weight, conv.bias
     dtype = weight.dtype
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     fresh = torch.is_grad_enabled() or torch.compiler.is_compiling()
-    versions = (weight._version, None if bias is None else bias._version, dtype)
     if not fresh and conv in _made:
-        (was_weight, was_bias, was_versions), made = _made[conv]
-        if was_weight is weight and was_bias is bias and was_versions == versions:
+        (was_weight, was_bias, was_dtype), made = _made[conv]
+        if was_dtype == dtype and same_values(weight, was_weight) and same_values(bias, was_bias):
             return made
     layout = memory_format_of(weight)
-    kernels = phase_weights(weight).to(dtype).contiguous(memory_format=layout)
-    made = (kernels, None if bias is None else bias.repeat(4).to(dtype))
+    weights = phase_weights(weight).to(dtype).contiguous(memory_format=layout)
+    made = (weights, None if bias is None else bias.repeat(4).to(dtype))
     if not fresh:
-        _made[conv] = ((weight, bias, versions), made)
+        copies = (weight.detach().clone(), None if bias is None else bias.detach().clone(), dtype)
+        _made[conv] = (copies, made)
     return made
 
 
-def upsampled_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def same_values(tensor: torch.Tensor | None, copy: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` still holds ``copy``'s values (both None counts)."""
+    if tensor is None or copy is None:
+        return tensor is None and copy is None
+    return tensor.shape == copy.shape and tensor.dtype == copy.dtype and torch.equal(tensor, copy)
+
+
+def upsampled_conv(x: torch.Tensor, conv: nn.Conv2d, copy_kernels: bool = False) -> torch.Tensor:
     """``conv(F.interpolate(x, scale_factor=2))`` for x (N, C, H, W) and a 3x3 ``conv``
-    (``applies``), by phase (module docstring); differentiable."""
-    return interleave_phases(phases(x, conv), conv.out_channels)
+    (``applies``), by phase (module docstring); differentiable. ``copy_kernels``: the phases
+    put in place (and their gradient back) by C kernels where they apply (the generator's
+    ``speed.fused_generation``), else by PyTorch's copies."""
+    return interleave_phases(phases(x, conv), copy_kernels)
 
 
-def interleave_phases(phased: torch.Tensor, channels: int) -> torch.Tensor:
+def interleave_phases(phased: torch.Tensor, copy_kernels: bool = False) -> torch.Tensor:
     """(N, 4 C, H + 1, W + 1), the four phases' outputs at the windows' positions (the 2x2
     convolution of x padded by 1), -> (N, C, 2H, 2W), the upsampled convolution: pixel
     (2i + a, 2j + b) is phase (a, b) at (i + a, j + b). Channels-last in, channels-last out;
-    differentiable (the gradient goes back by the same four copies)."""
-    return InterleavePhases.apply(phased, channels)
+    differentiable (the gradient goes back by the same four copies); with ``copy_kernels``,
+    copied by C kernels where ``copies_by_kernel``."""
+    return InterleavePhases.apply(phased, copy_kernels)
 
 
 class InterleavePhases(torch.autograd.Function):
     """``interleave_phases`` and its backward, one copy per phase each way (autograd's own
-    backward of four slice assignments allocates and adds four full-size gradients); on a CPU,
-    bf16 channels-last tensors are copied by C kernels (``cpu_kernels.c``), bit for bit."""
+    backward of four slice assignments allocates and adds four full-size gradients); with
+    ``copy_kernels``, bf16 channels-last tensors on a CPU are copied by C kernels
+    (``cpu_kernels.c``), bit for bit."""
 
     @staticmethod
-    def forward(ctx, phased: torch.Tensor, channels: int) -> torch.Tensor:
-        n, _, rows, columns = phased.shape
+    def forward(ctx, phased: torch.Tensor, copy_kernels: bool) -> torch.Tensor:
         ctx.phased_shape, ctx.layout = phased.shape, memory_format_of(phased)
-        if copies_by_kernel(phased):
+        ctx.copy_kernels = copy_kernels
+        if copy_kernels and copies_by_kernel(phased):
             return torch.ops.tadfkd.interleave_phases(phased)
         out = torch.empty(
-            (n, channels, 2 * (rows - 1), 2 * (columns - 1)),
+            interleaved_shape(phased),
             dtype=phased.dtype,
             device=phased.device,
             memory_format=ctx.layout,
@@ -130,7 +145,7 @@ class InterleavePhases(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        if ctx.layout == torch.channels_last and copies_by_kernel(grad):
+        if ctx.copy_kernels and ctx.layout == torch.channels_last and copies_by_kernel(grad):
             return torch.ops.tadfkd.deinterleave_phases(grad), None
         # in the layout the phases came in, whatever the gradient's: the convolution's backward
         # takes it as its forward gave it
@@ -143,9 +158,10 @@ class InterleavePhases(torch.autograd.Function):
 
 
 def copies_by_kernel(x: torch.Tensor) -> bool:
-    """Whether the C kernels copy x's phases: a bf16 (N, C, H, W) tensor with its channels in
-    unit stride, and what every kernel needs (``kernels.may_run``: no gradients being recorded,
-    a CPU tensor, at most ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
+    """Whether the C kernels can copy x's phases: a bf16 (N, C, H, W) tensor with its channels
+    in unit stride, and what every kernel needs (``kernels.may_run``: a CPU tensor, at most
+    ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces; no gradients recorded,
+    which inside the autograd function's forward and backward always holds)."""
     return (
         x.dtype == torch.bfloat16
         and x.dim() == 4
@@ -172,6 +188,7 @@ def interleave_phases_fake(phased):
 
 
 def interleaved_shape(phased: torch.Tensor) -> tuple[int, int, int, int]:
+    """The upsampled convolution's shape (N, C, 2H, 2W) for phases (N, 4 C, H + 1, W + 1)."""
     n, channels, rows, columns = phased.shape
     return (n, channels // 4, 2 * (rows - 1), 2 * (columns - 1))
 
@@ -195,6 +212,7 @@ def deinterleave_phases_fake(grad):
 
 
 def phased_shape(upsampled: torch.Tensor) -> tuple[int, int, int, int]:
+    """The phases' shape (N, 4 C, H + 1, W + 1) for an upsampled convolution (N, C, 2H, 2W)."""
     n, channels, rows, columns = upsampled.shape
     return (n, 4 * channels, rows // 2 + 1, columns // 2 + 1)
 
