@@ -43,7 +43,7 @@ from tadfkd.bench.timing import counted_as_published, matmul_rates, matmul_rates
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
 from tadfkd.models import fused as fused_module
-from tadfkd.models import single_channel
+from tadfkd.models import single_channel, upsampling
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
 
@@ -252,12 +252,16 @@ def alternated_line(first: Distiller, second: Distiller, pairs: int, overrides: 
 
 def restore_point(distiller: Distiller) -> Callable[[], None]:
     """A function that puts ``distiller`` and torch's CPU random generator back in their state
-    of now, so that the next iteration computes the same as the first one from now did."""
+    of now, so that the next iteration computes the same as the first one from now did, with
+    the same operators: no phase kernels kept (``upsampling.forget_phase_kernels``), now or
+    after a restore."""
     state, rng = copy.deepcopy(distiller.state_dict()), torch.get_rng_state()
+    upsampling.forget_phase_kernels()
 
     def restore() -> None:
         distiller.load_state_dict(copy.deepcopy(state))  # the optimisers alias what they load
         torch.set_rng_state(rng)
+        upsampling.forget_phase_kernels()
 
     return restore
 

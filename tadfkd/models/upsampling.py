@@ -97,6 +97,12 @@ def phase_parameters(conv: nn.Conv2d, device_type: str) -> tuple[torch.Tensor, t
     return made
 
 
+def forget_phase_kernels() -> None:
+    """Drop every kept phase kernel (the next no-grad forwards make them again): for code that
+    replays an iteration and needs the same operators to run each time (the benchmarks)."""
+    _made.clear()
+
+
 def same_values(tensor: torch.Tensor | None, copy: torch.Tensor | None) -> bool:
     """Whether ``tensor`` still holds ``copy``'s values (both None counts)."""
     if tensor is None or copy is None:
