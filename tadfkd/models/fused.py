@@ -117,10 +117,7 @@ def mapped(
 def mapped_like(x: torch.Tensor, factor: int) -> torch.Tensor:
     """An empty bf16 channels-last (N, C, factor H, factor W) for x (N, C, H, W)."""
     n, c, h, w = x.shape
-    shape = (n, c, factor * h, factor * w)
-    return torch.empty(
-        shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last
-    )
+    return kernels.empty_bf16((n, c, factor * h, factor * w), x.device)
 
 
 @torch.library.custom_op("tadfkd::affine_leaky_relu_conv_one", mutates_args=(), device_types="cpu")
@@ -240,12 +237,7 @@ def takes_output_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     padding 1 (zeros), stride 1; x bf16 channels-last with 16, 32, 48 or 64 channels."""
     return (
         conv.out_channels == 1
-        and conv.kernel_size == (3, 3)
-        and conv.padding == (1, 1)
-        and conv.stride == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
+        and upsampling.same_size_3x3(conv)
         and x.dtype == torch.bfloat16
         and x.shape[1] % 16 == 0
         and x.shape[1] <= 64

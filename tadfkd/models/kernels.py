@@ -192,6 +192,14 @@ def layout(x: torch.Tensor) -> list[int]:
     return [x.data_ptr(), n, h, w, c, sn, sh, sw, sc]
 
 
+def empty_bf16(shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+    """An empty bf16 (N, C, H, W) tensor of ``shape``, channels-last: the output the bf16
+    kernels write (and their fake implementations describe)."""
+    return torch.empty(
+        shape, dtype=torch.bfloat16, device=device, memory_format=torch.channels_last
+    )
+
+
 def pointer(tensor: torch.Tensor | None) -> int | None:
     """A float32 tensor's data address for the kernels (None: NULL); anything else is refused,
     since the C code reads raw float32."""

@@ -34,7 +34,15 @@ def applies(conv: nn.Module) -> bool:
         type(conv) is nn.Conv2d
         and not conv._forward_hooks
         and not conv._forward_pre_hooks
-        and conv.kernel_size == (3, 3)
+        and same_size_3x3(conv)
+    )
+
+
+def same_size_3x3(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is a 3x3 convolution that keeps the image size: stride 1, zero padding
+    1, no dilation or groups."""
+    return (
+        conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
         and conv.padding == (1, 1)
         and conv.dilation == (1, 1)
@@ -180,23 +188,13 @@ def copies_by_kernel(x: torch.Tensor) -> bool:
 def interleave_phases_kernel(phased: torch.Tensor) -> torch.Tensor:
     """``interleave_phases`` in C: phased (N, 4 C, H + 1, W + 1) bf16, channels in unit stride
     -> (N, C, 2H, 2W) bf16, channels-last."""
-    shape = interleaved_shape(phased)
-    out = torch.empty(shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
-    kernels.run_kernel("interleave_phases", *kernels.layout(phased), out.data_ptr())
-    return out
+    return copied("interleave_phases", phased, interleaved_shape(phased))
 
 
 @interleave_phases_kernel.register_fake
 def interleave_phases_fake(phased):
     """The interleaved output's shape, dtype and layout, for tracing."""
-    shape, layout = interleaved_shape(phased), torch.channels_last
-    return torch.empty(shape, dtype=torch.bfloat16, device=phased.device, memory_format=layout)
-
-
-def interleaved_shape(phased: torch.Tensor) -> tuple[int, int, int, int]:
-    """The upsampled convolution's shape (N, C, 2H, 2W) for phases (N, 4 C, H + 1, W + 1)."""
-    n, channels, rows, columns = phased.shape
-    return (n, channels // 4, 2 * (rows - 1), 2 * (columns - 1))
+    return kernels.empty_bf16(interleaved_shape(phased), phased.device)
 
 
 @torch.library.custom_op("tadfkd::deinterleave_phases", mutates_args=(), device_types="cpu")
@@ -204,17 +202,26 @@ def deinterleave_phases_kernel(grad: torch.Tensor) -> torch.Tensor:
     """``interleave_phases``' backward in C: the gradient (N, C, 2H, 2W) bf16, channels in unit
     stride -> the phases' gradient (N, 4 C, H + 1, W + 1) bf16, channels-last, zero where no
     output pixel came from."""
-    shape = phased_shape(grad)
-    out = torch.empty(shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
-    kernels.run_kernel("deinterleave_phases", *kernels.layout(grad), out.data_ptr())
-    return out
+    return copied("deinterleave_phases", grad, phased_shape(grad))
 
 
 @deinterleave_phases_kernel.register_fake
 def deinterleave_phases_fake(grad):
     """The phases' gradient's shape, dtype and layout, for tracing."""
-    shape, layout = phased_shape(grad), torch.channels_last
-    return torch.empty(shape, dtype=torch.bfloat16, device=grad.device, memory_format=layout)
+    return kernels.empty_bf16(phased_shape(grad), grad.device)
+
+
+def copied(kernel: str, x: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """x (bf16) copied by the C ``kernel`` into a new bf16 channels-last tensor of ``shape``."""
+    out = kernels.empty_bf16(shape)
+    kernels.run_kernel(kernel, *kernels.layout(x), out.data_ptr())
+    return out
+
+
+def interleaved_shape(phased: torch.Tensor) -> tuple[int, int, int, int]:
+    """The upsampled convolution's shape (N, C, 2H, 2W) for phases (N, 4 C, H + 1, W + 1)."""
+    n, channels, rows, columns = phased.shape
+    return (n, channels // 4, 2 * (rows - 1), 2 * (columns - 1))
 
 
 def phased_shape(upsampled: torch.Tensor) -> tuple[int, int, int, int]:
