@@ -82,6 +82,11 @@ CASES = {
         2,
         ["speed.single_channel_conv='maybe' must be"],
     ),
+    "fused pooling not a switch": (
+        ["speed.fused_pooling=maybe"],
+        2,
+        ["speed.fused_pooling='maybe' must be"],
+    ),
     "unknown logger mode": (["logger.mode=onlien"], 2, ["logger.mode='onlien' must be"]),
     "unwritable output dir": (["hydra.run.dir=/dev/null/run"], 2, ["not writable"]),
     "run directory in use": ([], 2, ["/run is in use by another run (process {pid})"]),

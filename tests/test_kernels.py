@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tadfkd.models import kernels, single_channel
+from tadfkd.models import kernels, pooling, single_channel
 from tadfkd.models.generator import Generator
 
 
@@ -81,6 +81,14 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         phased = copy.deepcopy(fused)
         phased.phased_upsampling = True
         x, noise = torch.randn(5, 1, 13, 11), torch.randn(16, 100)
+        features = torch.randn(3, 16, 7, 9).contiguous(memory_format=torch.channels_last)
+        pooled = {}
+        for kind, pool in (("max", nn.MaxPool2d(2)), ("mean", nn.AdaptiveAvgPool2d(1))):
+            for fused_pool in (True, False):
+                leaf = features.clone().requires_grad_()
+                out = pooling.pooled(leaf, kind) if fused_pool else pool(torch.relu(leaf))
+                out.backward(torch.ones_like(out))
+                pooled[kind, fused_pool] = (out.detach(), leaf.grad)
         with torch.no_grad():
             out = model(x)
             with torch.autocast("cpu", torch.bfloat16):
@@ -92,6 +100,10 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
             kernel_calls
         )
         assert kernel_calls.count("single_channel_conv") == 2  # fp32, then under bf16 autocast
+        assert {"relu_max_pool_backward", "relu_mean_backward"} <= set(kernel_calls)
+        for kind in ("max", "mean"):
+            for fused_result, result in zip(pooled[kind, True], pooled[kind, False], strict=True):
+                torch.testing.assert_close(fused_result, result)
         torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, 2, 1))
         assert out_bf16.dtype == expected_bf16.dtype == torch.bfloat16
         torch.testing.assert_close(out_bf16.float(), expected_bf16.float(), rtol=2e-2, atol=2e-2)

@@ -310,7 +310,9 @@ def test_resuming_with_other_settings_is_refused_but_runtime_settings_may_change
         check_same_run(base, identity(teacher="b" * 64), Path("checkpoint.pt"))
 
 
-@pytest.mark.parametrize("setting", ["speed.depthwise_output", "speed.phased_upsampling"])
+@pytest.mark.parametrize(
+    "setting", ["speed.depthwise_output", "speed.phased_upsampling", "speed.fused_pooling"]
+)
 def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_computed(setting):
     def identity(*overrides: str) -> dict:
         return run_identity(compose_config([*TINY, *overrides], hydra_node=False), "a" * 64)

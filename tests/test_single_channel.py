@@ -250,7 +250,7 @@ def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting, kern
     kernel_calls.clear()
     with torch.no_grad():
         torch.testing.assert_close(built.inference_teacher(x), plain(x), rtol=1e-5, atol=1e-5)
-    assert kernel_calls == ["single_channel_conv"]
+    assert kernel_calls.count("single_channel_conv") == 1  # the ReLU-pool kernels ran in both
 
 
 def test_where_the_kernels_do_not_build_auto_runs_pytorchs_convolution(monkeypatch):

@@ -28,6 +28,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
         "speed.scoring=fp32",
         "speed.generation=fp32",
         "speed.phased_upsampling=false",
+        "speed.fused_pooling=false",
     ]
     default_precision = resolve_precision(str(cfg.speed.precision), device)
     found = {
@@ -49,6 +50,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
         ],
         "depthwise_output=true": [*fp32, "speed.depthwise_output=true"],
         "phased_upsampling=true": [*fp32, "speed.phased_upsampling=true"],
+        "fused_pooling=true": [*fp32, "speed.fused_pooling=true", "speed.compile=false"],
         "scoring=bf16": [*fp32, "speed.scoring=bf16"],
         "generation=bf16": [*fp32, "speed.generation=bf16", "speed.fused_generation=false"],
         "generation=bf16, fused_generation=true": [
@@ -68,6 +70,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
     if device.type != "cpu" or kernels.kernels() is None:  # no C kernels: the same as without
         del found["generation=bf16, fused_generation=true"]
         del found["fold_teacher_bn=true, single_channel_conv=true"]
+        del found["fused_pooling=true"]
     return found
 
 

@@ -35,6 +35,7 @@ PUBLISHED_STYLE = [
     "speed.phased_upsampling=false",
     "speed.fused_generation=false",
     "speed.single_channel_conv=false",
+    "speed.fused_pooling=false",
 ]
 
 

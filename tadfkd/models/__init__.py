@@ -1,7 +1,8 @@
 """Registry of classifier architectures, and the DAFL generator (with its fused CPU kernels for
 no-grad bf16 forwards, ``tadfkd.models.fused``); a grayscale network's first convolution in
-no-grad CPU forwards through a C kernel (``tadfkd.models.single_channel``); the kernels' build
-(``tadfkd.models.kernels``).
+no-grad CPU forwards through a C kernel (``tadfkd.models.single_channel``); a ReLU and the
+pooling after it as one C kernel, forward and backward (``tadfkd.models.pooling``); the kernels'
+build (``tadfkd.models.kernels``).
 
 Every factory takes `(num_classes, in_channels=...)` and returns a plain `nn.Module` mapping
 normalised images (B, C, H, W) to logits (B, num_classes).

@@ -420,3 +420,160 @@ int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t
     free(padded);
     return DONE;
 }
+
+/* A ReLU followed by a 2x2 max pool of stride 2, or by a global average pool
+ * (tadfkd.models.pooling), forward and backward, in one pass each. Tensors are contiguous
+ * channels-last, (N, H, W, C): float32, or bf16 when bf16; the gradients in x's dtype. */
+
+/* ReLU(v) with a NaN kept a NaN, as torch.relu keeps it */
+static inline float relu_keeping_nan(float v) { return v > 0.0f || v != v ? v : 0.0f; }
+
+/* the largest of a, b with a NaN winning, as max pooling picks a NaN */
+static inline float max_keeping_nan(float a, float b) { return b > a || b != b ? b : a; }
+
+#define RELU_MAX_POOL(type, load, store)                                                    \
+    for (int64_t n = 0; n < N; n++)                                                         \
+        for (int64_t i = 0; i < Ho; i++)                                                    \
+            for (int64_t j = 0; j < Wo; j++) {                                              \
+                const type *a = (const type *)x + ((n * H + 2 * i) * W + 2 * j) * C;        \
+                const type *b = a + C, *c = a + W * C, *d = c + C;                          \
+                type *o = (type *)out + ((n * Ho + i) * Wo + j) * C;                        \
+                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) {                      \
+                    float m = max_keeping_nan(max_keeping_nan(load(a[k]), load(b[k])),      \
+                                              max_keeping_nan(load(c[k]), load(d[k])));     \
+                    o[k] = store(relu_keeping_nan(m));                                      \
+                }                                                                           \
+            }
+
+static inline float as_float(float v) { return v; }
+
+/* out (N, H / 2, W / 2, C) = the 2x2, stride-2 max pool of ReLU(x), x (N, H, W, C); odd sizes
+ * leave out the last row or column, as MaxPool2d(2) does. Exact: max and ReLU commute and
+ * round nothing. */
+int relu_max_pool(const void *x, int bf16, int64_t N, int64_t H, int64_t W, int64_t C,
+                  void *out) {
+    const int64_t Ho = H / 2, Wo = W / 2;
+    if (Ho < 1 || Wo < 1 || C < 1) return REFUSED;
+    if (bf16) {
+        RELU_MAX_POOL(uint16_t, bf16_to_float, float_to_bf16)
+    } else {
+        RELU_MAX_POOL(float, as_float, as_float)
+    }
+    return DONE;
+}
+
+/* ReLU's gradient passes where v is not <= 0: positive or NaN, as torch's ReLU backward has it */
+static inline int relu_passes(float v) { return !(v <= 0.0f); }
+
+/* a float that holds a bf16 value exactly, as that bf16 (no rounding: no branch) */
+static inline uint16_t exact_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)(u >> 16);
+}
+
+/* a later value wins the window over the largest so far where it is larger or a NaN */
+#define WINS(v, m) (((v) > (m)) | ((v) != (v)))
+
+/* each window's gradient g, at the value max pooling picks (the first largest, row by row,
+ * or the last NaN, as PyTorch's CPU kernel picks) where ReLU passes it, zero at the other
+ * three; as float selects, so that the channel loop vectorises */
+#define RELU_MAX_POOL_BACKWARD(type, load, store)                                           \
+    if (H % 2 != 0 || W % 2 != 0) /* the row or column no window covers */                  \
+        memset(grad_in, 0, (size_t)(N * H * W * C) * sizeof(type));                        \
+    for (int64_t n = 0; n < N; n++)                                                         \
+        for (int64_t i = 0; i < Ho; i++)                                                    \
+            for (int64_t j = 0; j < Wo; j++) {                                              \
+                const int64_t corner = ((n * H + 2 * i) * W + 2 * j) * C;                   \
+                const type *a = (const type *)x + corner, *b = a + C, *c = a + W * C;       \
+                const type *d = c + C;                                                      \
+                const type *g = (const type *)grad + ((n * Ho + i) * Wo + j) * C;           \
+                type *ia = (type *)grad_in + corner, *ib = ia + C, *ic = ia + W * C;        \
+                type *id = ic + C;                                                          \
+                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) {                      \
+                    const float va = load(a[k]), vb = load(b[k]), vc = load(c[k]);          \
+                    const float vd = load(d[k]);                                            \
+                    const float mb = WINS(vb, va) ? vb : va, mc = WINS(vc, mb) ? vc : mb;   \
+                    const float md = WINS(vd, mc) ? vd : mc;                                \
+                    const float passed = md <= 0.0f ? 0.0f : load(g[k]); /* ReLU's */       \
+                    const float before_d = WINS(vd, mc) ? 0.0f : passed;                    \
+                    const float before_c = WINS(vc, mb) ? 0.0f : before_d;                  \
+                    id[k] = store(WINS(vd, mc) ? passed : 0.0f);                            \
+                    ic[k] = store(WINS(vc, mb) ? before_d : 0.0f);                          \
+                    ib[k] = store(WINS(vb, va) ? before_c : 0.0f);                          \
+                    ia[k] = store(WINS(vb, va) ? 0.0f : before_c);                          \
+                }                                                                           \
+            }
+
+/* grad_in (N, H, W, C) = relu_max_pool's gradient for grad (N, H / 2, W / 2, C): each window's
+ * gradient at the element max pooling picks where ReLU passes it, zero elsewhere */
+int relu_max_pool_backward(const void *x, int bf16, int64_t N, int64_t H, int64_t W, int64_t C,
+                           const void *grad, void *grad_in) {
+    const int64_t Ho = H / 2, Wo = W / 2;
+    if (Ho < 1 || Wo < 1 || C < 1) return REFUSED;
+    if (bf16) {
+        RELU_MAX_POOL_BACKWARD(uint16_t, bf16_to_float, exact_bf16)
+    } else {
+        RELU_MAX_POOL_BACKWARD(float, as_float, as_float)
+    }
+    return DONE;
+}
+
+/* out (N, C) = the mean of ReLU(x) over each image's P = H * W pixels, x (N, P, C): float32
+ * sums in pixel order, divided by P, rounded once to out's dtype */
+int relu_mean(const void *x, int bf16, int64_t N, int64_t P, int64_t C, void *out) {
+    if (P < 1 || C < 1 || C > MAX_CHANNELS) return REFUSED;
+    float sums[MAX_CHANNELS];
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t k = 0; k < C; k++) sums[k] = 0.0f;
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t at = (n * P + p) * C;
+            if (bf16) {
+                const uint16_t *row = (const uint16_t *)x + at;
+                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) sums[k] +=
+                    relu_keeping_nan(bf16_to_float(row[k]));
+            } else {
+                const float *row = (const float *)x + at;
+                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) sums[k] +=
+                    relu_keeping_nan(row[k]);
+            }
+        }
+        for (int64_t k = 0; k < C; k++) {
+            float mean = sums[k] / (float)P;
+            if (bf16)
+                ((uint16_t *)out)[n * C + k] = float_to_bf16(mean);
+            else
+                ((float *)out)[n * C + k] = mean;
+        }
+    }
+    return DONE;
+}
+
+/* grad_in (N, P, C) = relu_mean's gradient for grad (N, C): grad / P (rounded to the dtype, as
+ * the mean's backward divides) where ReLU passes it (x positive or NaN), else zero */
+int relu_mean_backward(const void *x, int bf16, int64_t N, int64_t P, int64_t C,
+                       const void *grad, void *grad_in) {
+    if (P < 1 || C < 1 || C > MAX_CHANNELS) return REFUSED;
+    float share[MAX_CHANNELS];
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t k = 0; k < C; k++)
+            share[k] = bf16 ? rounded_to_bf16(bf16_to_float(((const uint16_t *)grad)[n * C + k]) /
+                                              (float)P)
+                            : ((const float *)grad)[n * C + k] / (float)P;
+        for (int64_t p = 0; p < P; p++) {
+            const int64_t at = (n * P + p) * C;
+            if (bf16) {
+                const uint16_t *row = (const uint16_t *)x + at;
+                uint16_t *into = (uint16_t *)grad_in + at;
+                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) into[k] =
+                    relu_passes(bf16_to_float(row[k])) ? float_to_bf16(share[k]) : 0;
+            } else {
+                const float *row = (const float *)x + at;
+                float *into = (float *)grad_in + at;
+                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) into[k] =
+                    relu_passes(row[k]) ? share[k] : 0.0f;
+            }
+        }
+    }
+    return DONE;
+}

@@ -1,8 +1,9 @@
 """The project's C kernels for CPU forwards (``cpu_kernels.c``), built and loaded at first use.
 
 ``cpu_kernels.c`` holds the DAFL generator's fused no-grad bf16 kernels (``tadfkd.models.fused``)
-and the convolution of one input channel of a grayscale network's first layer
-(``tadfkd.models.single_channel``). It is compiled at first use by the machine's C compiler
+the convolution of one input channel of a grayscale network's first layer
+(``tadfkd.models.single_channel``) and a ReLU with the pooling after it
+(``tadfkd.models.pooling``). It is compiled at first use by the machine's C compiler
 (``$CC``, else ``cc``) for the CPU it runs on (``-march=native``) and cached under
 ``~/.cache/tadfkd/kernels`` (``$TADFKD_CACHE``), named by a hash of the source, the command and
 the CPU's flags; a cached library loads only from a folder no one else can write to. Where
@@ -59,6 +60,11 @@ SIGNATURES = {
         *[_PTR, *[_I64] * 5, _PTR],
         *[_I64, _I64, _INT, _PTR],
     ],
+    # input, its dtype flag, (N, H, W, C) or (N, H * W, C), [the output's gradient], output
+    "relu_max_pool": [_PTR, _INT, *[_I64] * 4, _PTR],
+    "relu_max_pool_backward": [_PTR, _INT, *[_I64] * 4, _PTR, _PTR],
+    "relu_mean": [_PTR, _INT, *[_I64] * 3, _PTR],
+    "relu_mean_backward": [_PTR, _INT, *[_I64] * 3, _PTR, _PTR],
 }
 # the entry points' return codes (cpu_kernels.c) that are not success
 FAILURES = {-1: "refused its input", -2: "ran out of memory"}

@@ -17,7 +17,7 @@ from tadfkd.distillation.loop import Distiller, Schedule
 from tadfkd.distillation.nonfinite import NonFiniteGuard
 from tadfkd.distillation.precision import Precision, prepare_model, resolve_precision
 from tadfkd.distillation.synthesizer import Synthesizer
-from tadfkd.models import kernels, single_channel
+from tadfkd.models import kernels, pooling, single_channel
 from tadfkd.run.runtime import build
 from tadfkd.teachers.folding import fold_batchnorm
 from tadfkd.teachers.loading import Teacher
@@ -138,6 +138,18 @@ def fold_for_inference(
     return folded
 
 
+def use_fused_pooling(
+    speed: DictConfig, device: torch.device, channels_last: bool, *models: torch.nn.Module
+) -> None:
+    """``speed.fused_pooling``: each ReLU-pool pair of ``models``' ``nn.Sequential`` containers
+    through the C kernels (``tadfkd.models.pooling``), on a CPU with channels-last (``use_kernels``;
+    off under ``torch.compile``, which fuses on its own)."""
+    applicable = device.type == "cpu" and channels_last and not speed.compile
+    if use_kernels("speed.fused_pooling", speed.fused_pooling, applicable):
+        for model in models:
+            pooling.use_kernel(model)
+
+
 def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> Distiller:
     """A ``Distiller`` for ``teacher`` (loaded) with everything else built from ``cfg``; the
     student is initialised before the generator, from the global RNG (seed it first)."""
@@ -148,6 +160,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     inference_teacher = fold_for_inference(cfg, teacher_model, device, channels_last)
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
+    use_fused_pooling(speed, device, channels_last, teacher_model, inference_teacher, student)
     generation_dtype = forward_dtype(str(speed.generation), precision)
     set_generator_speed(generator, speed, device, generation_dtype)
     if speed.compile:

@@ -46,6 +46,7 @@ WEIGHTS = "method.weights."
 ADDED = {
     "speed.depthwise_output": False,
     "speed.fused_generation": False,
+    "speed.fused_pooling": False,
     "speed.phased_upsampling": False,
     "speed.single_channel_conv": False,
 }

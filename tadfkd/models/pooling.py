@@ -1,0 +1,187 @@
+"""A ReLU and the pooling after it, in an ``nn.Sequential``, as one C kernel on the CPU.
+
+The small networks of the digits and Fashion-MNIST settings end a stage with a ReLU and a 2x2
+max pool and end their features with a ReLU and a global average pool. PyTorch runs each pair
+as two passes over memory, and its max pool also writes the indices of the maxima: on the
+Fashion-MNIST preset the frozen teacher's ReLU and max pool took 0.18-0.21 ms a batch of 64,
+while one pass that reads the window, takes its largest value and clamps it takes 0.02-0.04
+(docs/performance.md). Max and ReLU commute and round nothing, so the fused max pool equals
+PyTorch's bit for bit, its gradient too (each window's gradient at the element PyTorch's max
+pool picks, where ReLU passes it); the fused average sums in another order (float rounding).
+
+``use_kernel`` makes a model's ``nn.Sequential`` containers ``PooledSequential``: the same
+modules and state-dict keys, with each eligible pair (``fusable``) run by the kernels where they
+apply, with or without gradients, and module by module where a hook is on either module (it
+would see a ReLU output that the kernels never make) or the kernels do not apply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as module_globals
+
+from tadfkd.models import kernels
+from tadfkd.models.single_channel import MODULE_HOOKS
+
+# the kernels run on one thread; beyond two, PyTorch's parallel ReLU and pooling are left to it
+MAX_THREADS = 2
+# hooks every module runs (torch.nn.modules.module.register_module_forward_hook and the like)
+GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def fusable(relu: nn.Module, pool: nn.Module) -> str | None:
+    """Which kernel computes ``pool(relu(x))``: ``"max"`` for a 2x2 ``nn.MaxPool2d`` of stride
+    2 (no padding or dilation, floor mode, no indices returned), ``"mean"`` for an
+    ``nn.AdaptiveAvgPool2d`` to one pixel, each after a plain, not in-place ``nn.ReLU``; None
+    otherwise."""
+    if type(relu) is not nn.ReLU or relu.inplace:
+        return None
+    if type(pool) is nn.MaxPool2d:
+        square = pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+        plain = pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1))
+        return (
+            "max" if square and plain and not pool.ceil_mode and not pool.return_indices else None
+        )
+    if type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)):
+        return "mean"
+    return None
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a hook of any kind is on one of ``modules`` or on every module."""
+    if any(getattr(module_globals, hooks) for hooks in GLOBAL_HOOKS):
+        return True
+    return any(getattr(module, hooks, None) for module in modules for hooks in MODULE_HOOKS)
+
+
+def applies(kind: str, x: torch.Tensor) -> bool:
+    """Whether the kernels compute the ``kind`` pair on x: a float32 or bf16 (N, C, H, W) CPU
+    tensor, channels-last, big enough for the pool; at most ``MAX_THREADS`` torch threads,
+    not while ``torch.compile`` traces, built kernels."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
+        return False
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.numel() == 0:
+        return False
+    if kind == "max" and min(x.shape[2], x.shape[3]) < 2:
+        return False
+    if torch.compiler.is_compiling() or torch.get_num_threads() > MAX_THREADS:
+        return False
+    return kernels.kernels() is not None
+
+
+def pooled_shape(kind: str, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """The pair's output shape for x (N, C, H, W): (N, C, H // 2, W // 2) or (N, C, 1, 1)."""
+    n, c, h, w = x.shape
+    return (n, c, h // 2, w // 2) if kind == "max" else (n, c, 1, 1)
+
+
+def launched(kernel: str, x: torch.Tensor, out: torch.Tensor, *extra: torch.Tensor) -> None:
+    """Run ``kernel`` on x (N, C, H, W) channels-last, extra tensors (also channels-last) and
+    ``out``, with x's dims as the kernel takes them."""
+    n, c, h, w = x.shape
+    sizes = (n, h, w, c) if kernel.startswith("relu_max_pool") else (n, h * w, c)
+    kernels.run_kernel(
+        kernel,
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        *sizes,
+        *(t.data_ptr() for t in extra),
+        out.data_ptr(),
+    )
+
+
+@torch.library.custom_op("tadfkd::relu_pool", mutates_args=(), device_types="cpu")
+def relu_pool(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``pool(relu(x))`` for x (N, C, H, W) float32 or bf16, channels-last (``applies``): the
+    2x2 max pool (``kind`` "max", channels-last out) or the global average ("mean", (N, C, 1,
+    1) out) in x's dtype."""
+    torch._check(kind in ("max", "mean"), lambda: "kind max or mean")
+    out = torch.empty(pooled_shape(kind, x), dtype=x.dtype, memory_format=torch.channels_last)
+    launched("relu_max_pool" if kind == "max" else "relu_mean", x, out)
+    return out
+
+
+@relu_pool.register_fake
+def relu_pool_fake(x, kind):
+    """The output's shape, dtype and layout, for tracing (``torch.library.opcheck``)."""
+    shape = pooled_shape(kind, x)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("tadfkd::relu_pool_backward", mutates_args=(), device_types="cpu")
+def relu_pool_backward(x: torch.Tensor, grad: torch.Tensor, kind: str) -> torch.Tensor:
+    """``relu_pool``'s gradient for x: grad (its output's shape, x's dtype) -> (N, C, H, W),
+    channels-last."""
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    kernel = "relu_max_pool_backward" if kind == "max" else "relu_mean_backward"
+    launched(kernel, x, out, grad)
+    return out
+
+
+@relu_pool_backward.register_fake
+def relu_pool_backward_fake(x, grad, kind):
+    """The gradient's shape, dtype and layout, for tracing."""
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+class ReluPool(torch.autograd.Function):
+    """``relu_pool`` with its gradient by the kernels (first order)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kind: str) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.kind = kind
+        return torch.ops.tadfkd.relu_pool(x, kind)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return torch.ops.tadfkd.relu_pool_backward(x, grad.to(x.dtype), ctx.kind), None
+
+
+def pooled(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``pool(relu(x))`` by the kernels (``applies``), through autograd where it records."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return ReluPool.apply(x, kind)
+    return torch.ops.tadfkd.relu_pool(x, kind)
+
+
+class PooledSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose ReLU-pool pairs (``fusable``) run as one kernel where no hook
+    is on them and the kernels apply (``applies``); everything else module by module."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules = list(self._modules.values())
+        index = 0
+        while index < len(modules):
+            kind = fusable(*modules[index : index + 2]) if index + 1 < len(modules) else None
+            if kind is not None and not hooked(*modules[index : index + 2]) and applies(kind, x):
+                x = pooled(x, kind)
+                index += 2
+            else:
+                x = modules[index](x)
+                index += 1
+        return x
+
+
+def use_kernel(model: nn.Module) -> list[str]:
+    """Make each plain ``nn.Sequential`` of ``model`` holding a ``fusable`` pair a
+    ``PooledSequential`` (in place: the same modules, parameters and hooks); the paths made."""
+    made = []
+    for path, container in model.named_modules():
+        if type(container) is not nn.Sequential:
+            continue
+        children = list(container.children())
+        if any(fusable(a, b) for a, b in zip(children, children[1:], strict=False)):
+            container.__class__ = PooledSequential
+            made.append(path)
+    return made

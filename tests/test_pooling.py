@@ -1,0 +1,186 @@
+"""The fused ReLU-pool kernels (``tadfkd.models.pooling``, ``speed.fused_pooling``) compute
+what PyTorch's ReLU and pooling compute: the max pool and every gradient bit for bit (ties and
+NaNs picked as PyTorch picks them), the average to float rounding; a pair with a hook on it,
+or where the kernels do not apply, runs module by module. Each comparison checks that the
+kernels ran."""
+
+import copy
+
+import pytest
+import torch
+from helpers import CPU, needs_kernels
+from torch import nn
+
+from tadfkd.bench.setting import bench_config, build_path
+from tadfkd.distillation.objectives import stage_ends
+from tadfkd.models import pooling
+from tadfkd.models.digits import digits_cnn
+from tadfkd.models.pooling import PooledSequential
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), needs_kernels]
+
+POOLS = {"max": lambda: nn.MaxPool2d(2), "mean": lambda: nn.AdaptiveAvgPool2d(1)}
+
+
+def awkward_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random values, channels-last, with a window of ties, one of zeros and a NaN."""
+    torch.manual_seed(3)
+    x = torch.randn(shape).to(dtype)
+    x[0, :, :2, :2] = 0.5  # a tie: the first largest gets the gradient
+    x[1, :, :2, :2] = 0.0  # all zero: no gradient
+    x[-1, 0, -2, -2] = float("nan")
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def relu_pooled(kind: str, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair's output and x's gradient for a fixed output gradient, by the kernels or by
+    PyTorch's modules."""
+    x = x.detach().clone().requires_grad_()
+    out = pooling.pooled(x, kind) if fused else POOLS[kind]()(torch.relu(x))
+    torch.manual_seed(4)
+    out.backward(torch.randn_like(out))
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 16, 14, 14), (3, 5, 7, 9), (2, 64, 7, 7)])
+def test_the_fused_max_pool_and_its_gradient_are_pytorchs_bit_for_bit(dtype, shape, kernel_calls):
+    x = awkward_batch(shape, dtype)
+    out, grad = relu_pooled("max", x, fused=True)
+    assert kernel_calls == ["relu_max_pool", "relu_max_pool_backward"]
+    expected, expected_grad = relu_pooled("max", x, fused=False)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0, equal_nan=True)
+    assert out.isnan().sum() == 1  # the NaN's window
+    if shape[2] % 2:  # the row no window covers: no gradient
+        assert not grad[:, :, -1].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 16, 14, 14), (3, 5, 7, 9), (2, 64, 7, 7)])
+def test_the_fused_average_is_pytorchs_to_rounding_and_its_gradient_exact(
+    dtype, shape, kernel_calls
+):
+    x = awkward_batch(shape, dtype)
+    out, grad = relu_pooled("mean", x, fused=True)
+    assert kernel_calls == ["relu_mean", "relu_mean_backward"]
+    expected, expected_grad = relu_pooled("mean", x, fused=False)
+    assert out.shape == (shape[0], shape[1], 1, 1) and out.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 8e-3  # one bf16 rounding
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance, equal_nan=True)
+    torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_kernels_run_without_gradients_and_under_autocast(kernel_calls):
+    model = PooledSequential(nn.ReLU(), nn.MaxPool2d(2), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    x = awkward_batch((3, 16, 8, 8), torch.float32)
+    with torch.no_grad():
+        out = model(x)
+        with torch.autocast("cpu", torch.bfloat16):
+            out_bf16 = model(x.bfloat16())
+    assert kernel_calls == ["relu_max_pool", "relu_mean"] * 2
+    plain = nn.Sequential(*model)
+    torch.testing.assert_close(out, plain(x), equal_nan=True)
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16, plain(x.bfloat16()), rtol=8e-3, atol=8e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("relu", "pool", "kind"),
+    [
+        (nn.ReLU(), nn.MaxPool2d(2), "max"),
+        (nn.ReLU(), nn.MaxPool2d((2, 2), stride=2), "max"),
+        (nn.ReLU(), nn.AdaptiveAvgPool2d((1, 1)), "mean"),
+        (nn.ReLU(inplace=True), nn.MaxPool2d(2), None),
+        (nn.ReLU(), nn.MaxPool2d(3), None),
+        (nn.ReLU(), nn.MaxPool2d(2, stride=1), None),
+        (nn.ReLU(), nn.MaxPool2d(2, padding=1), None),
+        (nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True), None),
+        (nn.ReLU(), nn.AdaptiveAvgPool2d(2), None),
+        (nn.LeakyReLU(), nn.MaxPool2d(2), None),
+        (nn.ReLU(), nn.AvgPool2d(2), None),
+    ],
+)
+def test_only_plain_relu_pool_pairs_are_fused(relu, pool, kind):
+    assert pooling.fusable(relu, pool) == kind
+
+
+def test_a_hooked_pair_and_an_inapplicable_input_run_module_by_module(kernel_calls):
+    model = PooledSequential(nn.ReLU(), nn.MaxPool2d(2))
+    seen = []
+    handle = model[0].register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    x = awkward_batch((2, 16, 8, 8), torch.float32)
+    with torch.no_grad():
+        model(x)
+        assert seen == [(2, 16, 8, 8)] and kernel_calls == []  # the ReLU's output was seen
+        handle.remove()
+        model(x.contiguous())  # NCHW
+        model(x.double())
+        assert kernel_calls == []
+        with torch.nn.modules.module.register_module_forward_hook(lambda *_: None):
+            model(x)
+        assert kernel_calls == []
+        model(x)
+    assert kernel_calls == ["relu_max_pool"]
+
+
+def test_use_kernel_changes_only_the_containers_class(kernel_calls):
+    torch.manual_seed(0)
+    model = digits_cnn(10).to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model)
+    assert pooling.use_kernel(model) == ["features"]
+    assert pooling.use_kernel(model) == []  # already made
+    assert type(model.features) is PooledSequential
+    assert list(model.state_dict()) == list(plain.state_dict())
+    x = awkward_batch((4, 1, 16, 16), torch.float32).nan_to_num()
+    for network in (model, plain):
+        network(x).square().sum().backward()
+    assert kernel_calls == ["relu_max_pool", "relu_mean", "relu_mean_backward"] + [
+        "relu_max_pool_backward"
+    ]
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_zskts_stage_hooks_see_the_relu_outputs_they_saw_before(kernel_calls):
+    """ZSKT hooks every module for its stage ends: the pairs then run as two modules."""
+    model = digits_cnn(10).to(memory_format=torch.channels_last)
+    plain = copy.deepcopy(model)
+    pooling.use_kernel(model)
+    stages, plain_stages = stage_ends(model), stage_ends(plain)
+    x = awkward_batch((4, 1, 16, 16), torch.float32).nan_to_num()
+    with torch.no_grad():
+        model(x), plain(x)
+    found, expected = stages.take(), plain_stages.take()
+    assert kernel_calls == [] and sorted(found) == sorted(expected) == [(1, 1), (4, 4), (8, 8)]
+    for size in found:
+        torch.testing.assert_close(found[size], expected[size])
+
+
+@pytest.mark.parametrize("setting", [["experiment=fashion_mnist"], []])
+def test_the_builder_fuses_the_pairs_of_every_network_but_the_generator(setting):
+    def made(*more: str) -> list[str]:
+        built = build_path(bench_config([*setting, *more]), CPU, published=False, seed=0)
+        networks = {
+            "teacher": built.teacher,
+            "inference teacher": built.inference_teacher,
+            "student": built.student,
+        }
+        return [
+            name
+            for name, network in networks.items()
+            if any(isinstance(m, PooledSequential) for m in network.modules())
+        ]
+
+    assert made() == ["teacher", "inference teacher", "student"]  # auto
+    for off in ("speed.fused_pooling=false", "speed.channels_last=false", "speed.compile=true"):
+        assert made(off) == [], off
+
+
+def test_the_operators_trace_with_their_fake_implementations():
+    x = awkward_batch((2, 16, 6, 6), torch.bfloat16).nan_to_num()
+    for kind in ("max", "mean"):
+        torch.library.opcheck(torch.ops.tadfkd.relu_pool.default, (x, kind))
+        grad = torch.ops.tadfkd.relu_pool(x, kind)
+        torch.library.opcheck(torch.ops.tadfkd.relu_pool_backward.default, (x, grad, kind))
