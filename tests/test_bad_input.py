@@ -87,6 +87,11 @@ CASES = {
         2,
         ["speed.fused_pooling='maybe' must be"],
     ),
+    "mixture kernel not a switch": (
+        ["speed.mixture_kernel=maybe"],
+        2,
+        ["speed.mixture_kernel='maybe' must be"],
+    ),
     "unknown logger mode": (["logger.mode=onlien"], 2, ["logger.mode='onlien' must be"]),
     "unwritable output dir": (["hydra.run.dir=/dev/null/run"], 2, ["not writable"]),
     "run directory in use": ([], 2, ["/run is in use by another run (process {pid})"]),

@@ -5,6 +5,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import needs_kernels
+from omegaconf import OmegaConf
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
@@ -21,6 +23,8 @@ from tadfkd.distillation.selection import (
     minmax_normalise,
     pseudo_label_loss,
 )
+from tadfkd.models import kernels
+from tadfkd.run.builder import build_selection
 
 
 def teacher_like_logits(rng: np.random.Generator, n: int, classes: int = 10) -> torch.Tensor:
@@ -214,3 +218,47 @@ def test_the_agreement_yardstick_is_the_published_fit_from_seeded_random_starts(
     # the starts disagree on some samples: the published selection is itself random
     assert 0.9 < shares["published fit, another start"] < 1.0
     assert "the published fit from 4 random starts" in capsys.readouterr().out
+
+
+@needs_kernels
+@pytest.mark.parametrize("size", [2, 7, 64, 100, 300])
+def test_the_fit_in_c_is_numpys_fit_bit_for_bit(size):
+    """``speed.mixture_kernel``: the same float64 operations and numpy's pairwise sums give the
+    same float32 posteriors, including the rows that keep everything."""
+    rng = np.random.default_rng(size)
+    for scale in (0.3, 1.0, 4.0):
+        losses = torch.from_numpy(rng.gamma(2.0, scale, (40, size))).float()
+        losses[0] = 0.7  # all equal: posterior 1
+        losses[1, 0] = float("nan")  # a NaN: posterior 1
+        by_c = clean_posterior(losses, by_kernel=True)
+        assert torch.equal(by_c, clean_posterior(losses, by_kernel=False))
+        assert by_c[:2].eq(1.0).all() and by_c[2:].lt(1.0).any()
+
+
+@needs_kernels
+def test_the_selection_keeps_the_same_samples_with_the_fit_in_c(kernel_calls):
+    rng = np.random.default_rng(3)
+    logits = teacher_like_logits(rng, 64 * 20)
+    by_c, by_numpy = GMMSelection(), GMMSelection()
+    by_c.by_kernel = True
+    assert torch.equal(by_c.keep_mask(logits, 64), by_numpy.keep_mask(logits, 64))
+    assert kernel_calls == ["two_gaussian_posterior"]
+    clean_posterior(torch.rand(3, 1), by_kernel=True)  # one sample a chunk: numpy's path
+    assert kernel_calls == ["two_gaussian_posterior"]
+
+
+def test_the_builder_fits_in_c_where_the_kernels_build(monkeypatch):
+    speed = OmegaConf.create({"mixture_kernel": "auto"})
+    node = OmegaConf.create({"_target_": "tadfkd.distillation.selection.GMMSelection"})
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: None)
+    assert build_selection(node, speed).by_kernel is True
+    speed.mixture_kernel = False
+    assert build_selection(node, speed).by_kernel is False
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "no C compiler (cc) on the PATH")
+    speed.mixture_kernel = "auto"
+    assert build_selection(node, speed).by_kernel is False
+    speed.mixture_kernel = True
+    with pytest.raises(UserError, match=r"speed.mixture_kernel=true needs the C kernels"):
+        build_selection(node, speed)
+    none = OmegaConf.create({"_target_": "tadfkd.distillation.selection.NoSelection"})
+    assert isinstance(build_selection(none, speed), NoSelection)  # nothing to fit: no error

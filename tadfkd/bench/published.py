@@ -36,6 +36,7 @@ PUBLISHED_STYLE = [
     "speed.fused_generation=false",
     "speed.single_channel_conv=false",
     "speed.fused_pooling=false",
+    "speed.mixture_kernel=false",
 ]
 
 

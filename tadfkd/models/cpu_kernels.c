@@ -577,3 +577,146 @@ int relu_mean_backward(const void *x, int bf16, int64_t N, int64_t P, int64_t C,
     }
     return DONE;
 }
+
+/* TA-DFKD's selection (tadfkd.distillation.selection): a two-Gaussian mixture fitted to each
+ * row of per-sample losses, as fit_two_gaussians does in numpy, in float64 with the same
+ * operations in the same order; sums as numpy's pairwise sum, so that they equal numpy's bit
+ * for bit (exp and log are the C library's, numpy's own differ from them by an ulp at most). */
+
+/* numpy's pairwise summation of a[0..n): eight running sums up to 128 values, halves above */
+static double pairwise_sum(const double *a, int64_t n) {
+    if (n < 8) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; i++) sum += a[i];
+        return sum;
+    }
+    if (n <= 128) {
+        double r[8];
+        int64_t i;
+        for (int j = 0; j < 8; j++) r[j] = a[j];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; j++) r[j] += a[i + j];
+        double sum = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++) sum += a[i];
+        return sum;
+    }
+    int64_t half = n / 2;
+    half -= half % 8;
+    return pairwise_sum(a, half) + pairwise_sum(a + half, n - half);
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* weights, means and variances of the two components from responsibilities r0, r1 (n each);
+ * scratch holds n values */
+static void m_step(const double *x, const double *r0, const double *r1, int64_t n,
+                   double reg_covar, double *scratch, double weight[2], double mean[2],
+                   double var[2]) {
+    const double *resp[2] = {r0, r1};
+    double mass[2];
+    for (int k = 0; k < 2; k++) {
+        mass[k] = pairwise_sum(resp[k], n) + 10.0 * 2.220446049250313e-16;
+        for (int64_t i = 0; i < n; i++) scratch[i] = resp[k][i] * x[i];
+        mean[k] = pairwise_sum(scratch, n) / mass[k];
+        for (int64_t i = 0; i < n; i++) {
+            double d = x[i] - mean[k];
+            scratch[i] = resp[k][i] * (d * d);
+        }
+        var[k] = pairwise_sum(scratch, n) / mass[k] + reg_covar;
+    }
+    double total = mass[0] + mass[1];
+    weight[0] = mass[0] / total;
+    weight[1] = mass[1] / total;
+}
+
+/* the mean log-likelihood of x; log_resp0, log_resp1 the log responsibilities (n each) */
+static double e_step(const double *x, int64_t n, const double weight[2], const double mean[2],
+                     const double var[2], double *log_resp0, double *log_resp1,
+                     double *scratch) {
+    const double log_2pi = log(2.0 * 3.141592653589793);
+    double *joint[2] = {log_resp0, log_resp1};
+    for (int k = 0; k < 2; k++) {
+        double first = log_2pi + log(var[k]), log_weight = log(weight[k]);
+        for (int64_t i = 0; i < n; i++) {
+            double d = x[i] - mean[k];
+            joint[k][i] = -0.5 * (first + d * d / var[k]) + log_weight;
+        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        double top = log_resp0[i] > log_resp1[i] ? log_resp0[i] : log_resp1[i];
+        double norm = top + log(exp(log_resp0[i] - top) + exp(log_resp1[i] - top));
+        scratch[i] = norm;
+        log_resp0[i] -= norm;
+        log_resp1[i] -= norm;
+    }
+    return pairwise_sum(scratch, n) / (double)n;
+}
+
+/* posterior (rows, n), float32 = each row of losses' (rows, n) probability of the lower-mean
+ * component: min-max normalised, started from the optimal 2-means split, stopped once the mean
+ * log-likelihood changes by less than tol or after max_iter rounds; 1 for a row whose losses
+ * are all equal or hold a NaN */
+int two_gaussian_posterior(const double *losses, int64_t rows, int64_t n, int64_t max_iter,
+                           double tol, double reg_covar, float *posterior) {
+    if (n < 2) return REFUSED;
+    double *work = malloc((size_t)(6 * n) * sizeof(double));
+    if (work == NULL) return NO_MEMORY;
+    double *x = work, *ordered = work + n, *r0 = work + 2 * n, *r1 = work + 3 * n;
+    double *scratch = work + 4 * n, *sse = work + 5 * n;
+    for (int64_t row = 0; row < rows; row++) {
+        const double *loss = losses + row * n;
+        float *out = posterior + row * n;
+        double low = loss[0], high = loss[0];
+        int has_nan = 0;
+        for (int64_t i = 0; i < n; i++) {
+            has_nan |= loss[i] != loss[i];
+            low = loss[i] < low ? loss[i] : low;
+            high = loss[i] > high ? loss[i] : high;
+        }
+        if (has_nan || !(high > low)) {
+            for (int64_t i = 0; i < n; i++) out[i] = 1.0f;
+            continue;
+        }
+        for (int64_t i = 0; i < n; i++) ordered[i] = x[i] = (loss[i] - low) / (high - low);
+        qsort(ordered, (size_t)n, sizeof(double), compare_doubles);
+        /* the split after the prefix of least summed squared error (the first such) */
+        double csum = 0.0, csum_sq = 0.0, total = 0.0, total_sq = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            total += ordered[i];
+            total_sq += ordered[i] * ordered[i];
+        }
+        int64_t best = 0;
+        for (int64_t i = 0; i + 1 < n; i++) {
+            csum += ordered[i];
+            csum_sq += ordered[i] * ordered[i];
+            double left = (double)(i + 1);
+            sse[i] = (csum_sq - csum * csum / left) +
+                     ((total_sq - csum_sq) - (total - csum) * (total - csum) / ((double)n - left));
+            if (sse[i] < sse[best]) best = i;
+        }
+        for (int64_t i = 0; i < n; i++) {
+            r1[i] = x[i] > ordered[best] ? 1.0 : 0.0;
+            r0[i] = 1.0 - r1[i];
+        }
+        double weight[2], mean[2], var[2], lower_bound = -INFINITY;
+        m_step(x, r0, r1, n, reg_covar, scratch, weight, mean, var);
+        for (int64_t round = 0; round < max_iter; round++) {
+            double bound = e_step(x, n, weight, mean, var, r0, r1, scratch);
+            for (int64_t i = 0; i < n; i++) {
+                r0[i] = exp(r0[i]);
+                r1[i] = exp(r1[i]);
+            }
+            m_step(x, r0, r1, n, reg_covar, scratch, weight, mean, var);
+            if (fabs(bound - lower_bound) < tol) break;
+            lower_bound = bound;
+        }
+        e_step(x, n, weight, mean, var, r0, r1, scratch);
+        const double *clean = mean[0] <= mean[1] ? r0 : r1;
+        for (int64_t i = 0; i < n; i++) out[i] = (float)exp(clean[i]);
+    }
+    free(work);
+    return DONE;
+}

@@ -2,8 +2,9 @@
 
 ``cpu_kernels.c`` holds the DAFL generator's fused no-grad bf16 kernels (``tadfkd.models.fused``)
 the convolution of one input channel of a grayscale network's first layer
-(``tadfkd.models.single_channel``) and a ReLU with the pooling after it
-(``tadfkd.models.pooling``). It is compiled at first use by the machine's C compiler
+(``tadfkd.models.single_channel``), a ReLU with the pooling after it
+(``tadfkd.models.pooling``) and the selection's mixture fit
+(``tadfkd.distillation.selection``). It is compiled at first use by the machine's C compiler
 (``$CC``, else ``cc``) for the CPU it runs on (``-march=native``) and cached under
 ``~/.cache/tadfkd/kernels`` (``$TADFKD_CACHE``), named by a hash of the source, the command and
 the CPU's flags; a cached library loads only from a folder no one else can write to. Where
@@ -65,6 +66,8 @@ SIGNATURES = {
     "relu_max_pool_backward": [_PTR, _INT, *[_I64] * 4, _PTR, _PTR],
     "relu_mean": [_PTR, _INT, *[_I64] * 3, _PTR],
     "relu_mean_backward": [_PTR, _INT, *[_I64] * 3, _PTR, _PTR],
+    # losses (rows, n) float64, rows, n, max_iter, tol, reg_covar, posterior (rows, n) float32
+    "two_gaussian_posterior": [_PTR, _I64, _I64, _I64, _F64, _F64, _PTR],
 }
 # the entry points' return codes (cpu_kernels.c) that are not success
 FAILURES = {-1: "refused its input", -2: "ran out of memory"}

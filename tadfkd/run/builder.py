@@ -16,6 +16,7 @@ from tadfkd.data.views import Views
 from tadfkd.distillation.loop import Distiller, Schedule
 from tadfkd.distillation.nonfinite import NonFiniteGuard
 from tadfkd.distillation.precision import Precision, prepare_model, resolve_precision
+from tadfkd.distillation.selection import GMMSelection, Selection
 from tadfkd.distillation.synthesizer import Synthesizer
 from tadfkd.models import kernels, pooling, single_channel
 from tadfkd.run.runtime import build
@@ -150,6 +151,15 @@ def use_fused_pooling(
             pooling.use_kernel(model)
 
 
+def build_selection(node: DictConfig, speed: DictConfig) -> Selection:
+    """The ``selection`` node's rule, its mixture fit in C where ``speed.mixture_kernel`` says so
+    (``use_kernels``; on every device: the fit runs on the host)."""
+    selection = build(node)
+    if isinstance(selection, GMMSelection):
+        selection.by_kernel = use_kernels("speed.mixture_kernel", speed.mixture_kernel, True)
+    return selection
+
+
 def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> Distiller:
     """A ``Distiller`` for ``teacher`` (loaded) with everything else built from ``cfg``; the
     student is initialised before the generator, from the global RNG (seed it first)."""
@@ -182,7 +192,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
             int(cfg.dataset.views.crop_padding),
             bool(cfg.dataset.views.flip),
         ),
-        selection=build(cfg.selection),
+        selection=build_selection(cfg.selection, speed),
         batch_size=schedule.batch_size,
         device=device,
         precision=precision,

@@ -47,6 +47,7 @@ ADDED = {
     "speed.depthwise_output": False,
     "speed.fused_generation": False,
     "speed.fused_pooling": False,
+    "speed.mixture_kernel": False,
     "speed.phased_upsampling": False,
     "speed.single_channel_conv": False,
 }
