@@ -43,7 +43,7 @@ from tadfkd.bench.timing import counted_as_published, matmul_rates, matmul_rates
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
 from tadfkd.models import fused as fused_module
-from tadfkd.models import single_channel, upsampling
+from tadfkd.models import pooling, single_channel, upsampling
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
 
@@ -184,6 +184,10 @@ def print_components(
         isinstance(module, single_channel.SingleChannelConv2d)
         for module in distiller.inference_teacher.modules()
     )
+    pooled = threads <= pooling.MAX_THREADS and any(
+        isinstance(module, pooling.PooledSequential) for module in distiller.student.modules()
+    )
+    in_c = getattr(distiller.synthesizer.selection, "by_kernel", False)
     print(
         f"CPU: {device_name(device)}, {args.threads} thread(s); setting {args.setting}, "
         f"precision {distiller.precision.name}, generation "
@@ -192,7 +196,8 @@ def print_components(
         f"{per_step_batches:.2f} generated batches per student step; fused generator kernels: "
         f"{'on' if fused else 'off'}; "
         f"the teacher's one-input-channel kernel: {'on' if single else 'off'}; "
-        f"malloc: {malloc_policy(kept_memory)}"
+        f"ReLU-pool kernels: {'on' if pooled else 'off'}; "
+        f"mixture fit: {'C' if in_c else 'numpy'}; malloc: {malloc_policy(kept_memory)}"
     )
     print(f"{'component':<32}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")
     for name, (seconds, count) in found.items():
