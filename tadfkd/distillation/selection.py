@@ -9,8 +9,9 @@ a round rather than a general mixture's bookkeeping. It stops at ``tol`` as scik
 Scored batches are fitted one by one (``clean_posterior``); on a GPU their losses come to the
 host once a round, where the refill reads its kept counts anyway. With ``speed.mixture_kernel``
 the same fit runs in C (``cpu_kernels.c``: the same float64 operations in the same order, sums
-as numpy's pairwise sum, exp and log the C library's), a tenth of the time a batch of 64 takes
-in numpy's small operations; the posteriors equal numpy's to float64 rounding.
+as numpy's pairwise sum, exp and log the C library's), a fraction of the time numpy's small
+operations take on a batch of 64; the posteriors equal numpy's to float64 rounding (bit for bit
+in the tests).
 
 Two documented differences from scikit-learn, both tested for agreement
 (``tests/test_selection.py``): the k-means initialisation uses the exact optimal 1-D split (by
