@@ -11,6 +11,7 @@ import torch
 from helpers import CPU, needs_kernels
 from torch import nn
 
+from tadfkd.bench.published import PUBLISHED_STYLE
 from tadfkd.bench.setting import bench_config, build_path
 from tadfkd.distillation.objectives import stage_ends
 from tadfkd.models import pooling
@@ -29,6 +30,7 @@ def awkward_batch(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     x[0, :, :2, :2] = 0.5  # a tie: the first largest gets the gradient
     x[1, :, :2, :2] = 0.0  # all zero: no gradient
     x[-1, 0, -2, -2] = float("nan")
+    x[-1, -1, 0, 0] = x[-1, -1, 1, 1] = float("nan")  # two in a window: the last is picked
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -52,7 +54,7 @@ def test_the_fused_max_pool_and_its_gradient_are_pytorchs_bit_for_bit(dtype, sha
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0, equal_nan=True)
-    assert out.isnan().sum() == 1  # the NaN's window
+    assert out.isnan().sum() == 2  # the NaNs' windows
     if shape[2] % 2:  # the row no window covers: no gradient
         assert not grad[:, :, -1].any()
 
@@ -125,6 +127,23 @@ def test_a_hooked_pair_and_an_inapplicable_input_run_module_by_module(kernel_cal
     assert kernel_calls == ["relu_max_pool"]
 
 
+def test_beyond_two_threads_or_the_channels_the_average_sums_the_pairs_run_as_two_modules(
+    kernel_calls,
+):
+    model = PooledSequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+    wide = awkward_batch((2, pooling.MAX_CHANNELS + 1, 2, 2), torch.float32).nan_to_num()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(pooling.MAX_THREADS + 1)
+        model(awkward_batch((2, 16, 4, 4), torch.float32))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(model(wide), nn.Sequential(*model)(wide))
+    assert kernel_calls == []
+    with pytest.raises(RuntimeError, match="channels-last"):
+        torch.ops.tadfkd.relu_pool(wide.contiguous(), "mean")  # NCHW: refused, not misread
+
+
 def test_use_kernel_changes_only_the_containers_class(kernel_calls):
     torch.manual_seed(0)
     model = digits_cnn(10).to(memory_format=torch.channels_last)
@@ -176,6 +195,7 @@ def test_the_builder_fuses_the_pairs_of_every_network_but_the_generator(setting)
     assert made() == ["teacher", "inference teacher", "student"]  # auto
     for off in ("speed.fused_pooling=false", "speed.channels_last=false", "speed.compile=true"):
         assert made(off) == [], off
+    assert made(*PUBLISHED_STYLE) == []  # the benchmark's published-style path
 
 
 def test_the_operators_trace_with_their_fake_implementations():

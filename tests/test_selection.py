@@ -12,6 +12,7 @@ from sklearn.mixture import GaussianMixture
 
 import tadfkd.distillation.selection
 from tadfkd.base.errors import UserError
+from tadfkd.bench.published import PUBLISHED_STYLE
 from tadfkd.distillation.selection import (
     GMMSelection,
     NoSelection,
@@ -260,5 +261,9 @@ def test_the_builder_fits_in_c_where_the_kernels_build(monkeypatch):
     speed.mixture_kernel = True
     with pytest.raises(UserError, match=r"speed.mixture_kernel=true needs the C kernels"):
         build_selection(node, speed)
+    published = {"_target_": "tadfkd.bench.published.ScikitLearnGMMSelection"}
+    speed.mixture_kernel = False  # as the published-style path sets it (PUBLISHED_STYLE)
+    assert "speed.mixture_kernel=false" in PUBLISHED_STYLE
+    assert build_selection(OmegaConf.create(published), speed).by_kernel is False
     none = OmegaConf.create({"_target_": "tadfkd.distillation.selection.NoSelection"})
     assert isinstance(build_selection(none, speed), NoSelection)  # nothing to fit: no error

@@ -428,7 +428,12 @@ int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t
 /* ReLU(v) with a NaN kept a NaN, as torch.relu keeps it */
 static inline float relu_keeping_nan(float v) { return v > 0.0f || v != v ? v : 0.0f; }
 
-/* the largest of a, b with a NaN winning, as max pooling picks a NaN */
+/* a later value v wins a pooling window over the largest so far, m, where it is larger or a
+ * NaN, as PyTorch's CPU max pool has it (the backward's form: GCC vectorises its selects) */
+#define WINS(v, m) (((v) > (m)) | ((v) != (v)))
+
+/* the largest of a, b with a NaN winning, as max pooling picks a NaN: WINS(b, a), in the form
+ * GCC vectorises in the forward's loop (with WINS there, it did not) */
 static inline float max_keeping_nan(float a, float b) { return b > a || b != b ? b : a; }
 
 #define RELU_MAX_POOL(type, load, store)                                                    \
@@ -471,9 +476,6 @@ static inline uint16_t exact_bf16(float f) {
     memcpy(&u, &f, sizeof u);
     return (uint16_t)(u >> 16);
 }
-
-/* a later value wins the window over the largest so far where it is larger or a NaN */
-#define WINS(v, m) (((v) > (m)) | ((v) != (v)))
 
 /* each window's gradient g, at the value max pooling picks (the first largest, row by row,
  * or the last NaN, as PyTorch's CPU kernel picks) where ReLU passes it, zero at the other
@@ -519,35 +521,42 @@ int relu_max_pool_backward(const void *x, int bf16, int64_t N, int64_t H, int64_
     return DONE;
 }
 
+#define RELU_MEAN(type, load, store)                                                        \
+    for (int64_t n = 0; n < N; n++) {                                                       \
+        for (int64_t k = 0; k < C; k++) sums[k] = 0.0f;                                     \
+        for (int64_t p = 0; p < P; p++) {                                                   \
+            const type *row = (const type *)x + (n * P + p) * C;                            \
+            _Pragma("omp simd") for (int64_t k = 0; k < C; k++) sums[k] +=                 \
+                relu_keeping_nan(load(row[k]));                                             \
+        }                                                                                   \
+        for (int64_t k = 0; k < C; k++) ((type *)out)[n * C + k] = store(sums[k] / (float)P); \
+    }
+
 /* out (N, C) = the mean of ReLU(x) over each image's P = H * W pixels, x (N, P, C): float32
  * sums in pixel order, divided by P, rounded once to out's dtype */
 int relu_mean(const void *x, int bf16, int64_t N, int64_t P, int64_t C, void *out) {
     if (P < 1 || C < 1 || C > MAX_CHANNELS) return REFUSED;
     float sums[MAX_CHANNELS];
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t k = 0; k < C; k++) sums[k] = 0.0f;
-        for (int64_t p = 0; p < P; p++) {
-            const int64_t at = (n * P + p) * C;
-            if (bf16) {
-                const uint16_t *row = (const uint16_t *)x + at;
-                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) sums[k] +=
-                    relu_keeping_nan(bf16_to_float(row[k]));
-            } else {
-                const float *row = (const float *)x + at;
-                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) sums[k] +=
-                    relu_keeping_nan(row[k]);
-            }
-        }
-        for (int64_t k = 0; k < C; k++) {
-            float mean = sums[k] / (float)P;
-            if (bf16)
-                ((uint16_t *)out)[n * C + k] = float_to_bf16(mean);
-            else
-                ((float *)out)[n * C + k] = mean;
-        }
+    if (bf16) {
+        RELU_MEAN(uint16_t, bf16_to_float, float_to_bf16)
+    } else {
+        RELU_MEAN(float, as_float, as_float)
     }
     return DONE;
 }
+
+#define RELU_MEAN_BACKWARD(type, load, store)                                               \
+    for (int64_t n = 0; n < N; n++) {                                                       \
+        for (int64_t k = 0; k < C; k++) /* rounded to the dtype, as the mean's backward */  \
+            share[k] = load(store(load(((const type *)grad)[n * C + k]) / (float)P));       \
+        for (int64_t p = 0; p < P; p++) {                                                   \
+            const int64_t at = (n * P + p) * C;                                             \
+            const type *row = (const type *)x + at;                                         \
+            type *into = (type *)grad_in + at;                                              \
+            _Pragma("omp simd") for (int64_t k = 0; k < C; k++) into[k] =                  \
+                store(relu_passes(load(row[k])) ? share[k] : 0.0f);                         \
+        }                                                                                   \
+    }
 
 /* grad_in (N, P, C) = relu_mean's gradient for grad (N, C): grad / P (rounded to the dtype, as
  * the mean's backward divides) where ReLU passes it (x positive or NaN), else zero */
@@ -555,25 +564,10 @@ int relu_mean_backward(const void *x, int bf16, int64_t N, int64_t P, int64_t C,
                        const void *grad, void *grad_in) {
     if (P < 1 || C < 1 || C > MAX_CHANNELS) return REFUSED;
     float share[MAX_CHANNELS];
-    for (int64_t n = 0; n < N; n++) {
-        for (int64_t k = 0; k < C; k++)
-            share[k] = bf16 ? rounded_to_bf16(bf16_to_float(((const uint16_t *)grad)[n * C + k]) /
-                                              (float)P)
-                            : ((const float *)grad)[n * C + k] / (float)P;
-        for (int64_t p = 0; p < P; p++) {
-            const int64_t at = (n * P + p) * C;
-            if (bf16) {
-                const uint16_t *row = (const uint16_t *)x + at;
-                uint16_t *into = (uint16_t *)grad_in + at;
-                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) into[k] =
-                    relu_passes(bf16_to_float(row[k])) ? float_to_bf16(share[k]) : 0;
-            } else {
-                const float *row = (const float *)x + at;
-                float *into = (float *)grad_in + at;
-                _Pragma("omp simd") for (int64_t k = 0; k < C; k++) into[k] =
-                    relu_passes(row[k]) ? share[k] : 0.0f;
-            }
-        }
+    if (bf16) {
+        RELU_MEAN_BACKWARD(uint16_t, bf16_to_float, float_to_bf16)
+    } else {
+        RELU_MEAN_BACKWARD(float, as_float, as_float)
     }
     return DONE;
 }

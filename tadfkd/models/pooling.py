@@ -27,6 +27,7 @@ from tadfkd.models.single_channel import MODULE_HOOKS
 
 # the kernels run on one thread; beyond two, PyTorch's parallel ReLU and pooling are left to it
 MAX_THREADS = 2
+MAX_CHANNELS = 1024  # cpu_kernels.c: the average's per-channel sums
 # hooks every module runs (torch.nn.modules.module.register_module_forward_hook and the like)
 GLOBAL_HOOKS = (
     "_global_forward_hooks",
@@ -63,13 +64,16 @@ def hooked(*modules: nn.Module) -> bool:
 
 def applies(kind: str, x: torch.Tensor) -> bool:
     """Whether the kernels compute the ``kind`` pair on x: a float32 or bf16 (N, C, H, W) CPU
-    tensor, channels-last, big enough for the pool; at most ``MAX_THREADS`` torch threads,
+    tensor, channels-last, big enough for the pool (the average: at most ``MAX_CHANNELS``
+    channels); at most ``MAX_THREADS`` torch threads,
     not while ``torch.compile`` traces, built kernels."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
         return False
     if not x.is_contiguous(memory_format=torch.channels_last) or x.numel() == 0:
         return False
     if kind == "max" and min(x.shape[2], x.shape[3]) < 2:
+        return False
+    if kind == "mean" and x.shape[1] > MAX_CHANNELS:
         return False
     if torch.compiler.is_compiling() or torch.get_num_threads() > MAX_THREADS:
         return False
@@ -103,6 +107,12 @@ def relu_pool(x: torch.Tensor, kind: str) -> torch.Tensor:
     2x2 max pool (``kind`` "max", channels-last out) or the global average ("mean", (N, C, 1,
     1) out) in x's dtype."""
     torch._check(kind in ("max", "mean"), lambda: "kind max or mean")
+    torch._check(
+        x.dim() == 4
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous(memory_format=torch.channels_last),
+        lambda: "a float32 or bf16 (N, C, H, W) input, channels-last",
+    )
     out = torch.empty(pooled_shape(kind, x), dtype=x.dtype, memory_format=torch.channels_last)
     launched("relu_max_pool" if kind == "max" else "relu_mean", x, out)
     return out
@@ -119,6 +129,8 @@ def relu_pool_fake(x, kind):
 def relu_pool_backward(x: torch.Tensor, grad: torch.Tensor, kind: str) -> torch.Tensor:
     """``relu_pool``'s gradient for x: grad (its output's shape, x's dtype) -> (N, C, H, W),
     channels-last."""
+    # as the kernels read them, whatever layout a saved-tensor hook gave x back in
+    x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     kernel = "relu_max_pool_backward" if kind == "max" else "relu_mean_backward"
