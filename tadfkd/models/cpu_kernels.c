@@ -656,10 +656,10 @@ static double e_step(const double *x, int64_t n, const double weight[2], const d
 int two_gaussian_posterior(const double *losses, int64_t rows, int64_t n, int64_t max_iter,
                            double tol, double reg_covar, float *posterior) {
     if (n < 2) return REFUSED;
-    double *work = malloc((size_t)(6 * n) * sizeof(double));
+    double *work = malloc((size_t)(5 * n) * sizeof(double));
     if (work == NULL) return NO_MEMORY;
     double *x = work, *ordered = work + n, *r0 = work + 2 * n, *r1 = work + 3 * n;
-    double *scratch = work + 4 * n, *sse = work + 5 * n;
+    double *scratch = work + 4 * n;
     for (int64_t row = 0; row < rows; row++) {
         const double *loss = losses + row * n;
         float *out = posterior + row * n;
@@ -683,13 +683,17 @@ int two_gaussian_posterior(const double *losses, int64_t rows, int64_t n, int64_
             total_sq += ordered[i] * ordered[i];
         }
         int64_t best = 0;
+        double least = INFINITY;
         for (int64_t i = 0; i + 1 < n; i++) {
             csum += ordered[i];
             csum_sq += ordered[i] * ordered[i];
-            double left = (double)(i + 1);
-            sse[i] = (csum_sq - csum * csum / left) +
-                     ((total_sq - csum_sq) - (total - csum) * (total - csum) / ((double)n - left));
-            if (sse[i] < sse[best]) best = i;
+            double left = (double)(i + 1), rest = total - csum;
+            double sse = (csum_sq - csum * csum / left) +
+                         ((total_sq - csum_sq) - rest * rest / ((double)n - left));
+            if (sse < least) { /* strictly: the first least, as numpy's argmin */
+                least = sse;
+                best = i;
+            }
         }
         for (int64_t i = 0; i < n; i++) {
             r1[i] = x[i] > ordered[best] ? 1.0 : 0.0;

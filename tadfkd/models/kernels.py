@@ -179,10 +179,17 @@ def cached_path(compiler: str) -> Path:
 
 
 def may_run(x: torch.Tensor, max_threads: int) -> bool:
-    """What every kernel needs to compute on x here: not while ``torch.compile`` traces (it
-    compiles PyTorch's operators, as with ``speed.compile``), no gradients, a CPU tensor, at
-    most ``max_threads`` torch threads (the kernels run on one), built kernels."""
-    if torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu":
+    """What every no-grad kernel needs to compute on x here: no gradients recorded, and what
+    every kernel needs (``may_run_with_grad``)."""
+    return not torch.is_grad_enabled() and may_run_with_grad(x, max_threads)
+
+
+def may_run_with_grad(x: torch.Tensor, max_threads: int) -> bool:
+    """What every kernel needs to compute on x here, a kernel with its own backward too: not
+    while ``torch.compile`` traces (it compiles PyTorch's operators, as with
+    ``speed.compile``), a CPU tensor, at most ``max_threads`` torch threads (the kernels run on
+    one), built kernels."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
         return False
     return torch.get_num_threads() <= max_threads and kernels() is not None
 

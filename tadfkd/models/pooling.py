@@ -65,9 +65,10 @@ def hooked(*modules: nn.Module) -> bool:
 def applies(kind: str, x: torch.Tensor) -> bool:
     """Whether the kernels compute the ``kind`` pair on x: a float32 or bf16 (N, C, H, W) CPU
     tensor, channels-last, big enough for the pool (the average: at most ``MAX_CHANNELS``
-    channels); at most ``MAX_THREADS`` torch threads,
-    not while ``torch.compile`` traces, built kernels."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
+    channels); and what every kernel needs, with or without gradients
+    (``kernels.may_run_with_grad``: at most ``MAX_THREADS`` torch threads, not while
+    ``torch.compile`` traces, built kernels)."""
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
         return False
     if not x.is_contiguous(memory_format=torch.channels_last) or x.numel() == 0:
         return False
@@ -75,9 +76,7 @@ def applies(kind: str, x: torch.Tensor) -> bool:
         return False
     if kind == "mean" and x.shape[1] > MAX_CHANNELS:
         return False
-    if torch.compiler.is_compiling() or torch.get_num_threads() > MAX_THREADS:
-        return False
-    return kernels.kernels() is not None
+    return kernels.may_run_with_grad(x, MAX_THREADS)
 
 
 def pooled_shape(kind: str, x: torch.Tensor) -> tuple[int, int, int, int]:
