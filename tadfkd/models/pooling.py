@@ -28,6 +28,8 @@ from tadfkd.models.single_channel import MODULE_HOOKS
 # the kernels run on one thread; beyond two, PyTorch's parallel ReLU and pooling are left to it
 MAX_THREADS = 2
 MAX_CHANNELS = 1024  # cpu_kernels.c: the average's per-channel sums
+# each pair's kernel in cpu_kernels.c; its backward is the name with "_backward"
+KERNELS = {"max": "relu_max_pool", "mean": "relu_mean"}
 # hooks every module runs (torch.nn.modules.module.register_module_forward_hook and the like)
 GLOBAL_HOOKS = (
     "_global_forward_hooks",
@@ -85,17 +87,17 @@ def pooled_shape(kind: str, x: torch.Tensor) -> tuple[int, int, int, int]:
     return (n, c, h // 2, w // 2) if kind == "max" else (n, c, 1, 1)
 
 
-def launched(kernel: str, x: torch.Tensor, out: torch.Tensor, *extra: torch.Tensor) -> None:
-    """Run ``kernel`` on x (N, C, H, W) channels-last, extra tensors (also channels-last) and
-    ``out``, with x's dims as the kernel takes them."""
+def launched(kind: str, x: torch.Tensor, out: torch.Tensor, *grad: torch.Tensor) -> None:
+    """Run the ``kind`` pair's kernel (``KERNELS``; its backward when given the output's
+    ``grad``) on x (N, C, H, W) channels-last into ``out``, with x's dims as it takes them."""
     n, c, h, w = x.shape
-    sizes = (n, h, w, c) if kernel.startswith("relu_max_pool") else (n, h * w, c)
+    sizes = (n, h, w, c) if kind == "max" else (n, h * w, c)
     kernels.run_kernel(
-        kernel,
+        KERNELS[kind] + ("_backward" if grad else ""),
         x.data_ptr(),
         int(x.dtype == torch.bfloat16),
         *sizes,
-        *(t.data_ptr() for t in extra),
+        *(t.data_ptr() for t in grad),
         out.data_ptr(),
     )
 
@@ -113,7 +115,7 @@ def relu_pool(x: torch.Tensor, kind: str) -> torch.Tensor:
         lambda: "a float32 or bf16 (N, C, H, W) input, channels-last",
     )
     out = torch.empty(pooled_shape(kind, x), dtype=x.dtype, memory_format=torch.channels_last)
-    launched("relu_max_pool" if kind == "max" else "relu_mean", x, out)
+    launched(kind, x, out)
     return out
 
 
@@ -132,8 +134,7 @@ def relu_pool_backward(x: torch.Tensor, grad: torch.Tensor, kind: str) -> torch.
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    kernel = "relu_max_pool_backward" if kind == "max" else "relu_mean_backward"
-    launched(kernel, x, out, grad)
+    launched(kind, x, out, grad)
     return out
 
 
