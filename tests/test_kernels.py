@@ -1,6 +1,7 @@
 """The C kernels' build (``tadfkd.models.kernels``): a cached library loads only from a folder
 no one else writes to, a failed build says why in one line and leaves nothing behind, and on
-x86 the source builds and computes alike for CPUs without AVX-512."""
+x86 the source builds and computes alike for CPUs without AVX-512; a kernel's call skips the
+dispatcher only where nothing would see its operator."""
 
 import copy
 import platform
@@ -9,9 +10,11 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import needs_kernels
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from tadfkd.models import kernels, pooling, single_channel
+from tadfkd.models import fused, kernels, pooling, single_channel
 from tadfkd.models.generator import Generator
 
 
@@ -111,3 +114,42 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         torch.testing.assert_close(phased_images, expected_images, rtol=1e-2, atol=1e-2)
     finally:
         kernels.kernels.cache_clear()  # the next test loads this machine's own build again
+
+
+class Seen(TorchDispatchMode):
+    """The operators a forward dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_kernels
+def test_an_unobserved_kernel_call_skips_the_dispatcher_and_computes_the_same():
+    x = torch.randn(4, 16, 6, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    mean, var = torch.zeros(16), torch.ones(16)
+    versions = (mean._version, var._version)
+    with torch.no_grad():
+        assert kernels.unobserved()
+        direct = pooling.relu_pool(x, "max")
+        fused.batch_norm_scale_shift(x, None, None, mean, var, True, 0.1, 1e-5)
+        assert (mean._version, var._version) != versions  # its writes counted, as declared
+        assert torch.equal(direct, torch.ops.tadfkd.relu_pool(x, "max"))
+        with Seen() as seen:  # a dispatch mode (FlopCounterMode, the operator recorder) sees it
+            assert not kernels.unobserved()
+            observed = pooling.relu_pool(x, "max")
+        assert seen.names == ["tadfkd.relu_pool.default"]
+        assert torch.equal(observed, direct)
+        with torch.profiler.profile():
+            assert not kernels.unobserved()
+    assert not kernels.unobserved()  # gradients recorded: the operators have no formula
+
+
+def test_a_kernels_argument_check_says_what_it_expected():
+    with pytest.raises(RuntimeError, match="^float32$"):
+        kernels.pointer(torch.zeros(2, dtype=torch.float64))
+    kernels.require(True, "never said")

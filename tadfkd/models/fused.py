@@ -8,7 +8,8 @@ Where the generator computes its upsampled convolutions by phase (``phased_upsam
 compiles it, the generator runs PyTorch's kernels.
 
 The kernels are torch custom operators (``torch.ops.tadfkd.*``), so ``FlopCounterMode`` counts
-the last convolution's FLOPs as it counts PyTorch's, and dispatch modes see each call.
+the last convolution's FLOPs as it counts PyTorch's, and dispatch modes see each call (where
+none could, ``kernels.Operator`` calls the function without the dispatcher).
 """
 
 from __future__ import annotations
@@ -25,11 +26,7 @@ MAX_CHANNELS = 1024  # cpu_kernels.c's per-channel arrays
 MAX_THREADS = 2
 
 
-@torch.library.custom_op(
-    "tadfkd::batch_norm_scale_shift",
-    mutates_args=("running_mean", "running_var"),
-    device_types="cpu",
-)
+@kernels.operator("batch_norm_scale_shift", mutates_args=("running_mean", "running_var"))
 def batch_norm_scale_shift(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -68,7 +65,7 @@ def batch_norm_scale_shift_fake(x, weight, bias, running_mean, running_var, *arg
     return scale, torch.empty_like(scale)
 
 
-@torch.library.custom_op("tadfkd::affine_leaky_relu_upsample", mutates_args=(), device_types="cpu")
+@kernels.operator("affine_leaky_relu_upsample")
 def affine_leaky_relu_upsample(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, slope: float
 ) -> torch.Tensor:
@@ -83,7 +80,7 @@ def affine_leaky_relu_upsample_fake(x, scale, shift, slope):
     return mapped_like(x, factor=2)
 
 
-@torch.library.custom_op("tadfkd::affine_leaky_relu", mutates_args=(), device_types="cpu")
+@kernels.operator("affine_leaky_relu")
 def affine_leaky_relu(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, slope: float
 ) -> torch.Tensor:
@@ -120,7 +117,7 @@ def mapped_like(x: torch.Tensor, factor: int) -> torch.Tensor:
     return kernels.empty_bf16((n, c, factor * h, factor * w), x.device)
 
 
-@torch.library.custom_op("tadfkd::affine_leaky_relu_conv_one", mutates_args=(), device_types="cpu")
+@kernels.operator("affine_leaky_relu_conv_one")
 def affine_leaky_relu_conv_one(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -173,7 +170,7 @@ def batch_norm_map(x: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor,
         momentum = (
             norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
         )
-    return torch.ops.tadfkd.batch_norm_scale_shift(
+    return batch_norm_scale_shift(
         x,
         norm.weight,
         norm.bias,
@@ -226,7 +223,7 @@ def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     if not (generator.depthwise_applies() and takes_output_conv(last, out)):
         return generator.output_layers(out)
     scale, shift = batch_norm_map(out, blocks2[1])
-    out = torch.ops.tadfkd.affine_leaky_relu_conv_one(
+    out = affine_leaky_relu_conv_one(
         out, last.weight, last.bias, scale, shift, blocks2[2].negative_slope
     )
     return blocks2[4](out)
@@ -251,9 +248,5 @@ def activated(
     """``activation(norm(x))``, upsampled 2x (nearest) with ``upsample``, x bf16, in one kernel
     after the statistics."""
     scale, shift = batch_norm_map(x, norm)
-    operator = (
-        torch.ops.tadfkd.affine_leaky_relu_upsample
-        if upsample
-        else torch.ops.tadfkd.affine_leaky_relu
-    )
+    operator = affine_leaky_relu_upsample if upsample else affine_leaky_relu
     return operator(x, scale, shift, activation.negative_slope)

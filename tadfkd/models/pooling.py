@@ -102,17 +102,17 @@ def launched(kind: str, x: torch.Tensor, out: torch.Tensor, *grad: torch.Tensor)
     )
 
 
-@torch.library.custom_op("tadfkd::relu_pool", mutates_args=(), device_types="cpu")
+@kernels.operator("relu_pool")
 def relu_pool(x: torch.Tensor, kind: str) -> torch.Tensor:
     """``pool(relu(x))`` for x (N, C, H, W) float32 or bf16, channels-last (``applies``): the
     2x2 max pool (``kind`` "max", channels-last out) or the global average ("mean", (N, C, 1,
     1) out) in x's dtype."""
-    torch._check(kind in ("max", "mean"), lambda: "kind max or mean")
-    torch._check(
+    kernels.require(kind in ("max", "mean"), "kind max or mean")
+    kernels.require(
         x.dim() == 4
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.is_contiguous(memory_format=torch.channels_last),
-        lambda: "a float32 or bf16 (N, C, H, W) input, channels-last",
+        "a float32 or bf16 (N, C, H, W) input, channels-last",
     )
     out = torch.empty(pooled_shape(kind, x), dtype=x.dtype, memory_format=torch.channels_last)
     launched(kind, x, out)
@@ -126,7 +126,7 @@ def relu_pool_fake(x, kind):
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("tadfkd::relu_pool_backward", mutates_args=(), device_types="cpu")
+@kernels.operator("relu_pool_backward")
 def relu_pool_backward(x: torch.Tensor, grad: torch.Tensor, kind: str) -> torch.Tensor:
     """``relu_pool``'s gradient for x: grad (its output's shape, x's dtype) -> (N, C, H, W),
     channels-last."""
@@ -151,20 +151,20 @@ class ReluPool(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, kind: str) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.kind = kind
-        return torch.ops.tadfkd.relu_pool(x, kind)
+        return relu_pool(x, kind)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
-        return torch.ops.tadfkd.relu_pool_backward(x, grad.to(x.dtype), ctx.kind), None
+        return relu_pool_backward(x, grad.to(x.dtype), ctx.kind), None
 
 
 def pooled(x: torch.Tensor, kind: str) -> torch.Tensor:
     """``pool(relu(x))`` by the kernels (``applies``), through autograd where it records."""
     if torch.is_grad_enabled() and x.requires_grad:
         return ReluPool.apply(x, kind)
-    return torch.ops.tadfkd.relu_pool(x, kind)
+    return relu_pool(x, kind)
 
 
 class PooledSequential(nn.Sequential):

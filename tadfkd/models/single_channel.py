@@ -39,24 +39,24 @@ def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: in
     checking what the kernel takes: one input channel, a square kernel of up to
     ``MAX_KERNEL_SIZE``, C a multiple of 16 up to 64, a stride of at least 1, at least one
     output pixel."""
-    torch._check(x.dim() == 4 and x.shape[1] == 1, lambda: "an input (N, 1, H, W)")
-    torch._check(
+    kernels.require(x.dim() == 4 and x.shape[1] == 1, "an input (N, 1, H, W)")
+    kernels.require(
         weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[2] == weight.shape[3],
-        lambda: "a weight (C, 1, K, K)",
+        "a weight (C, 1, K, K)",
     )
     channels, size = weight.shape[0], weight.shape[2]
-    torch._check(channels % 16 == 0 and 16 <= channels <= 64, lambda: "16 to 64 outputs by 16")
-    torch._check(
+    kernels.require(channels % 16 == 0 and 16 <= channels <= 64, "16 to 64 outputs by 16")
+    kernels.require(
         1 <= size <= MAX_KERNEL_SIZE and stride >= 1 and padding >= 0,
-        lambda: f"a kernel of up to {MAX_KERNEL_SIZE}, a stride of 1 or more, no negative padding",
+        f"a kernel of up to {MAX_KERNEL_SIZE}, a stride of 1 or more, no negative padding",
     )
     out_h = (x.shape[2] + 2 * padding - size) // stride + 1
     out_w = (x.shape[3] + 2 * padding - size) // stride + 1
-    torch._check(out_h >= 1 and out_w >= 1, lambda: "an output of at least one pixel")
+    kernels.require(out_h >= 1 and out_w >= 1, "an output of at least one pixel")
     return [x.shape[0], channels, out_h, out_w]
 
 
-@torch.library.custom_op("tadfkd::single_channel_conv", mutates_args=(), device_types="cpu")
+@kernels.operator("single_channel_conv")
 def single_channel_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -70,10 +70,10 @@ def single_channel_conv(
     sums; with ``bf16`` as bf16 autocast runs it (x, weight and bias rounded to bf16, the
     output bf16). The output (N, C, Ho, Wo) is channels-last."""
     shape = output_shape(x, weight, stride, padding)
-    torch._check(x.dtype in (torch.float32, torch.bfloat16), lambda: "a float32 or bf16 input")
-    torch._check(bf16 or x.dtype == torch.float32, lambda: "a bf16 input with bf16")
-    torch._check(weight.dtype == torch.float32, lambda: "a float32 weight")
-    torch._check(bias is None or bias.shape == (shape[1],), lambda: "a bias (C,)")
+    kernels.require(x.dtype in (torch.float32, torch.bfloat16), "a float32 or bf16 input")
+    kernels.require(bf16 or x.dtype == torch.float32, "a bf16 input with bf16")
+    kernels.require(weight.dtype == torch.float32, "a float32 weight")
+    kernels.require(bias is None or bias.shape == (shape[1],), "a bias (C,)")
     dtype = torch.bfloat16 if bf16 else torch.float32
     out = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
     n, _, h, w = x.shape
@@ -134,7 +134,7 @@ class SingleChannelConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not applies(self, x):
             return super().forward(x)
-        return torch.ops.tadfkd.single_channel_conv(
+        return single_channel_conv(
             x,
             self.weight,
             self.bias,

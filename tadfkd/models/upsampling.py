@@ -146,7 +146,7 @@ class InterleavePhases(torch.autograd.Function):
         ctx.phased_shape, ctx.layout = phased.shape, memory_format_of(phased)
         ctx.copy_kernels = copy_kernels
         if copy_kernels and copies_by_kernel(phased):
-            return torch.ops.tadfkd.interleave_phases(phased)
+            return interleave_phases_kernel(phased)
         out = torch.empty(
             interleaved_shape(phased),
             dtype=phased.dtype,
@@ -160,7 +160,7 @@ class InterleavePhases(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         if ctx.copy_kernels and ctx.layout == torch.channels_last and copies_by_kernel(grad):
-            return torch.ops.tadfkd.deinterleave_phases(grad), None
+            return deinterleave_phases_kernel(grad), None
         # in the layout the phases came in, whatever the gradient's: the convolution's backward
         # takes it as its forward gave it
         phased = torch.empty(
@@ -184,7 +184,7 @@ def copies_by_kernel(x: torch.Tensor) -> bool:
     )
 
 
-@torch.library.custom_op("tadfkd::interleave_phases", mutates_args=(), device_types="cpu")
+@kernels.operator("interleave_phases")
 def interleave_phases_kernel(phased: torch.Tensor) -> torch.Tensor:
     """``interleave_phases`` in C: phased (N, 4 C, H + 1, W + 1) bf16, channels in unit stride
     -> (N, C, 2H, 2W) bf16, channels-last."""
@@ -197,7 +197,7 @@ def interleave_phases_fake(phased):
     return kernels.empty_bf16(interleaved_shape(phased), phased.device)
 
 
-@torch.library.custom_op("tadfkd::deinterleave_phases", mutates_args=(), device_types="cpu")
+@kernels.operator("deinterleave_phases")
 def deinterleave_phases_kernel(grad: torch.Tensor) -> torch.Tensor:
     """``interleave_phases``' backward in C: the gradient (N, C, 2H, 2W) bf16, channels in unit
     stride -> the phases' gradient (N, 4 C, H + 1, W + 1) bf16, channels-last, zero where no
