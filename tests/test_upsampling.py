@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tadfkd.bench.published import PUBLISHED_STYLE
 from tadfkd.bench.setting import bench_config, build_path
 from tadfkd.bench.timing import counted_as_published
-from tadfkd.models import upsampling
+from tadfkd.models import fused, upsampling
 from tadfkd.models.generator import Generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # where the C kernels apply
@@ -169,9 +169,11 @@ def test_the_fused_phased_forward_runs_its_kernels_and_computes_the_images(kerne
         fp32 = copy.deepcopy(nets["published"])(noise)
     kernel_calls.clear()
     out = {"fused": bf16_images(fused, noise)}
-    assert kernel_calls.count("interleave_phases") == 2
     assert kernel_calls.count("affine_leaky_relu") == 2
-    assert "affine_leaky_relu_upsample" not in kernel_calls  # no upsampled tensor is made
+    assert kernel_calls.count("affine_leaky_relu_conv_one") == 1
+    # no upsampled tensor is made, and the kernels read the phases where they are
+    assert "affine_leaky_relu_upsample" not in kernel_calls
+    assert "interleave_phases" not in kernel_calls
     kernel_calls.clear()
     out["phased"] = bf16_images(nets["phased"], noise)
     assert kernel_calls == []  # without the fused kernels (fused_generation=false): PyTorch's
@@ -253,3 +255,31 @@ def test_the_benchmarks_count_the_published_computations_flops():
         counts[phased] = counter.get_total_flops()
         assert generator.phased_upsampling is phased  # restored after the count
     assert counts[True] == counts[False]
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels, rows, columns", [(16, 7, 7), (32, 4, 6), (48, 5, 3)])
+def test_the_kernels_read_the_phases_in_place_as_they_read_them_put_in_place(
+    channels, rows, columns
+):
+    phases = torch.randn(3, 4 * channels, rows + 1, columns + 1).bfloat16()
+    phases = phases.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        in_place = upsampling.interleave_phases(phases, copy_kernels=True)
+        statistics, maps = {}, {}
+        for phased in (0, 1):  # the same seed's parameters and running statistics
+            torch.manual_seed(0)
+            weight, bias = torch.rand(channels), torch.rand(channels)
+            statistics[phased] = (torch.rand(channels), torch.rand(channels))
+            maps[phased] = fused.batch_norm_scale_shift(
+                *(phases if phased else in_place, weight, bias, *statistics[phased]),
+                *(True, 0.1, 0.8, bool(phased)),
+            )
+        assert all(torch.equal(a, b) for a, b in zip(maps[0], maps[1], strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(*statistics.values(), strict=True))
+        scale, shift = maps[0]
+        activation = fused.affine_leaky_relu(phases, scale, shift, 0.2, True)
+        assert torch.equal(activation, fused.affine_leaky_relu(in_place, scale, shift, 0.2))
+        conv = (torch.randn(1, channels, 3, 3), torch.randn(1), scale, shift, 0.2)
+        images = fused.affine_leaky_relu_conv_one(phases, *conv, True)
+        assert torch.equal(images, fused.affine_leaky_relu_conv_one(in_place, *conv))

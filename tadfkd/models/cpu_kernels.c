@@ -59,25 +59,92 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* 16 floats, in one AVX-512 register or two AVX ones: GCC's and Clang's vector extension */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+
+static inline f32x16 load16(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline f32x16 load16_bf16(const uint16_t *p) {
+    u16x16 half;
+    memcpy(&half, p, sizeof half);
+    u32x16 bits = __builtin_convertvector(half, u32x16) << 16;
+    f32x16 v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
 static inline float leaky_relu(float v, float slope) { return v > 0.0f ? v : v * slope; }
+
+/* Where pixel (n, h, w) of x is, split into its row's offset and its column's: at element
+ * strides (phase_block 0), or in a phases tensor (N, 4 C, H / 2 + 1, W / 2 + 1) with unit
+ * channel stride (phase_block C; tadfkd.models.upsampling): pixel (2i + a, 2j + b) of the
+ * upsampled convolution is phase (a, b)'s pixel (i + a, j + b), channels (2a + b) C on, so
+ * the kernels read it without the phases being put in place first. */
+static inline int64_t row_offset(int64_t n, int64_t h, int64_t sn, int64_t sh,
+                                 int64_t phase_block) {
+    if (phase_block == 0) return n * sn + h * sh;
+    return n * sn + ((h + 1) >> 1) * sh + 2 * (h & 1) * phase_block;
+}
+
+static inline int64_t column_offset(int64_t w, int64_t sw, int64_t phase_block) {
+    if (phase_block == 0) return w * sw;
+    return ((w + 1) >> 1) * sw + (w & 1) * phase_block;
+}
 
 /* Per-channel sums of x - x[0,0,0,c] and of its squares: float within a row of the image,
  * double across rows; the shift keeps E[x^2] - E[x]^2 exact enough when the mean is large
- * beside the spread. */
+ * beside the spread. Channels in unit stride run 16 to a vector: GCC left the loop over 32
+ * channels scalar, ten times slower a pixel than over 16 (the same sums either way). */
 static inline __attribute__((always_inline)) void shifted_sums(
     const int64_t C, const int64_t sc, const uint16_t *x, int64_t N, int64_t H, int64_t W,
-    int64_t sn, int64_t sh, int64_t sw, float *shift, double *sum, double *sumsq) {
-    float part[MAX_CHANNELS], part2[MAX_CHANNELS];
+    int64_t sn, int64_t sh, int64_t sw, int64_t phase_block, float *shift, double *sum,
+    double *sumsq) {
     for (int64_t c = 0; c < C; c++) {
         shift[c] = bf16_to_float(x[c * sc]);
         sum[c] = 0.0;
         sumsq[c] = 0.0;
     }
+    if (sc == 1 && C % 16 == 0) {
+        enum { MAX_GROUPS = MAX_CHANNELS / 16 };
+        const int64_t groups = C / 16;
+        f32x16 first[MAX_GROUPS], part[MAX_GROUPS], part2[MAX_GROUPS];
+        for (int64_t g = 0; g < groups; g++) first[g] = load16(shift + 16 * g);
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t h = 0; h < H; h++) {
+                for (int64_t g = 0; g < groups; g++) part[g] = part2[g] = (f32x16){0};
+                const uint16_t *row = x + row_offset(n, h, sn, sh, phase_block);
+                for (int64_t w = 0; w < W; w++) {
+                    const uint16_t *p = row + column_offset(w, sw, phase_block);
+                    for (int64_t g = 0; g < groups; g++) {
+                        f32x16 v = load16_bf16(p + 16 * g) - first[g];
+                        part[g] += v;
+                        part2[g] += v * v;
+                    }
+                }
+                for (int64_t g = 0; g < groups; g++)
+                    for (int c = 0; c < 16; c++) {
+                        sum[16 * g + c] += part[g][c];
+                        sumsq[16 * g + c] += part2[g][c];
+                    }
+            }
+        return;
+    }
+    float part[MAX_CHANNELS], part2[MAX_CHANNELS];
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < H; h++) {
             for (int64_t c = 0; c < C; c++) part[c] = part2[c] = 0.0f;
+            const uint16_t *row = x + row_offset(n, h, sn, sh, phase_block);
             for (int64_t w = 0; w < W; w++) {
-                const uint16_t *p = x + n * sn + h * sh + w * sw;
+                const uint16_t *p = row + column_offset(w, sw, phase_block);
 #pragma omp simd
                 for (int64_t c = 0; c < C; c++) {
                     float v = bf16_to_float(p[c * sc]) - shift[c];
@@ -98,16 +165,17 @@ static inline __attribute__((always_inline)) void shifted_sums(
  * Refuses more than MAX_CHANNELS channels, and fewer than two values a channel in training
  * (torch.nn.BatchNorm2d raises then). */
 int batch_norm_scale_shift(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t C,
-                           int64_t sn, int64_t sh, int64_t sw, int64_t sc, const float *weight,
-                           const float *bias, double eps, int training, double momentum,
-                           float *running_mean, float *running_var, float *scale,
-                           float *shift) {
-    if (C > MAX_CHANNELS || (training && N * H * W < 2)) return REFUSED;
+                           int64_t sn, int64_t sh, int64_t sw, int64_t sc, int64_t phase_block,
+                           const float *weight, const float *bias, double eps, int training,
+                           double momentum, float *running_mean, float *running_var,
+                           float *scale, float *shift) {
+    if (C > MAX_CHANNELS || (training && N * H * W < 2) || (phase_block != 0 && sc != 1))
+        return REFUSED;
     double mean[MAX_CHANNELS], var[MAX_CHANNELS];
     if (training) {
         float first[MAX_CHANNELS];
         double sum[MAX_CHANNELS], sumsq[MAX_CHANNELS];
-        BY_CHANNELS(shifted_sums, C, sc, x, N, H, W, sn, sh, sw, first, sum, sumsq);
+        BY_CHANNELS(shifted_sums, C, sc, x, N, H, W, sn, sh, sw, phase_block, first, sum, sumsq);
         double count = (double)(N * H * W);
         for (int64_t c = 0; c < C; c++) {
             double centred = sum[c] / count;
@@ -138,15 +206,16 @@ int batch_norm_scale_shift(const uint16_t *x, int64_t N, int64_t H, int64_t W, i
  * pixels of y (factor 1: y (N, H, W, C); 2: its nearest upsampling, (N, 2H, 2W, C)) */
 static inline __attribute__((always_inline)) void affine_impl(
     const int64_t C, const int64_t sc, const uint16_t *x, int64_t N, int64_t H, int64_t W,
-    int64_t sn, int64_t sh, int64_t sw, const float *scale, const float *shift, float slope,
-    int64_t factor, uint16_t *y) {
+    int64_t sn, int64_t sh, int64_t sw, int64_t phase_block, const float *scale,
+    const float *shift, float slope, int64_t factor, uint16_t *y) {
     uint16_t pixel[MAX_CHANNELS];
     const int64_t row = factor * W * C;
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < H; h++) {
             uint16_t *first = y + (n * factor * H + factor * h) * row;
+            const uint16_t *in = x + row_offset(n, h, sn, sh, phase_block);
             for (int64_t w = 0; w < W; w++) {
-                const uint16_t *p = x + n * sn + h * sh + w * sw;
+                const uint16_t *p = in + column_offset(w, sw, phase_block);
 #pragma omp simd
                 for (int64_t c = 0; c < C; c++)
                     pixel[c] = float_to_bf16(
@@ -166,16 +235,18 @@ int affine_leaky_relu_upsample(const uint16_t *x, int64_t N, int64_t H, int64_t 
                                const float *scale, const float *shift, float slope,
                                uint16_t *y) {
     if (C > MAX_CHANNELS) return REFUSED;
-    BY_CHANNELS(affine_impl, C, sc, x, N, H, W, sn, sh, sw, scale, shift, slope, 2, y);
+    BY_CHANNELS(affine_impl, C, sc, x, N, H, W, sn, sh, sw, 0, scale, shift, slope, 2, y);
     return DONE;
 }
 
-/* y (N, H, W, C), bf16, contiguous = leaky_relu(scale * x + shift, slope) for x (N, H, W, C) */
+/* y (N, H, W, C), bf16, contiguous = leaky_relu(scale * x + shift, slope) for x (N, H, W, C)
+ * (or read by phase: row_offset) */
 int affine_leaky_relu(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t sn,
-                      int64_t sh, int64_t sw, int64_t sc, const float *scale, const float *shift,
-                      float slope, uint16_t *y) {
-    if (C > MAX_CHANNELS) return REFUSED;
-    BY_CHANNELS(affine_impl, C, sc, x, N, H, W, sn, sh, sw, scale, shift, slope, 1, y);
+                      int64_t sh, int64_t sw, int64_t sc, int64_t phase_block,
+                      const float *scale, const float *shift, float slope, uint16_t *y) {
+    if (C > MAX_CHANNELS || (phase_block != 0 && sc != 1)) return REFUSED;
+    BY_CHANNELS(affine_impl, C, sc, x, N, H, W, sn, sh, sw, phase_block, scale, shift, slope, 1,
+                y);
     return DONE;
 }
 
@@ -218,29 +289,6 @@ int deinterleave_phases(const uint16_t *y, int64_t N, int64_t H2, int64_t W2, in
     return DONE;
 }
 
-/* 16 floats, in one AVX-512 register or two AVX ones: GCC's and Clang's vector extension */
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-
-static inline f32x16 load16(const float *p) {
-    f32x16 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline f32x16 load16_bf16(const uint16_t *p) {
-    u16x16 half;
-    memcpy(&half, p, sizeof half);
-    u32x16 bits = __builtin_convertvector(half, u32x16) << 16;
-    f32x16 v;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
-
 static inline f32x16 leaky_relu16(f32x16 v, float slope) {
     i32x16 positive = v > 0.0f, kept, scaled;
     f32x16 negative = v * slope;
@@ -265,13 +313,14 @@ static inline float sum16(f32x16 v) {
 
 /* out (N, H, W), float32 = a 3x3 convolution with one output channel, padding 1, stride 1,
  * of leaky_relu(scale * x + shift, slope) for x (N, H, W, C), channels-last (unit channel
- * stride), C = 16 * groups with groups <= 4; weight (3, 3, C), float32. Per image: the
+ * stride; or read by phase: row_offset), C = 16 * groups with groups <= 4; weight (3, 3, C),
+ * float32. Per image: the
  * activation into a float32 buffer with a zero border (the padding), then per output pixel a
  * sum over channels and taps, one accumulator per kernel row. */
 int affine_leaky_relu_conv_one(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t C,
                                int64_t sn, int64_t sh, int64_t sw, int64_t sc,
-                               const float *scale, const float *shift, float slope,
-                               const float *weight, float bias, float *out) {
+                               int64_t phase_block, const float *scale, const float *shift,
+                               float slope, const float *weight, float bias, float *out) {
     const int64_t groups = C / 16, row = (W + 2) * C;
     if (sc != 1 || C % 16 != 0 || groups > 4) return REFUSED;
     float *act = calloc((size_t)((H + 2) * row), sizeof(float));
@@ -283,15 +332,17 @@ int affine_leaky_relu_conv_one(const uint16_t *x, int64_t N, int64_t H, int64_t 
         for (int t = 0; t < 9; t++) taps[t][g] = load16(weight + t * C + 16 * g);
     }
     for (int64_t n = 0; n < N; n++) {
-        for (int64_t h = 0; h < H; h++)
+        for (int64_t h = 0; h < H; h++) {
+            const uint16_t *in = x + row_offset(n, h, sn, sh, phase_block);
             for (int64_t w = 0; w < W; w++) {
-                const uint16_t *p = x + n * sn + h * sh + w * sw;
+                const uint16_t *p = in + column_offset(w, sw, phase_block);
                 float *a = act + (h + 1) * row + (w + 1) * C;
                 for (int64_t g = 0; g < groups; g++) {
                     f32x16 v = leaky_relu16(load16_bf16(p + 16 * g) * scales[g] + shifts[g], slope);
                     memcpy(a + 16 * g, &v, sizeof v);
                 }
             }
+        }
         for (int64_t i = 0; i < H; i++)
             for (int64_t j = 0; j < W; j++) {
                 f32x16 top = {0}, middle = {0}, bottom = {0};

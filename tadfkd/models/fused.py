@@ -36,15 +36,18 @@ def batch_norm_scale_shift(
     batch_statistics: bool,
     momentum: float,
     eps: float,
+    phased: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm2d's per-channel map ``scale * x + shift`` (each (C,), float32) for x
     (N, C, H, W) bf16: from the batch's statistics, updating the running ones (when given)
-    with ``momentum``, or from the running ones."""
-    scale = torch.empty(x.shape[1], dtype=torch.float32)
-    shift = torch.empty(x.shape[1], dtype=torch.float32)
+    with ``momentum``, or from the running ones. ``phased``: for the upsampled convolution
+    whose phases x holds, read in place (``kernels.pixels``)."""
+    channels = channels_of(x, phased)
+    scale = torch.empty(channels, dtype=torch.float32)
+    shift = torch.empty(channels, dtype=torch.float32)
     kernels.run_kernel(
         "batch_norm_scale_shift",
-        *kernels.layout(x),
+        *kernels.pixels(x, phased),
         kernels.pointer(weight),
         kernels.pointer(bias),
         eps,
@@ -59,10 +62,23 @@ def batch_norm_scale_shift(
 
 
 @batch_norm_scale_shift.register_fake
-def batch_norm_scale_shift_fake(x, weight, bias, running_mean, running_var, *args):
+def batch_norm_scale_shift_fake(
+    x, weight, bias, running_mean, running_var, batch_statistics, momentum, eps, phased=False
+):
     """The per-channel scale and shift's shapes, for tracing (``torch.library.opcheck``)."""
-    scale = x.new_empty(x.shape[1], dtype=torch.float32)
+    scale = x.new_empty(channels_of(x, phased), dtype=torch.float32)
     return scale, torch.empty_like(scale)
+
+
+def channels_of(x: torch.Tensor, phased: bool) -> int:
+    """The channels of x (N, C, H, W), or with ``phased`` of the upsampled convolution whose
+    four phases x holds (``x.shape[1] // 4``)."""
+    return x.shape[1] // 4 if phased else x.shape[1]
+
+
+def unphased(x: torch.Tensor, phased: bool) -> tuple[int, int, int, int]:
+    """x's shape, or with ``phased`` that of the upsampled convolution whose phases x holds."""
+    return upsampling.interleaved_shape(x) if phased else tuple(x.shape)
 
 
 @kernels.operator("affine_leaky_relu_upsample")
@@ -71,7 +87,12 @@ def affine_leaky_relu_upsample(
 ) -> torch.Tensor:
     """Nearest 2x upsampling of ``leaky_relu(scale * x + shift, slope)``: x (N, C, H, W) bf16
     -> (N, C, 2H, 2W) bf16, channels-last."""
-    return mapped("affine_leaky_relu_upsample", x, scale, shift, slope, factor=2)
+    out = mapped_like(x, factor=2)
+    pointers = (kernels.pointer(scale), kernels.pointer(shift))
+    kernels.run_kernel(
+        "affine_leaky_relu_upsample", *kernels.layout(x), *pointers, slope, out.data_ptr()
+    )
+    return out
 
 
 @affine_leaky_relu_upsample.register_fake
@@ -82,33 +103,22 @@ def affine_leaky_relu_upsample_fake(x, scale, shift, slope):
 
 @kernels.operator("affine_leaky_relu")
 def affine_leaky_relu(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, slope: float
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, slope: float, phased: bool = False
 ) -> torch.Tensor:
     """``leaky_relu(scale * x + shift, slope)``: x (N, C, H, W) bf16 -> the same shape, bf16,
-    channels-last."""
-    return mapped("affine_leaky_relu", x, scale, shift, slope, factor=1)
+    channels-last. ``phased``: of the upsampled convolution whose phases x holds (its shape
+    out), read in place (``kernels.pixels``)."""
+    out = kernels.empty_bf16(unphased(x, phased), x.device)
+    pointers = (kernels.pointer(scale), kernels.pointer(shift))
+    pixels = kernels.pixels(x, phased)
+    kernels.run_kernel("affine_leaky_relu", *pixels, *pointers, slope, out.data_ptr())
+    return out
 
 
 @affine_leaky_relu.register_fake
-def affine_leaky_relu_fake(x, scale, shift, slope):
+def affine_leaky_relu_fake(x, scale, shift, slope, phased=False):
     """The activation's shape, dtype and layout, for tracing (``torch.library.opcheck``)."""
-    return mapped_like(x, factor=1)
-
-
-def mapped(
-    kernel: str,
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    slope: float,
-    factor: int,
-) -> torch.Tensor:
-    """``leaky_relu(scale * x + shift, slope)`` of x (N, C, H, W) bf16 by the C ``kernel`` that
-    writes it ``factor`` times larger (N, C, factor H, factor W), bf16, channels-last."""
-    out = mapped_like(x, factor)
-    pointers = (kernels.pointer(scale), kernels.pointer(shift))
-    kernels.run_kernel(kernel, *kernels.layout(x), *pointers, slope, out.data_ptr())
-    return out
+    return kernels.empty_bf16(unphased(x, phased), x.device)
 
 
 def mapped_like(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -125,16 +135,19 @@ def affine_leaky_relu_conv_one(
     scale: torch.Tensor,
     shift: torch.Tensor,
     slope: float,
+    phased: bool = False,
 ) -> torch.Tensor:
     """The 3x3, padding-1 convolution with one output channel (``weight`` (1, C, 3, 3) and
     ``bias`` (1,), float32) of ``leaky_relu(scale * x + shift, slope)``, in float32: x
-    (N, C, H, W) bf16, channels-last, C a multiple of 16 up to 64 -> (N, 1, H, W) float32."""
-    n, c, h, w = x.shape
+    (N, C, H, W) bf16, channels-last, C a multiple of 16 up to 64 -> (N, 1, H, W) float32.
+    ``phased``: of the upsampled convolution whose phases x holds, read in place
+    (``kernels.pixels``)."""
+    n, _, h, w = unphased(x, phased)
     taps = weight[0].permute(1, 2, 0).float().contiguous()  # (3, 3, C)
     out = torch.empty((n, 1, h, w), dtype=torch.float32)
     kernels.run_kernel(
         "affine_leaky_relu_conv_one",
-        *kernels.layout(x),
+        *kernels.pixels(x, phased),
         kernels.pointer(scale),
         kernels.pointer(shift),
         slope,
@@ -146,22 +159,24 @@ def affine_leaky_relu_conv_one(
 
 
 @affine_leaky_relu_conv_one.register_fake
-def affine_leaky_relu_conv_one_fake(x, weight, bias, scale, shift, slope):
+def affine_leaky_relu_conv_one_fake(x, weight, bias, scale, shift, slope, phased=False):
     """The output's shape and dtype, for tracing (``torch.library.opcheck``)."""
-    n, _, h, w = x.shape
+    n, _, h, w = unphased(x, phased)
     return x.new_empty((n, 1, h, w), dtype=torch.float32)
 
 
 @register_flop_formula(torch.ops.tadfkd.affine_leaky_relu_conv_one, get_raw=True)
-def conv_one_flops(x: torch.Tensor, weight: torch.Tensor, *args, out_val=None, **kwargs) -> int:
+def conv_one_flops(x: torch.Tensor, weight: torch.Tensor, *args, out_val, **kwargs) -> int:
     """As ``FlopCounterMode`` counts the convolution: 2 x outputs x weights per output."""
-    n, _, h, w = x.shape
-    return 2 * n * h * w * weight[0].numel()
+    return 2 * out_val.numel() * weight[0].numel()
 
 
-def batch_norm_map(x: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """``norm`` on x as a per-channel ``(scale, shift)``, with its side effects (the running
-    statistics and their count) as ``norm(x)`` would have them."""
+def batch_norm_map(
+    x: torch.Tensor, norm: nn.BatchNorm2d, phased: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``norm`` on x (``phased``: on the upsampled convolution whose phases x holds) as a
+    per-channel ``(scale, shift)``, with its side effects (the running statistics and their
+    count) as ``norm(x)`` would have them."""
     batch_statistics = norm.training or norm.running_mean is None
     updates = norm.training and norm.track_running_stats
     momentum = 0.0
@@ -179,6 +194,7 @@ def batch_norm_map(x: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor,
         batch_statistics,
         momentum,
         norm.eps,
+        phased,
     )
 
 
@@ -210,43 +226,63 @@ def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     )
     size = generator.init_size
     out = generator.l1(z).view(z.shape[0], generator.width, size, size)
+    phased = False
     if generator.by_phase(blocks1, blocks1[0]) and generator.by_phase(blocks2[0], blocks2[0]):
         out = activated(out, blocks0[0], blocks0[1], upsample=False)
-        out = upsampling.upsampled_conv(out, blocks1[0], copy_kernels=True)
-        out = activated(out, blocks1[1], blocks1[2], upsample=False)
-        out = upsampling.upsampled_conv(out, blocks2[0], copy_kernels=True)
+        out, phased = upsampled(out, blocks1[0])
+        out = activated(out, blocks1[1], blocks1[2], upsample=False, phased=phased)
+        out, phased = upsampled(out, blocks2[0])
     else:
         out = activated(out, blocks0[0], blocks0[1], upsample=True)
         out = activated(blocks1[0](out), blocks1[1], blocks1[2], upsample=True)
         out = blocks2[0](out)
     last = blocks2[3]
-    if not (generator.depthwise_applies() and takes_output_conv(last, out)):
+    if not (generator.depthwise_applies() and takes_output_conv(last, out, phased)):
+        if phased:
+            out = upsampling.interleave_phases(out, copy_kernels=True)
         return generator.output_layers(out)
-    scale, shift = batch_norm_map(out, blocks2[1])
+    scale, shift = batch_norm_map(out, blocks2[1], phased)
     out = affine_leaky_relu_conv_one(
-        out, last.weight, last.bias, scale, shift, blocks2[2].negative_slope
+        out, last.weight, last.bias, scale, shift, blocks2[2].negative_slope, phased
     )
     return blocks2[4](out)
 
 
-def takes_output_conv(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether ``affine_leaky_relu_conv_one`` computes ``conv`` on x: one output channel, 3x3,
-    padding 1 (zeros), stride 1; x bf16 channels-last with 16, 32, 48 or 64 channels."""
+def upsampled(x: torch.Tensor, conv: nn.Conv2d) -> tuple[torch.Tensor, bool]:
+    """``conv`` of x upsampled, by phase (``tadfkd.models.upsampling``): its four phases and
+    True where the kernels read them in place (bf16, channels in unit stride), else the
+    phases put in place and False."""
+    phases = upsampling.phases(x, conv)
+    if phases.dtype == torch.bfloat16 and phases.stride(1) == 1:
+        return phases, True
+    return upsampling.interleave_phases(phases, copy_kernels=True), False
+
+
+def takes_output_conv(conv: nn.Conv2d, x: torch.Tensor, phased: bool = False) -> bool:
+    """Whether ``affine_leaky_relu_conv_one`` computes ``conv`` on x (or, ``phased``, on the
+    upsampled convolution whose phases x holds): one output channel, 3x3, padding 1 (zeros),
+    stride 1; x bf16 channels-last with 16, 32, 48 or 64 channels."""
+    channels = channels_of(x, phased)
     return (
         conv.out_channels == 1
         and upsampling.same_size_3x3(conv)
         and x.dtype == torch.bfloat16
-        and x.shape[1] % 16 == 0
-        and x.shape[1] <= 64
+        and channels % 16 == 0
+        and channels <= 64
         and x.stride(1) == 1
     )
 
 
 def activated(
-    x: torch.Tensor, norm: nn.BatchNorm2d, activation: nn.LeakyReLU, upsample: bool
+    x: torch.Tensor,
+    norm: nn.BatchNorm2d,
+    activation: nn.LeakyReLU,
+    upsample: bool,
+    phased: bool = False,
 ) -> torch.Tensor:
     """``activation(norm(x))``, upsampled 2x (nearest) with ``upsample``, x bf16, in one kernel
-    after the statistics."""
-    scale, shift = batch_norm_map(x, norm)
-    operator = affine_leaky_relu_upsample if upsample else affine_leaky_relu
-    return operator(x, scale, shift, activation.negative_slope)
+    after the statistics; ``phased``: of the upsampled convolution whose phases x holds."""
+    scale, shift = batch_norm_map(x, norm, phased)
+    if upsample:
+        return affine_leaky_relu_upsample(x, scale, shift, activation.negative_slope)
+    return affine_leaky_relu(x, scale, shift, activation.negative_slope, phased)

@@ -54,12 +54,16 @@ _I64, _PTR, _F32, _F64, _INT = (
 # the tensor's dims and element strides in (n, h, w, c) order, then the per-channel affine map
 _LAYOUT = [_PTR, *[_I64] * 8]
 SIGNATURES = {
-    "batch_norm_scale_shift": [*_LAYOUT, _PTR, _PTR, _F64, _INT, _F64, _PTR, _PTR, _PTR, _PTR],
+    # the layout, then its phase block (0, or C for a phases tensor read in place)
+    "batch_norm_scale_shift": [
+        *[*_LAYOUT, _I64],
+        *[_PTR, _PTR, _F64, _INT, _F64, _PTR, _PTR, _PTR, _PTR],
+    ],
     "affine_leaky_relu_upsample": [*_LAYOUT, _PTR, _PTR, _F32, _PTR],
-    "affine_leaky_relu": [*_LAYOUT, _PTR, _PTR, _F32, _PTR],
+    "affine_leaky_relu": [*_LAYOUT, _I64, _PTR, _PTR, _F32, _PTR],
     "interleave_phases": [*_LAYOUT, _PTR],
     "deinterleave_phases": [*_LAYOUT, _PTR],
-    "affine_leaky_relu_conv_one": [*_LAYOUT, _PTR, _PTR, _F32, _PTR, _F32, _PTR],
+    "affine_leaky_relu_conv_one": [*_LAYOUT, _I64, _PTR, _PTR, _F32, _PTR, _F32, _PTR],
     # input, its dtype flag, (N, H, W) and strides; weight, (C, K), strides; bias; stride,
     # padding; bf16; output
     "single_channel_conv": [
@@ -221,6 +225,20 @@ def layout(x: torch.Tensor) -> list[int]:
     n, c, h, w = x.shape
     sn, sc, sh, sw = x.stride()
     return [x.data_ptr(), n, h, w, c, sn, sh, sw, sc]
+
+
+def pixels(x: torch.Tensor, phased: bool) -> list[int]:
+    """x's ``layout`` and its phase block, as the kernels that read pixels take them: x itself
+    (block 0), or with ``phased`` the upsampled convolution (N, C, 2H, 2W) whose four phases
+    x (N, 4 C, H + 1, W + 1), channels in unit stride, holds (``tadfkd.models.upsampling``),
+    read where each phase has its pixels (block C)."""
+    if not phased:
+        return [*layout(x), 0]
+    require(x.dtype == torch.bfloat16 and x.dim() == 4, "a 4-d bf16 tensor")
+    require(x.stride(1) == 1 and x.shape[1] % 4 == 0, "phases in unit channel stride")
+    n, c4, h, w = x.shape
+    sn, sc, sh, sw = x.stride()
+    return [x.data_ptr(), n, 2 * (h - 1), 2 * (w - 1), c4 // 4, sn, sh, sw, sc, c4 // 4]
 
 
 def empty_bf16(shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
