@@ -127,11 +127,15 @@ def test_a_hooked_pair_and_an_inapplicable_input_run_module_by_module(kernel_cal
     assert kernel_calls == ["relu_max_pool"]
 
 
-def test_beyond_two_threads_or_the_channels_the_average_sums_the_pairs_run_as_two_modules(
+def test_beyond_two_threads_or_the_channels_the_kernels_take_the_pairs_run_as_two_modules(
     kernel_calls,
 ):
     model = PooledSequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1))
-    wide = awkward_batch((2, pooling.MAX_CHANNELS + 1, 2, 2), torch.float32).nan_to_num()
+    wide = awkward_batch((2, pooling.MAX_CHANNELS + 16, 2, 2), torch.float32).nan_to_num()
+    for channels in (8, 24):  # not a multiple of 16: the kernels' slow remainder loops
+        narrow = awkward_batch((2, channels, 4, 4), torch.bfloat16).nan_to_num()
+        for pair in (model, PooledSequential(nn.ReLU(), nn.MaxPool2d(2))):
+            torch.testing.assert_close(pair(narrow), nn.Sequential(*pair)(narrow))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(pooling.MAX_THREADS + 1)

@@ -28,6 +28,10 @@ from tadfkd.models.single_channel import MODULE_HOOKS
 # the kernels run on one thread; beyond two, PyTorch's parallel ReLU and pooling are left to it
 MAX_THREADS = 2
 MAX_CHANNELS = 1024  # cpu_kernels.c: the average's per-channel sums
+# the kernels' channel loops run in whole vectors only for a multiple of 16 channels; at 4 to 24
+# others they ran 2 to 20 times slower than PyTorch's ReLU and pool (docs/performance.md, round
+# fifteen), so those run PyTorch's
+CHANNEL_MULTIPLE = 16
 # each pair's kernel in cpu_kernels.c; its backward is the name with "_backward"
 KERNELS = {"max": "relu_max_pool", "mean": "relu_mean"}
 # hooks every module runs (torch.nn.modules.module.register_module_forward_hook and the like)
@@ -66,8 +70,8 @@ def hooked(*modules: nn.Module) -> bool:
 
 def applies(kind: str, x: torch.Tensor) -> bool:
     """Whether the kernels compute the ``kind`` pair on x: a float32 or bf16 (N, C, H, W) CPU
-    tensor, channels-last, big enough for the pool (the average: at most ``MAX_CHANNELS``
-    channels); and what every kernel needs, with or without gradients
+    tensor, channels-last, big enough for the pool, C a multiple of ``CHANNEL_MULTIPLE`` (the
+    average: at most ``MAX_CHANNELS``); and what every kernel needs, with or without gradients
     (``kernels.may_run_with_grad``: at most ``MAX_THREADS`` torch threads, not while
     ``torch.compile`` traces, built kernels)."""
     if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
@@ -76,7 +80,7 @@ def applies(kind: str, x: torch.Tensor) -> bool:
         return False
     if kind == "max" and min(x.shape[2], x.shape[3]) < 2:
         return False
-    if kind == "mean" and x.shape[1] > MAX_CHANNELS:
+    if x.shape[1] % CHANNEL_MULTIPLE != 0 or (kind == "mean" and x.shape[1] > MAX_CHANNELS):
         return False
     return kernels.may_run_with_grad(x, MAX_THREADS)
 
