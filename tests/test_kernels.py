@@ -14,7 +14,7 @@ from helpers import needs_kernels
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tadfkd.models import fused, kernels, pooling, single_channel
+from tadfkd.models import batchnorm, fused, kernels, pooling, single_channel
 from tadfkd.models.generator import Generator
 
 
@@ -92,6 +92,15 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
                 out = pooling.pooled(leaf, kind) if fused_pool else pool(torch.relu(leaf))
                 out.backward(torch.ones_like(out))
                 pooled[kind, fused_pool] = (out.detach(), leaf.grad)
+        norm = nn.BatchNorm2d(16)
+        normed = {}
+        for by_kernel in (True, False):
+            module, leaf = copy.deepcopy(norm), features.clone().requires_grad_()
+            if by_kernel:
+                batchnorm.use_kernel(module)
+            out = module(leaf)
+            out.backward(features)
+            normed[by_kernel] = (out.detach(), leaf.grad, module.weight.grad, module.running_var)
         with torch.no_grad():
             out = model(x)
             with torch.autocast("cpu", torch.bfloat16):
@@ -105,6 +114,9 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         assert {"interleave_phases", "deinterleave_phases"} <= set(kernel_calls)
         assert kernel_calls.count("single_channel_conv") == 2  # fp32, then under bf16 autocast
         assert {"relu_max_pool_backward", "relu_mean_backward"} <= set(kernel_calls)
+        assert {"batch_norm_train", "batch_norm_train_backward"} <= set(kernel_calls)
+        for found, expected in zip(normed[True], normed[False], strict=True):
+            torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4)
         for kind in ("max", "mean"):
             for fused_result, result in zip(pooled[kind, True], pooled[kind, False], strict=True):
                 torch.testing.assert_close(fused_result, result)

@@ -30,6 +30,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
         "speed.phased_upsampling=false",
         "speed.fused_pooling=false",
         "speed.mixture_kernel=false",
+        "speed.batch_norm_kernel=false",
     ]
     default_precision = resolve_precision(str(cfg.speed.precision), device)
     found = {
@@ -53,6 +54,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
         "phased_upsampling=true": [*fp32, "speed.phased_upsampling=true"],
         "fused_pooling=true": [*fp32, "speed.fused_pooling=true", "speed.compile=false"],
         "mixture_kernel=true": [*fp32, "speed.mixture_kernel=true"],
+        "batch_norm_kernel=true": [*fp32, "speed.batch_norm_kernel=true", "speed.compile=false"],
         "scoring=bf16": [*fp32, "speed.scoring=bf16"],
         "generation=bf16": [*fp32, "speed.generation=bf16", "speed.fused_generation=false"],
         "generation=bf16, fused_generation=true": [
@@ -74,6 +76,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
         del found["fold_teacher_bn=true, single_channel_conv=true"]
         del found["fused_pooling=true"]
         del found["mixture_kernel=true"]
+        del found["batch_norm_kernel=true"]
     return found
 
 

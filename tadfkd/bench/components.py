@@ -42,8 +42,8 @@ from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.bench.timing import counted_as_published, matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
+from tadfkd.models import batchnorm, pooling, single_channel, upsampling
 from tadfkd.models import fused as fused_module
-from tadfkd.models import pooling, single_channel, upsampling
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
 
@@ -187,6 +187,9 @@ def print_components(
     pooled = threads <= pooling.MAX_THREADS and any(
         isinstance(module, pooling.PooledSequential) for module in distiller.student.modules()
     )
+    normed = threads <= batchnorm.MAX_THREADS and any(
+        isinstance(module, batchnorm.KernelBatchNorm2d) for module in distiller.student.modules()
+    )
     in_c = getattr(distiller.synthesizer.selection, "by_kernel", False)
     print(
         f"CPU: {device_name(device)}, {args.threads} thread(s); setting {args.setting}, "
@@ -197,6 +200,7 @@ def print_components(
         f"{'on' if fused else 'off'}; "
         f"the teacher's one-input-channel kernel: {'on' if single else 'off'}; "
         f"ReLU-pool kernels: {'on' if pooled else 'off'}; "
+        f"BatchNorm kernels: {'on' if normed else 'off'}; "
         f"mixture fit: {'C' if in_c else 'numpy'}; malloc: {malloc_policy(kept_memory)}"
     )
     print(f"{'component':<32}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")

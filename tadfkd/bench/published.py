@@ -37,6 +37,7 @@ PUBLISHED_STYLE = [
     "speed.single_channel_conv=false",
     "speed.fused_pooling=false",
     "speed.mixture_kernel=false",
+    "speed.batch_norm_kernel=false",
 ]
 
 

@@ -1,5 +1,5 @@
-/* CPU kernels (built by tadfkd.models.kernels), one thread each: for no-grad forwards, and the
- * copies of the generator's upsampled convolutions by phase, forward and backward.
+/* CPU kernels (built by tadfkd.models.kernels), one thread each: for no-grad forwards, for some
+ * forwards with their backwards, and for the selection.
  *
  * The DAFL generator's bf16 forward (tadfkd.models.fused): each BatchNorm-LeakyReLU pair, with
  * the nearest 2x upsampling that follows it or the one-output-channel convolution that follows
@@ -14,6 +14,10 @@
  *
  * A grayscale network's first convolution, one input channel (tadfkd.models.single_channel):
  * float32 or bf16 in and out, float32 sums.
+ *
+ * A ReLU and the pooling after it (tadfkd.models.pooling), BatchNorm in training
+ * (tadfkd.models.batchnorm), forward and backward, and the selection's two-Gaussian mixture fit
+ * (tadfkd.distillation.selection).
  *
  * Compiled on the machine that runs it (-march=native).
  */
@@ -767,5 +771,182 @@ int two_gaussian_posterior(const double *losses, int64_t rows, int64_t n, int64_
         for (int64_t i = 0; i < n; i++) out[i] = (float)exp(clean[i]);
     }
     free(work);
+    return DONE;
+}
+
+/* BatchNorm in training, forward and backward (tadfkd.models.batchnorm): x (M, C), the M = N H W
+ * pixels of a contiguous channels-last tensor, float32, or bf16 when bf16; statistics, weights
+ * and their gradients float32. The loops run over the flat tensor in spans of SPAN values (a
+ * whole number of pixels where C divides SPAN, else one pixel), with each per-channel value
+ * repeated along the span, so that few channels still fill whole vectors; sums float32 within
+ * SPANS_A_CHUNK spans, double across them. */
+
+#define SPAN 64
+#define SPANS_A_CHUNK 32
+
+static inline __attribute__((always_inline)) float load_at(const void *p, int64_t i,
+                                                           const int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline __attribute__((always_inline)) void store_at(void *p, int64_t i, float v,
+                                                           const int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = float_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+static inline int64_t span_of(int64_t C) { return SPAN % C == 0 ? SPAN : C; }
+
+/* value[c] repeated along a span: out[j] = value[j % C] */
+static inline void along_span(const float *value, int64_t C, int64_t span, float *out) {
+    for (int64_t j = 0; j < span; j++) out[j] = value[j % C];
+}
+
+/* per channel, the sums over pixels of a(x) and b(x) (a, b given as expressions of v, the
+ * value of x, g, that of grad, and j, the place in the span), as double */
+#define SPAN_SUMS(a_expr, b_expr, sum_a, sum_b)                                             \
+    do {                                                                                    \
+        double total_a[SPAN], total_b[SPAN];                                                \
+        for (int64_t j = 0; j < span; j++) total_a[j] = total_b[j] = 0.0;                    \
+        for (int64_t i0 = 0; i0 < size; i0 += span * SPANS_A_CHUNK) {                        \
+            float part_a[SPAN], part_b[SPAN];                                               \
+            for (int64_t j = 0; j < span; j++) part_a[j] = part_b[j] = 0.0f;                 \
+            const int64_t end = i0 + span * SPANS_A_CHUNK < size ? i0 + span * SPANS_A_CHUNK \
+                                                                 : size;                    \
+            for (int64_t i = i0; i < end; i += span) {                                      \
+                const int64_t n = end - i < span ? end - i : span;                          \
+                _Pragma("omp simd") for (int64_t j = 0; j < n; j++) {                      \
+                    const float v = load_at(x, i + j, bf16);                                \
+                    const float g = GRAD_AT(i + j);                                         \
+                    (void)g;                                                                \
+                    part_a[j] += (a_expr);                                                  \
+                    part_b[j] += (b_expr);                                                  \
+                }                                                                           \
+            }                                                                               \
+            for (int64_t j = 0; j < span; j++) {                                           \
+                total_a[j] += part_a[j];                                                    \
+                total_b[j] += part_b[j];                                                    \
+            }                                                                               \
+        }                                                                                   \
+        for (int64_t c = 0; c < C; c++) sum_a[c] = sum_b[c] = 0.0;                          \
+        for (int64_t j = 0; j < span; j++) {                                                \
+            sum_a[j % C] += total_a[j];                                                     \
+            sum_b[j % C] += total_b[j];                                                     \
+        }                                                                                   \
+    } while (0)
+
+static inline __attribute__((always_inline)) void batch_norm_train_impl(
+    const int64_t C, const int bf16, const void *x, int64_t M, const float *weight,
+    const float *bias, double eps, double momentum, float *running_mean, float *running_var,
+    float *mean_out, float *invstd_out, void *out) {
+    const int64_t span = span_of(C), size = M * C;
+    float first[MAX_CHANNELS], alpha[MAX_CHANNELS], beta[MAX_CHANNELS];
+    float shift[SPAN], alpha_span[SPAN], beta_span[SPAN];
+    double sum[MAX_CHANNELS], sumsq[MAX_CHANNELS];
+    /* shifted by the first pixel's values: E[x^2] - E[x]^2 stays exact with a large mean */
+    for (int64_t c = 0; c < C; c++) first[c] = load_at(x, c, bf16);
+    along_span(first, C, span, shift);
+#define GRAD_AT(i) 0.0f
+    SPAN_SUMS(v - shift[j], (v - shift[j]) * (v - shift[j]), sum, sumsq);
+#undef GRAD_AT
+    const double count = (double)M;
+    for (int64_t c = 0; c < C; c++) {
+        double centred = sum[c] / count, mean = first[c] + centred;
+        double var = sumsq[c] / count - centred * centred;
+        if (var < 0.0) var = 0.0;
+        double invstd = 1.0 / sqrt(var + eps);
+        running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * mean);
+        running_var[c] =
+            (float)((1.0 - momentum) * running_var[c] + momentum * var * count / (count - 1.0));
+        mean_out[c] = (float)mean;
+        invstd_out[c] = (float)invstd;
+        alpha[c] = (float)(invstd * weight[c]);
+        beta[c] = (float)(bias[c] - mean * invstd * weight[c]);
+    }
+    along_span(alpha, C, span, alpha_span);
+    along_span(beta, C, span, beta_span);
+    for (int64_t i = 0; i < size; i += span) {
+        const int64_t n = size - i < span ? size - i : span;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++)
+            store_at(out, i + j, load_at(x, i + j, bf16) * alpha_span[j] + beta_span[j], bf16);
+    }
+}
+
+/* run the always-inlined `kernel` with the dtype, and with the channel count a compile-time
+ * constant for 8, 16, 32 and 64 channels */
+#define BY_DTYPE_AND_CHANNELS(kernel, C, bf16, ...)                      \
+    do {                                                                 \
+        if (bf16) {                                                      \
+            if ((C) == 8) kernel(8, 1, __VA_ARGS__);                     \
+            else if ((C) == 16) kernel(16, 1, __VA_ARGS__);              \
+            else if ((C) == 32) kernel(32, 1, __VA_ARGS__);              \
+            else if ((C) == 64) kernel(64, 1, __VA_ARGS__);              \
+            else kernel(C, 1, __VA_ARGS__);                              \
+        } else {                                                         \
+            if ((C) == 8) kernel(8, 0, __VA_ARGS__);                     \
+            else if ((C) == 16) kernel(16, 0, __VA_ARGS__);              \
+            else if ((C) == 32) kernel(32, 0, __VA_ARGS__);              \
+            else if ((C) == 64) kernel(64, 0, __VA_ARGS__);              \
+            else kernel(C, 0, __VA_ARGS__);                              \
+        }                                                                \
+    } while (0)
+
+/* out (M, C) = BatchNorm of x with the batch's mean and biased variance, weight and bias;
+ * running_mean and running_var updated with momentum (the unbiased variance), mean_out and
+ * invstd_out (1 / sqrt(var + eps)) kept for the backward, as torch.nn.BatchNorm2d in training.
+ * Refuses more than MAX_CHANNELS channels and fewer than two pixels (torch raises then). */
+int batch_norm_train(const void *x, int bf16, int64_t M, int64_t C, const float *weight,
+                     const float *bias, double eps, double momentum, float *running_mean,
+                     float *running_var, float *mean_out, float *invstd_out, void *out) {
+    if (C < 1 || C > MAX_CHANNELS || M < 2) return REFUSED;
+    BY_DTYPE_AND_CHANNELS(batch_norm_train_impl, C, bf16, x, M, weight, bias, eps, momentum,
+                          running_mean, running_var, mean_out, invstd_out, out);
+    return DONE;
+}
+
+static inline __attribute__((always_inline)) void batch_norm_train_backward_impl(
+    const int64_t C, const int bf16, const void *x, const void *grad, int64_t M,
+    const float *weight, const float *mean, const float *invstd, void *grad_in,
+    float *grad_weight, float *grad_bias) {
+    const int64_t span = span_of(C), size = M * C;
+    float mean_span[SPAN], k[MAX_CHANNELS], grad_mean[MAX_CHANNELS], scale[MAX_CHANNELS];
+    float k_span[SPAN], grad_mean_span[SPAN], scale_span[SPAN];
+    double sum_g[MAX_CHANNELS], dot[MAX_CHANNELS];
+    along_span(mean, C, span, mean_span);
+#define GRAD_AT(i) load_at(grad, i, bf16)
+    SPAN_SUMS(g, (v - mean_span[j]) * g, sum_g, dot);
+    for (int64_t c = 0; c < C; c++) {
+        k[c] = (float)(dot[c] * invstd[c] * invstd[c] / (double)M);
+        grad_mean[c] = (float)(sum_g[c] / (double)M);
+        scale[c] = invstd[c] * weight[c];
+        grad_weight[c] = (float)(dot[c] * invstd[c]);
+        grad_bias[c] = (float)sum_g[c];
+    }
+    along_span(k, C, span, k_span);
+    along_span(grad_mean, C, span, grad_mean_span);
+    along_span(scale, C, span, scale_span);
+    for (int64_t i = 0; i < size; i += span) {
+        const int64_t n = size - i < span ? size - i : span;
+#pragma omp simd
+        for (int64_t j = 0; j < n; j++) {
+            const float centred = load_at(x, i + j, bf16) - mean_span[j];
+            const float g = GRAD_AT(i + j) - grad_mean_span[j] - centred * k_span[j];
+            store_at(grad_in, i + j, g * scale_span[j], bf16);
+        }
+    }
+#undef GRAD_AT
+}
+
+/* batch_norm_train's gradients for grad (M, C) of its output: grad_in (M, C), in x's dtype,
+ * and those of weight and bias, as torch's BatchNorm backward in training computes them */
+int batch_norm_train_backward(const void *x, const void *grad, int bf16, int64_t M, int64_t C,
+                              const float *weight, const float *mean, const float *invstd,
+                              void *grad_in, float *grad_weight, float *grad_bias) {
+    if (C < 1 || C > MAX_CHANNELS || M < 1) return REFUSED;
+    BY_DTYPE_AND_CHANNELS(batch_norm_train_backward_impl, C, bf16, x, grad, M, weight, mean,
+                          invstd, grad_in, grad_weight, grad_bias);
     return DONE;
 }

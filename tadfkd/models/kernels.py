@@ -3,8 +3,9 @@
 ``cpu_kernels.c`` holds the DAFL generator's fused no-grad bf16 kernels (``tadfkd.models.fused``)
 the convolution of one input channel of a grayscale network's first layer
 (``tadfkd.models.single_channel``), a ReLU with the pooling after it
-(``tadfkd.models.pooling``) and the selection's mixture fit
-(``tadfkd.distillation.selection``). It is compiled at first use by the machine's C compiler
+(``tadfkd.models.pooling``), BatchNorm in training (``tadfkd.models.batchnorm``) and the
+selection's mixture fit (``tadfkd.distillation.selection``). It is compiled at first use by the
+machine's C compiler
 (``$CC``, else ``cc``) for the CPU it runs on (``-march=native``) and cached under
 ``~/.cache/tadfkd/kernels`` (``$TADFKD_CACHE``), named by a hash of the source, the command and
 the CPU's flags; a cached library loads only from a folder no one else can write to. Where
@@ -78,6 +79,11 @@ SIGNATURES = {
     "relu_mean_backward": [_PTR, _INT, *[_I64] * 3, _PTR, _PTR],
     # losses (rows, n) float64, rows, n, max_iter, tol, reg_covar, posterior (rows, n) float32
     "two_gaussian_posterior": [_PTR, _I64, _I64, _I64, _F64, _F64, _PTR],
+    # input, its dtype flag, (M, C), weight, bias, eps, momentum, running mean and variance,
+    # mean and 1 / std out, output
+    "batch_norm_train": [_PTR, _INT, _I64, _I64, _PTR, _PTR, _F64, _F64, *[_PTR] * 5],
+    # input, the output's gradient, dtype flag, (M, C), weight, mean, 1 / std, three gradients
+    "batch_norm_train_backward": [_PTR, _PTR, _INT, _I64, _I64, *[_PTR] * 6],
 }
 # the entry points' return codes (cpu_kernels.c) that are not success
 FAILURES = {-1: "refused its input", -2: "ran out of memory"}

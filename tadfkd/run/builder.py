@@ -18,7 +18,7 @@ from tadfkd.distillation.nonfinite import NonFiniteGuard
 from tadfkd.distillation.precision import Precision, prepare_model, resolve_precision
 from tadfkd.distillation.selection import GMMSelection, Selection
 from tadfkd.distillation.synthesizer import Synthesizer
-from tadfkd.models import kernels, pooling, single_channel
+from tadfkd.models import batchnorm, kernels, pooling, single_channel
 from tadfkd.run.runtime import build
 from tadfkd.teachers.folding import fold_batchnorm
 from tadfkd.teachers.loading import Teacher
@@ -160,6 +160,18 @@ def build_selection(node: DictConfig, speed: DictConfig) -> Selection:
     return selection
 
 
+def use_batch_norm_kernel(
+    speed: DictConfig, device: torch.device, channels_last: bool, *models: torch.nn.Module
+) -> None:
+    """``speed.batch_norm_kernel``: the training BatchNorm layers of ``models`` through the C
+    kernels (``tadfkd.models.batchnorm``), on a CPU with channels-last (``use_kernels``; off
+    under ``torch.compile``)."""
+    applicable = device.type == "cpu" and channels_last and not speed.compile
+    if use_kernels("speed.batch_norm_kernel", speed.batch_norm_kernel, applicable):
+        for model in models:
+            batchnorm.use_kernel(model)
+
+
 def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> Distiller:
     """A ``Distiller`` for ``teacher`` (loaded) with everything else built from ``cfg``; the
     student is initialised before the generator, from the global RNG (seed it first)."""
@@ -171,6 +183,7 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
     use_fused_pooling(speed, device, channels_last, teacher_model, inference_teacher, student)
+    use_batch_norm_kernel(speed, device, channels_last, student, generator)  # in training
     generation_dtype = forward_dtype(str(speed.generation), precision)
     set_generator_speed(generator, speed, device, generation_dtype)
     if speed.compile:

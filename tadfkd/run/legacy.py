@@ -44,6 +44,7 @@ WEIGHTS = "method.weights."
 # such a run is refused with today's default until the override is given
 # (e.g. speed.depthwise_output=false)
 ADDED = {
+    "speed.batch_norm_kernel": False,
     "speed.depthwise_output": False,
     "speed.fused_generation": False,
     "speed.fused_pooling": False,
