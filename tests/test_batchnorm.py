@@ -45,7 +45,15 @@ def trained(norm: nn.BatchNorm2d, x: torch.Tensor, grad: torch.Tensor) -> list[t
 @pytest.mark.parametrize(
     "shape, eps",
     # the student's and the generator's layers; channels that fill no vector; a large mean
-    [((64, 8, 14, 14), 1e-5), ((8, 16, 28, 28), 0.8), ((3, 24, 5, 7), 1e-5), ((2, 64, 3, 3), 0.8)],
+    [
+        ((64, 8, 14, 14), 1e-5),
+        ((8, 16, 28, 28), 0.8),
+        ((3, 24, 5, 7), 1e-5),
+        ((2, 64, 3, 3), 0.8),
+        # wider than a span of 64 values: one pixel a span (the published generator's 128)
+        ((3, 65, 3, 3), 1e-5),
+        ((4, 128, 4, 4), 0.8),
+    ],
 )
 def test_the_kernels_compute_batchnorms_output_statistics_and_gradients(
     dtype, shape, eps, kernel_calls
@@ -67,6 +75,23 @@ def test_the_kernels_compute_batchnorms_output_statistics_and_gradients(
         rtol, atol = (1e-2, 1e-2) if rounded else (1e-5, 1e-4)
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol, msg=name)
     assert found[-1] == expected[-1] == 1  # num_batches_tracked
+
+
+def test_the_operators_read_any_layout_and_the_backward_a_saved_tensor_in_another(kernel_calls):
+    norm, fast = pair(16)
+    x = torch.randn(4, 16, 5, 3).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(x)
+    expected = trained(fast, x, grad)
+    # a saved-tensor hook that gives x back in NCHW (as offloading hooks may)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.contiguous(), lambda t: t):
+        found = trained(fast, x, grad)
+    for a, b in zip(found[:4], expected[:4], strict=True):
+        torch.testing.assert_close(a, b)
+    arguments = (torch.rand(16), torch.rand(16), torch.zeros(16), torch.ones(16), 0.1, 1e-5)
+    nchw = torch.ops.tadfkd.batch_norm_train(x.contiguous(), *arguments)
+    for a, b in zip(nchw, torch.ops.tadfkd.batch_norm_train(x, *arguments), strict=True):
+        torch.testing.assert_close(a, b)
+    assert kernel_calls.count("batch_norm_train_backward") == 2
 
 
 def test_evaluation_other_layouts_and_dtypes_run_pytorchs_batchnorm(kernel_calls):

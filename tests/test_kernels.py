@@ -92,15 +92,7 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
                 out = pooling.pooled(leaf, kind) if fused_pool else pool(torch.relu(leaf))
                 out.backward(torch.ones_like(out))
                 pooled[kind, fused_pool] = (out.detach(), leaf.grad)
-        norm = nn.BatchNorm2d(16)
-        normed = {}
-        for by_kernel in (True, False):
-            module, leaf = copy.deepcopy(norm), features.clone().requires_grad_()
-            if by_kernel:
-                batchnorm.use_kernel(module)
-            out = module(leaf)
-            out.backward(features)
-            normed[by_kernel] = (out.detach(), leaf.grad, module.weight.grad, module.running_var)
+        normed = {by_kernel: trained_norm(features, by_kernel) for by_kernel in (True, False)}
         with torch.no_grad():
             out = model(x)
             with torch.autocast("cpu", torch.bfloat16):
@@ -127,6 +119,18 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         torch.testing.assert_close(phased_images, expected_images, rtol=1e-2, atol=1e-2)
     finally:
         kernels.kernels.cache_clear()  # the next test loads this machine's own build again
+
+
+def trained_norm(x: torch.Tensor, by_kernel: bool) -> tuple[torch.Tensor, ...]:
+    """A BatchNorm2d's training output on x, x's and the weight's gradients and the running
+    variance, by the kernels or by PyTorch."""
+    torch.manual_seed(0)
+    module, leaf = nn.BatchNorm2d(x.shape[1]), x.clone().requires_grad_()
+    if by_kernel:
+        batchnorm.use_kernel(module)
+    out = module(leaf)
+    out.backward(x)
+    return out.detach(), leaf.grad, module.weight.grad, module.running_var
 
 
 class Seen(TorchDispatchMode):
@@ -160,6 +164,26 @@ def test_an_unobserved_kernel_call_skips_the_dispatcher_and_computes_the_same():
         with torch.profiler.profile():
             assert not kernels.unobserved()
     assert not kernels.unobserved()  # gradients recorded: the operators have no formula
+
+
+class Marked(torch.Tensor):
+    """A tensor subclass, which the function of a kernel's operator would read as a tensor."""
+
+
+@needs_kernels
+def test_keywords_and_tensor_subclasses_go_the_dispatchers_way(monkeypatch):
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert kernels.plain(x) and kernels.plain(nn.Parameter(x)) and kernels.plain(2.0)
+    assert not kernels.plain(x.as_subclass(Marked))
+    dispatched, custom = [], pooling.relu_pool.custom
+    recorded = lambda *args, **kwargs: dispatched.append(kwargs) or custom(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(pooling.relu_pool, "custom", recorded)
+    with torch.no_grad():
+        direct = pooling.relu_pool(x, "max")
+        assert dispatched == []
+        assert torch.equal(pooling.relu_pool(x, kind="max"), direct)  # its own signature
+        assert torch.equal(pooling.relu_pool(x.as_subclass(Marked), "max"), direct)
+    assert dispatched == [{"kind": "max"}, {}]
 
 
 def test_a_kernels_argument_check_says_what_it_expected():

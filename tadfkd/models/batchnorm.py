@@ -1,11 +1,12 @@
 """BatchNorm in training, forward and backward, as C kernels on the CPU.
 
 PyTorch's CPU BatchNorm is slow on the small channels-last tensors of the digits and
-Fashion-MNIST settings: on the preset, a student's BatchNorm of 8 channels at 14x14, batch 64,
-took 0.15 ms forward and 0.21 ms backward in bf16, several times the time to read and write its
-200 KB (docs/performance.md). The kernels compute the same statistics, running-statistics
-update, output and gradients in float32 (in other summation orders: equal to float rounding,
-and within one bf16 rounding where the tensors are bf16), in two passes each.
+Fashion-MNIST settings: the student's BatchNorm layers, forward and backward, took several times
+the time to read and write their tensors (docs/performance.md, round fifteen). The kernels
+compute the same statistics, running-statistics update, output and gradients in float32 (in
+other summation orders: equal to float rounding, closer to a float64 BatchNorm than PyTorch's
+bf16 kernels, which round in bf16), the output and the input's gradient rounded once to the
+input's dtype, in two passes each.
 
 ``use_kernel`` makes a model's plain ``nn.BatchNorm2d`` modules ``KernelBatchNorm2d``: the same
 parameters, buffers, hooks and state-dict keys, with training forwards on eligible inputs
@@ -61,9 +62,18 @@ def applies(norm: nn.BatchNorm2d, x: torch.Tensor) -> bool:
     return kernels.kernels() is not None
 
 
-def pixels(x: torch.Tensor) -> int:
+def pixel_count(x: torch.Tensor) -> int:
     """M = N H W, the pixels of x (N, C, H, W)."""
     return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W), float32 or bf16, checked, as the kernels read it: channels-last (a
+    copy in that layout where a saved-tensor hook gave it back in another)."""
+    kernels.require(x.dim() == 4, "a 4-d input")
+    kernels.require(x.dtype in (torch.float32, torch.bfloat16), "a float32 or bf16 input")
+    kernels.require(x.shape[1] <= MAX_CHANNELS, f"at most {MAX_CHANNELS} channels")
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 @kernels.operator("batch_norm_train", mutates_args=("running_mean", "running_var"))
@@ -79,14 +89,15 @@ def batch_norm_train(
     """BatchNorm of x (N, C, H, W) float32 or bf16, channels-last, in training: the output (x's
     dtype, channels-last), the batch's mean and 1 / sqrt(var + eps) (C,) float32; the running
     statistics updated in place."""
-    channels = x.shape[1]
+    x, channels = channels_last(x), x.shape[1]
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    mean, invstd = torch.empty(channels), torch.empty(channels)
+    mean = torch.empty(channels, dtype=torch.float32)
+    invstd = torch.empty(channels, dtype=torch.float32)
     kernels.run_kernel(
         "batch_norm_train",
         x.data_ptr(),
         int(x.dtype == torch.bfloat16),
-        pixels(x),
+        pixel_count(x),
         channels,
         *(kernels.pointer(t) for t in (weight, bias)),
         eps,
@@ -114,6 +125,7 @@ def batch_norm_train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``batch_norm_train``'s gradients for grad (its output's shape): x's (its dtype,
     channels-last), the weight's and the bias's (C,) float32."""
+    x = channels_last(x)
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
     grad_in = torch.empty_like(x, memory_format=torch.channels_last)
     grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
@@ -122,7 +134,7 @@ def batch_norm_train_backward(
         x.data_ptr(),
         grad.data_ptr(),
         int(x.dtype == torch.bfloat16),
-        pixels(x),
+        pixel_count(x),
         x.shape[1],
         *(kernels.pointer(t) for t in (weight, mean, invstd)),
         grad_in.data_ptr(),

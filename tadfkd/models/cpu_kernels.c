@@ -777,11 +777,13 @@ int two_gaussian_posterior(const double *losses, int64_t rows, int64_t n, int64_
 /* BatchNorm in training, forward and backward (tadfkd.models.batchnorm): x (M, C), the M = N H W
  * pixels of a contiguous channels-last tensor, float32, or bf16 when bf16; statistics, weights
  * and their gradients float32. The loops run over the flat tensor in spans of SPAN values (a
- * whole number of pixels where C divides SPAN, else one pixel), with each per-channel value
+ * whole number of pixels where C divides SPAN, else one pixel, up to MAX_CHANNELS values:
+ * the span arrays hold MAX_SPAN), with each per-channel value
  * repeated along the span, so that few channels still fill whole vectors; sums float32 within
  * SPANS_A_CHUNK spans, double across them. */
 
 #define SPAN 64
+#define MAX_SPAN MAX_CHANNELS
 #define SPANS_A_CHUNK 32
 
 static inline __attribute__((always_inline)) float load_at(const void *p, int64_t i,
@@ -797,7 +799,7 @@ static inline __attribute__((always_inline)) void store_at(void *p, int64_t i, f
         ((float *)p)[i] = v;
 }
 
-static inline int64_t span_of(int64_t C) { return SPAN % C == 0 ? SPAN : C; }
+static inline int64_t span_of(int64_t C) { return C <= SPAN && SPAN % C == 0 ? SPAN : C; }
 
 /* value[c] repeated along a span: out[j] = value[j % C] */
 static inline void along_span(const float *value, int64_t C, int64_t span, float *out) {
@@ -808,10 +810,10 @@ static inline void along_span(const float *value, int64_t C, int64_t span, float
  * value of x, g, that of grad, and j, the place in the span), as double */
 #define SPAN_SUMS(a_expr, b_expr, sum_a, sum_b)                                             \
     do {                                                                                    \
-        double total_a[SPAN], total_b[SPAN];                                                \
+        double total_a[MAX_SPAN], total_b[MAX_SPAN];                                        \
         for (int64_t j = 0; j < span; j++) total_a[j] = total_b[j] = 0.0;                    \
         for (int64_t i0 = 0; i0 < size; i0 += span * SPANS_A_CHUNK) {                        \
-            float part_a[SPAN], part_b[SPAN];                                               \
+            float part_a[MAX_SPAN], part_b[MAX_SPAN];                                       \
             for (int64_t j = 0; j < span; j++) part_a[j] = part_b[j] = 0.0f;                 \
             const int64_t end = i0 + span * SPANS_A_CHUNK < size ? i0 + span * SPANS_A_CHUNK \
                                                                  : size;                    \
@@ -843,7 +845,7 @@ static inline __attribute__((always_inline)) void batch_norm_train_impl(
     float *mean_out, float *invstd_out, void *out) {
     const int64_t span = span_of(C), size = M * C;
     float first[MAX_CHANNELS], alpha[MAX_CHANNELS], beta[MAX_CHANNELS];
-    float shift[SPAN], alpha_span[SPAN], beta_span[SPAN];
+    float shift[MAX_SPAN], alpha_span[MAX_SPAN], beta_span[MAX_SPAN];
     double sum[MAX_CHANNELS], sumsq[MAX_CHANNELS];
     /* shifted by the first pixel's values: E[x^2] - E[x]^2 stays exact with a large mean */
     for (int64_t c = 0; c < C; c++) first[c] = load_at(x, c, bf16);
@@ -912,8 +914,8 @@ static inline __attribute__((always_inline)) void batch_norm_train_backward_impl
     const float *weight, const float *mean, const float *invstd, void *grad_in,
     float *grad_weight, float *grad_bias) {
     const int64_t span = span_of(C), size = M * C;
-    float mean_span[SPAN], k[MAX_CHANNELS], grad_mean[MAX_CHANNELS], scale[MAX_CHANNELS];
-    float k_span[SPAN], grad_mean_span[SPAN], scale_span[SPAN];
+    float mean_span[MAX_SPAN], k[MAX_CHANNELS], grad_mean[MAX_CHANNELS], scale[MAX_CHANNELS];
+    float k_span[MAX_SPAN], grad_mean_span[MAX_SPAN], scale_span[MAX_SPAN];
     double sum_g[MAX_CHANNELS], dot[MAX_CHANNELS];
     along_span(mean, C, span, mean_span);
 #define GRAD_AT(i) load_at(grad, i, bf16)

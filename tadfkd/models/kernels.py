@@ -1,4 +1,4 @@
-"""The project's C kernels for CPU forwards (``cpu_kernels.c``), built and loaded at first use.
+"""The project's C kernels for the CPU (``cpu_kernels.c``), built and loaded at first use.
 
 ``cpu_kernels.c`` holds the DAFL generator's fused no-grad bf16 kernels (``tadfkd.models.fused``)
 the convolution of one input channel of a grayscale network's first layer
@@ -217,9 +217,8 @@ def unavailable_reason() -> str | None:
 
 def require(condition: bool, expected: str) -> None:
     """A RuntimeError saying what is ``expected`` unless ``condition`` holds: the kernels'
-    argument checks as ``torch._check`` makes them, at a twentieth of its cost (0.2 against 4
-    microseconds a check), for concrete values (the fake implementations trace concrete
-    shapes)."""
+    argument checks as ``torch._check`` makes them, without its symbolic-shape machinery (a
+    plain test: the fake implementations trace concrete shapes)."""
     if not condition:
         raise RuntimeError(expected)
 
@@ -271,12 +270,16 @@ def run_kernel(name: str, *arguments: int | float | None) -> None:
         raise RuntimeError(f"{name} (cpu_kernels.c) {FAILURES.get(code, code)}")
 
 
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 class Operator:
     """A kernel's Python function registered as the CPU custom operator ``tadfkd::<name>``
     (``operator``). A call runs the function itself where nothing could see the operator
-    (``unobserved``), else the operator: the dispatcher's way costs about 15 microseconds a
-    call on a CPU, and an iteration of the Fashion-MNIST preset makes some 360 calls (docs/
-    performance.md, round fifteen). Both ways run the same code on the same arguments."""
+    (``unobserved``), else the operator: the dispatcher's way (the custom operator's Python
+    layers) costs more than many of the kernels' own work, and an iteration of the
+    Fashion-MNIST preset makes some 360 calls (docs/performance.md, round fifteen). Both ways
+    run the same code on the same arguments."""
 
     def __init__(self, function: Callable, custom: torch.library.CustomOpDef, mutated: tuple):
         self.function, self.custom = function, custom
@@ -288,9 +291,11 @@ class Operator:
         """``fake`` as the operator's fake implementation, for tracing."""
         return self.custom.register_fake(fake)
 
-    def __call__(self, *arguments):
-        if not unobserved():
-            return self.custom(*arguments)
+    def __call__(self, *arguments, **keywords):
+        # keywords, and tensor subclasses (fake tensors outside their mode, say), go the
+        # dispatcher's way: the function reads plain tensors' memory
+        if keywords or not unobserved() or not all(plain(a) for a in arguments):
+            return self.custom(*arguments, **keywords)
         out = self.function(*arguments)
         for position in self.mutated:  # as the operator declares its writes
             if arguments[position] is not None:
@@ -309,6 +314,12 @@ def operator(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callabl
         return Operator(function, custom, mutates_args)
 
     return register
+
+
+def plain(argument: object) -> bool:
+    """Whether an operator's argument is no tensor subclass but a parameter: a tensor, a
+    parameter or no tensor."""
+    return not isinstance(argument, torch.Tensor) or type(argument) in PLAIN_TENSORS
 
 
 def unobserved() -> bool:

@@ -28,9 +28,9 @@ from tadfkd.models.single_channel import MODULE_HOOKS
 # the kernels run on one thread; beyond two, PyTorch's parallel ReLU and pooling are left to it
 MAX_THREADS = 2
 MAX_CHANNELS = 1024  # cpu_kernels.c: the average's per-channel sums
-# the kernels' channel loops run in whole vectors only for a multiple of 16 channels; at 4 to 24
-# others they ran 2 to 20 times slower than PyTorch's ReLU and pool (docs/performance.md, round
-# fifteen), so those run PyTorch's
+# the kernels' channel loops run in whole vectors only for a multiple of 16 channels; for others
+# their scalar remainder loops were slower than PyTorch's ReLU and pool in an ad hoc check (4 to
+# 24 channels; docs/performance.md, round fifteen), so those run PyTorch's
 CHANNEL_MULTIPLE = 16
 # each pair's kernel in cpu_kernels.c; its backward is the name with "_backward"
 KERNELS = {"max": "relu_max_pool", "mean": "relu_mean"}

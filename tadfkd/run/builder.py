@@ -5,6 +5,7 @@ job, the benchmark and the tests)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -139,16 +140,23 @@ def fold_for_inference(
     return folded
 
 
-def use_fused_pooling(
-    speed: DictConfig, device: torch.device, channels_last: bool, *models: torch.nn.Module
+def use_module_kernels(
+    key: str,
+    speed: DictConfig,
+    device: torch.device,
+    channels_last: bool,
+    swap: Callable[[torch.nn.Module], object],
+    *models: torch.nn.Module,
 ) -> None:
-    """``speed.fused_pooling``: each ReLU-pool pair of ``models``' ``nn.Sequential`` containers
-    through the C kernels (``tadfkd.models.pooling``), on a CPU with channels-last (``use_kernels``;
-    off under ``torch.compile``, which fuses on its own)."""
+    """The ``speed`` switch ``key`` of kernels that ``swap`` puts into a model's modules in
+    place: on ``models``, on a CPU with channels-last (``use_kernels``; off under
+    ``torch.compile``, which fuses on its own). ``speed.fused_pooling``: each ReLU-pool pair of
+    the ``nn.Sequential`` containers (``tadfkd.models.pooling``); ``speed.batch_norm_kernel``:
+    the BatchNorm layers in training (``tadfkd.models.batchnorm``)."""
     applicable = device.type == "cpu" and channels_last and not speed.compile
-    if use_kernels("speed.fused_pooling", speed.fused_pooling, applicable):
+    if use_kernels(f"speed.{key}", speed[key], applicable):
         for model in models:
-            pooling.use_kernel(model)
+            swap(model)
 
 
 def build_selection(node: DictConfig, speed: DictConfig) -> Selection:
@@ -158,18 +166,6 @@ def build_selection(node: DictConfig, speed: DictConfig) -> Selection:
     if isinstance(selection, GMMSelection):
         selection.by_kernel = use_kernels("speed.mixture_kernel", speed.mixture_kernel, True)
     return selection
-
-
-def use_batch_norm_kernel(
-    speed: DictConfig, device: torch.device, channels_last: bool, *models: torch.nn.Module
-) -> None:
-    """``speed.batch_norm_kernel``: the training BatchNorm layers of ``models`` through the C
-    kernels (``tadfkd.models.batchnorm``), on a CPU with channels-last (``use_kernels``; off
-    under ``torch.compile``)."""
-    applicable = device.type == "cpu" and channels_last and not speed.compile
-    if use_kernels("speed.batch_norm_kernel", speed.batch_norm_kernel, applicable):
-        for model in models:
-            batchnorm.use_kernel(model)
 
 
 def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> Distiller:
@@ -182,8 +178,10 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     inference_teacher = fold_for_inference(cfg, teacher_model, device, channels_last)
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
-    use_fused_pooling(speed, device, channels_last, teacher_model, inference_teacher, student)
-    use_batch_norm_kernel(speed, device, channels_last, student, generator)  # in training
+    switch = (speed, device, channels_last)
+    pooled = (teacher_model, inference_teacher, student)
+    use_module_kernels("fused_pooling", *switch, pooling.use_kernel, *pooled)
+    use_module_kernels("batch_norm_kernel", *switch, batchnorm.use_kernel, student, generator)
     generation_dtype = forward_dtype(str(speed.generation), precision)
     set_generator_speed(generator, speed, device, generation_dtype)
     if speed.compile:
