@@ -270,7 +270,8 @@ def run_kernel(name: str, *arguments: int | float | None) -> None:
         raise RuntimeError(f"{name} (cpu_kernels.c) {FAILURES.get(code, code)}")
 
 
-PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# the argument types a kernel's function reads as they are: no tensor subclass but a parameter
+PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, int, float, bool, str, type(None)})
 
 
 class Operator:
@@ -294,7 +295,7 @@ class Operator:
     def __call__(self, *arguments, **keywords):
         # keywords, and tensor subclasses (fake tensors outside their mode, say), go the
         # dispatcher's way: the function reads plain tensors' memory
-        if keywords or not unobserved() or not all(plain(a) for a in arguments):
+        if keywords or not unobserved() or not PLAIN.issuperset(map(type, arguments)):
             return self.custom(*arguments, **keywords)
         out = self.function(*arguments)
         for position in self.mutated:  # as the operator declares its writes
@@ -314,12 +315,6 @@ def operator(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callabl
         return Operator(function, custom, mutates_args)
 
     return register
-
-
-def plain(argument: object) -> bool:
-    """Whether an operator's argument is no tensor subclass but a parameter: a tensor, a
-    parameter or no tensor."""
-    return not isinstance(argument, torch.Tensor) or type(argument) in PLAIN_TENSORS
 
 
 def unobserved() -> bool:
