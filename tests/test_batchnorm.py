@@ -94,6 +94,23 @@ def test_the_operators_read_any_layout_and_the_backward_a_saved_tensor_in_anothe
     assert kernel_calls.count("batch_norm_train_backward") == 2
 
 
+def test_the_operators_refuse_per_channel_tensors_and_gradients_of_other_shapes(kernel_calls):
+    x = torch.randn(2, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    full, short = torch.ones(16), torch.ones(8)
+    with pytest.raises(RuntimeError, match="one value a channel"):  # C values would be written
+        batchnorm.batch_norm_train(x, full, full, short, short.clone(), 0.1, 1e-5)
+    out, mean, invstd = batchnorm.batch_norm_train(
+        x, full, full, full.clone(), full.clone(), 0.1, 1e-5
+    )
+    with pytest.raises(RuntimeError, match="the output's shape"):
+        batchnorm.batch_norm_train_backward(x, out[:, :, :1, :1], full, mean, invstd)
+    with torch.no_grad():  # a meta tensor goes to the fake implementation, not to the kernel
+        meta = batchnorm.batch_norm_train(
+            x.to("meta"), *(t.to("meta") for t in (full,) * 4), 0.1, 1e-5
+        )
+    assert meta[0].device.type == "meta" and kernel_calls == ["batch_norm_train"]
+
+
 def test_evaluation_other_layouts_and_dtypes_run_pytorchs_batchnorm(kernel_calls):
     norm, fast = pair(16)
     x = torch.randn(4, 16, 6, 6)

@@ -67,12 +67,15 @@ def pixel_count(x: torch.Tensor) -> int:
     return x.shape[0] * x.shape[2] * x.shape[3]
 
 
-def channels_last(x: torch.Tensor) -> torch.Tensor:
-    """x (N, C, H, W), float32 or bf16, checked, as the kernels read it: channels-last (a
-    copy in that layout where a saved-tensor hook gave it back in another)."""
+def channels_last(x: torch.Tensor, *per_channel: torch.Tensor) -> torch.Tensor:
+    """x (N, C, H, W), float32 or bf16, checked with its ``per_channel`` tensors (C,) (the
+    kernels write C values to some), as the kernels read it: channels-last (a copy in that
+    layout where a saved-tensor hook gave it back in another)."""
     kernels.require(x.dim() == 4, "a 4-d input")
     kernels.require(x.dtype in (torch.float32, torch.bfloat16), "a float32 or bf16 input")
     kernels.require(x.shape[1] <= MAX_CHANNELS, f"at most {MAX_CHANNELS} channels")
+    shape = (x.shape[1],)
+    kernels.require(all(t.shape == shape for t in per_channel), "one value a channel")
     return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -89,7 +92,7 @@ def batch_norm_train(
     """BatchNorm of x (N, C, H, W) float32 or bf16, channels-last, in training: the output (x's
     dtype, channels-last), the batch's mean and 1 / sqrt(var + eps) (C,) float32; the running
     statistics updated in place."""
-    x, channels = channels_last(x), x.shape[1]
+    x, channels = channels_last(x, weight, bias, running_mean, running_var), x.shape[1]
     out = torch.empty_like(x, memory_format=torch.channels_last)
     mean = torch.empty(channels, dtype=torch.float32)
     invstd = torch.empty(channels, dtype=torch.float32)
@@ -125,7 +128,8 @@ def batch_norm_train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``batch_norm_train``'s gradients for grad (its output's shape): x's (its dtype,
     channels-last), the weight's and the bias's (C,) float32."""
-    x = channels_last(x)
+    x = channels_last(x, weight, mean, invstd)
+    kernels.require(grad.shape == x.shape, "a gradient of the output's shape")
     grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
     grad_in = torch.empty_like(x, memory_format=torch.channels_last)
     grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)

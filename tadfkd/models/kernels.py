@@ -293,10 +293,12 @@ class Operator:
         return self.custom.register_fake(fake)
 
     def __call__(self, *arguments, **keywords):
-        # keywords, and tensor subclasses (fake tensors outside their mode, say), go the
-        # dispatcher's way: the function reads plain tensors' memory
+        # keywords, tensor subclasses (fake tensors outside their mode, say) and tensors on
+        # other devices (meta, CUDA) go the dispatcher's way: the function reads CPU memory
         if keywords or not unobserved() or not PLAIN.issuperset(map(type, arguments)):
             return self.custom(*arguments, **keywords)
+        if not all(a.device.type == "cpu" for a in arguments if isinstance(a, torch.Tensor)):
+            return self.custom(*arguments)
         out = self.function(*arguments)
         for position in self.mutated:  # as the operator declares its writes
             if arguments[position] is not None:
