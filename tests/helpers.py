@@ -209,3 +209,22 @@ class TinyTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+def networks_holding(kind: type[nn.Module], overrides: list[str]) -> list[str]:
+    """Which networks of the benchmark's fast path built with ``overrides`` (on the CPU) hold
+    a ``kind`` module: the kernels' switches swap such modules in."""
+    from tadfkd.bench.setting import bench_config, build_path
+
+    built = build_path(bench_config(overrides), CPU, published=False, seed=0)
+    networks = {
+        "teacher": built.teacher,
+        "inference teacher": built.inference_teacher,
+        "student": built.student,
+        "generator": built.synthesizer.generator,
+    }
+    return [
+        name
+        for name, network in networks.items()
+        if any(isinstance(module, kind) for module in network.modules())
+    ]

@@ -8,11 +8,10 @@ import copy
 
 import pytest
 import torch
-from helpers import CPU, needs_kernels
+from helpers import needs_kernels, networks_holding
 from torch import nn
 
 from tadfkd.bench.published import PUBLISHED_STYLE
-from tadfkd.bench.setting import bench_config, build_path
 from tadfkd.models import batchnorm
 from tadfkd.models.batchnorm import KernelBatchNorm2d
 
@@ -145,17 +144,7 @@ def test_the_swap_keeps_parameters_state_dict_keys_and_hooks(kernel_calls):
 @pytest.mark.parametrize("setting", [["experiment=fashion_mnist"], []])
 def test_the_builder_swaps_the_students_and_the_generators_batchnorms(setting):
     def made(*more: str) -> list[str]:
-        built = build_path(bench_config([*setting, *more]), CPU, published=False, seed=0)
-        networks = {
-            "teacher": built.teacher,
-            "student": built.student,
-            "generator": built.synthesizer.generator,
-        }
-        return [
-            name
-            for name, network in networks.items()
-            if any(isinstance(m, KernelBatchNorm2d) for m in network.modules())
-        ]
+        return networks_holding(KernelBatchNorm2d, [*setting, *more])
 
     assert made() == ["student", "generator"]  # auto; the teacher trains no BatchNorm
     for off in ("speed.batch_norm_kernel=false", "speed.channels_last=false", "speed.compile=true"):

@@ -8,11 +8,10 @@ import copy
 
 import pytest
 import torch
-from helpers import CPU, needs_kernels
+from helpers import needs_kernels, networks_holding
 from torch import nn
 
 from tadfkd.bench.published import PUBLISHED_STYLE
-from tadfkd.bench.setting import bench_config, build_path
 from tadfkd.distillation.objectives import stage_ends
 from tadfkd.models import pooling
 from tadfkd.models.digits import digits_cnn
@@ -184,17 +183,7 @@ def test_zskts_stage_hooks_see_the_relu_outputs_they_saw_before(kernel_calls):
 @pytest.mark.parametrize("setting", [["experiment=fashion_mnist"], []])
 def test_the_builder_fuses_the_pairs_of_every_network_but_the_generator(setting):
     def made(*more: str) -> list[str]:
-        built = build_path(bench_config([*setting, *more]), CPU, published=False, seed=0)
-        networks = {
-            "teacher": built.teacher,
-            "inference teacher": built.inference_teacher,
-            "student": built.student,
-        }
-        return [
-            name
-            for name, network in networks.items()
-            if any(isinstance(m, PooledSequential) for m in network.modules())
-        ]
+        return networks_holding(PooledSequential, [*setting, *more])
 
     assert made() == ["teacher", "inference teacher", "student"]  # auto
     for off in ("speed.fused_pooling=false", "speed.channels_last=false", "speed.compile=true"):

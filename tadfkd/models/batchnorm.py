@@ -46,20 +46,19 @@ def eligible(norm: nn.Module) -> bool:
 
 def applies(norm: nn.BatchNorm2d, x: torch.Tensor) -> bool:
     """Whether the kernels compute ``norm(x)``: ``norm`` in training and ``eligible``, x a
-    float32 or bf16 (N, C, H, W) CPU tensor, channels-last, of at least two pixels (PyTorch
-    raises on fewer); at most ``MAX_THREADS`` torch threads, not while ``torch.compile``
-    traces, built kernels."""
+    float32 or bf16 (N, C, H, W) tensor, channels-last, of at least two pixels (PyTorch
+    raises on fewer); and what every kernel needs, with or without gradients
+    (``kernels.may_run_with_grad``: a CPU tensor, at most ``MAX_THREADS`` torch threads, not
+    while ``torch.compile`` traces, built kernels)."""
     if not norm.training or not eligible(norm):
         return False
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 4:
         return False
-    if x.shape[1] != norm.num_features or x.shape[0] * x.shape[2] * x.shape[3] < 2:
+    if x.shape[1] != norm.num_features or pixel_count(x) < 2:
         return False
     if not x.is_contiguous(memory_format=torch.channels_last):
         return False
-    if torch.compiler.is_compiling() or torch.get_num_threads() > MAX_THREADS:
-        return False
-    return kernels.kernels() is not None
+    return kernels.may_run_with_grad(x, MAX_THREADS)
 
 
 def pixel_count(x: torch.Tensor) -> int:

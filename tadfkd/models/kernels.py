@@ -239,11 +239,9 @@ def pixels(x: torch.Tensor, phased: bool) -> list[int]:
     read where each phase has its pixels (block C)."""
     if not phased:
         return [*layout(x), 0]
-    require(x.dtype == torch.bfloat16 and x.dim() == 4, "a 4-d bf16 tensor")
-    require(x.stride(1) == 1 and x.shape[1] % 4 == 0, "phases in unit channel stride")
-    n, c4, h, w = x.shape
-    sn, sc, sh, sw = x.stride()
-    return [x.data_ptr(), n, 2 * (h - 1), 2 * (w - 1), c4 // 4, sn, sh, sw, sc, c4 // 4]
+    address, n, h, w, c4, sn, sh, sw, sc = layout(x)
+    require(sc == 1 and c4 % 4 == 0, "phases in unit channel stride")
+    return [address, n, 2 * (h - 1), 2 * (w - 1), c4 // 4, sn, sh, sw, sc, c4 // 4]
 
 
 def empty_bf16(shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
@@ -279,8 +277,8 @@ class Operator:
     (``operator``). A call runs the function itself where nothing could see the operator
     (``unobserved``), else the operator: the dispatcher's way (the custom operator's Python
     layers) costs more than many of the kernels' own work, and an iteration of the
-    Fashion-MNIST preset makes some 360 calls (docs/performance.md, round fifteen). Both ways
-    run the same code on the same arguments."""
+    Fashion-MNIST preset calls the kernels hundreds of times (docs/performance.md, round
+    fifteen). Both ways run the same code on the same arguments."""
 
     def __init__(self, function: Callable, custom: torch.library.CustomOpDef, mutated: tuple):
         self.function, self.custom = function, custom
