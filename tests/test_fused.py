@@ -192,6 +192,27 @@ def test_a_kernel_refuses_what_it_cannot_read_in_one_error():
 
 
 @needs_kernels
+def test_every_fused_kernel_reads_channels_in_unit_stride(monkeypatch):
+    # the linear layer's (N, C, H, W) view is copied channels-last first: its strided channels
+    # cost the statistics and the map three times what the copy does
+    strides, run_kernel = {}, kernels.run_kernel
+
+    def recorded(name, *arguments):
+        strides.setdefault(name, []).append(arguments[8])  # the layout's channel stride
+        return run_kernel(name, *arguments)
+
+    monkeypatch.setattr(kernels, "run_kernel", recorded)
+    for phased in (True, False):  # the upsampled convolutions by phase, or upsampled first
+        generator = generators(28, 1)["fused"]
+        generator.phased_upsampling = phased
+        images(generator, torch.randn(8, 100), bf16=True)
+    assert {"batch_norm_scale_shift", "affine_leaky_relu", "affine_leaky_relu_upsample"} <= (
+        strides.keys()
+    )
+    assert {stride for calls in strides.values() for stride in calls} == {1}
+
+
+@needs_kernels
 def test_the_fused_kernels_run_and_are_counted_as_the_convolution_they_replace():
     noise = torch.randn(16, 100)
     nets = generators(28, 1)

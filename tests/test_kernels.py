@@ -186,6 +186,16 @@ def test_keywords_and_tensor_subclasses_go_the_dispatchers_way(monkeypatch):
     assert dispatched == [{"kind": "max"}, {}]
 
 
+def test_only_plain_cpu_arguments_are_read_as_they_are():
+    x = torch.randn(2, 3)
+    assert kernels.plain_cpu((x, nn.Parameter(x), 1, 0.5, True, "max", None))
+    assert kernels.plain_cpu(())
+    assert not kernels.plain_cpu((x, x.as_subclass(Marked)))
+    assert not kernels.plain_cpu((x, torch.empty(2, device="meta")))
+    assert not kernels.plain_cpu((nn.Parameter(torch.empty(2, device="meta")),))
+    assert not kernels.plain_cpu((x, [x]))  # a list: not one of the schema's plain types
+
+
 def test_a_kernels_argument_check_says_what_it_expected():
     with pytest.raises(RuntimeError, match="^float32$"):
         kernels.pointer(torch.zeros(2, dtype=torch.float64))
