@@ -264,6 +264,7 @@ def test_an_unknown_or_unparsable_override_ends_a_benchmark_in_one_sentence(opti
     ("main", "argv"),
     [
         (bench.main, ["--iters", "0"]),
+        (bench.main, ["--warmup", "-1"]),
         (bench.main, ["--threads", "1,0"]),
         (bench.main, ["--batch-size", "0"]),  # was ignored: a batch size of 0 ran the setting's
         (bench.main, ["--student-steps", "-1"]),
@@ -282,7 +283,23 @@ def test_a_count_below_one_or_an_unknown_setting_is_refused_before_anything_runs
         main(argv)
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "not a whole number above 0" in error or "invalid choice: 'nope'" in error
+    refusals = ("not a whole number above 0", "not a whole number of 0 or more", "choice: 'nope'")
+    assert any(refusal in error for refusal in refusals), error
+
+
+def test_warm_up_iterations_run_untimed_before_the_timed_ones(monkeypatch):
+    cpu = torch.device("cpu")
+    distiller = setting.build_path(
+        setting.bench_config(["trainer.student_steps=1"]), cpu, False, seed=0
+    )
+    stats, ran = timing.PathStats(distiller, cpu), []
+    iterate = distiller.iterate
+    monkeypatch.setattr(distiller, "iterate", lambda: ran.append(1) or iterate())
+    timing.time_paths({"fast": stats}, 2, warmup=3)
+    assert len(ran) == 5  # 3 warm-up iterations, then 2 timed
+    assert len(stats.seconds) == len(stats.batch_counts) == 2
+    # the meter counts the timed iterations' batches only
+    assert stats.batches_generated() == pytest.approx(sum(stats.batch_counts))
 
 
 def test_an_agreement_generator_without_a_checkpoint_is_one_sentence(tmp_path):

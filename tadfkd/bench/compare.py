@@ -35,7 +35,14 @@ from tadfkd.base.errors import exit_on_known_errors
 from tadfkd.bench.agreement import agreement
 from tadfkd.bench.processes import PathProcess, PathSpec
 from tadfkd.bench.published import PUBLISHED_STYLE, published_style
-from tadfkd.bench.setting import SETTINGS, bench_config, device_name, positive_int, thread_counts
+from tadfkd.bench.setting import (
+    SETTINGS,
+    bench_config,
+    count,
+    device_name,
+    positive_int,
+    thread_counts,
+)
 from tadfkd.bench.timing import EPOCH_ITERS, matmul_rates, matmul_rates_line, time_paths
 from tadfkd.distillation.precision import resolve_precision
 from tadfkd.run.runtime import resolve_device
@@ -66,12 +73,14 @@ def print_table(
     device: torch.device,
     precision: str,
     matmuls: dict[str, float],
-    iters: int,
+    iterations: tuple[int, int],
     figures: dict[str, dict[str, float | None]],
     descriptions: dict[str, dict],
 ) -> None:
     """The setting, each path's process (threads, malloc policy), the measured matmul rates,
-    the figures of both paths and the speed-up."""
+    the figures of both paths and the speed-up; ``iterations``: timed, and extra warm-up."""
+    iters, warmup = iterations
+    more = f" and {warmup} more" if warmup else ""
     trainer, generator = cfg.trainer, cfg.generator
     fast_process, published_process = descriptions["fast"], descriptions["published-style"]
     blas = ", ".join(str(count) for count in fast_process["blas_threads"]) or "none loaded"
@@ -82,7 +91,7 @@ def print_table(
         f"{cfg.student.arch}, batch {trainer.batch_size}, {trainer.student_steps} student steps "
         f"+ 1 generator step per iteration, generator nz={generator.nz} width "
         f"{generator.width} at {cfg.dataset.image_size}px; {iters} timed iterations per path "
-        f"after 1 counted warm-up; each path in a process of its own, malloc: fast "
+        f"after 1 counted warm-up{more}; each path in a process of its own, malloc: fast "
         f"{fast_process['malloc']} (runtime.keep_freed_memory), published-style "
         f"{published_process['malloc']} "
         "(as the published code runs)"
@@ -135,6 +144,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         "--generator", type=Path, help="--agreement: a run directory whose generator to use"
     )
     parser.add_argument("--iters", type=positive_int, default=3, help="timed iterations per path")
+    parser.add_argument(
+        "--warmup",
+        type=count,
+        default=0,
+        help="untimed iterations per path before the timed ones, after the counted one (a run's "
+        "later iterations: oneDNN has built its kernels for more of the generator step's kept "
+        "counts)",
+    )
     parser.add_argument("--batch-size", type=positive_int, help="override the setting's batch size")
     parser.add_argument(
         "--student-steps", type=positive_int, help="override student steps per iteration"
@@ -191,11 +208,13 @@ def time_setting(
     with contextlib.ExitStack() as stack:
         paths = {spec.name: stack.enter_context(PathProcess(spec)) for spec in specs}
         compiled = paths["fast"].compile() if args.compile else None
-        time_paths(paths, args.iters)
+        time_paths(paths, args.iters, args.warmup)
         matmuls = matmul_rates(device, matmuls)  # measured again after the timed iterations
         figures = {name: path.figures(matmuls) for name, path in paths.items()}
         descriptions = {name: path.description for name, path in paths.items()}
-        print_table(fast_cfg, device, precision, matmuls, args.iters, figures, descriptions)
+        print_table(
+            fast_cfg, device, precision, matmuls, (args.iters, args.warmup), figures, descriptions
+        )
         if compiled is not None:
             warmup_seconds, graphs = compiled
             print(

@@ -39,12 +39,22 @@ SETTINGS = {
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number above 0 (iterations, pairs, threads, a batch size)."""
+    return whole_number(text, least=1)
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number of 0 or more (extra warm-up iterations)."""
+    return whole_number(text, least=0)
+
+
+def whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+        value = least - 1
+    if value < least:
+        words = "above 0" if least == 1 else f"of {least} or more"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {words}")
     return value
 
 
