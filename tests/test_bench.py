@@ -2,6 +2,7 @@
 
 import multiprocessing
 import re
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +13,7 @@ from helpers import ROOT, run_entry
 
 from tadfkd.base import schema
 from tadfkd.base.errors import UserError
+from tadfkd.bench import checkouts as bench_checkouts
 from tadfkd.bench import compare as bench
 from tadfkd.bench import components as bench_components
 from tadfkd.bench import operators, processes, setting, timing
@@ -276,14 +278,18 @@ def test_an_unknown_or_unparsable_override_ends_a_benchmark_in_one_sentence(opti
         (bench_threads.main, ["--setting", "nope"]),
     ],
 )
-def test_a_count_below_one_or_an_unknown_setting_is_refused_before_anything_runs(
+def test_a_count_out_of_range_or_an_unknown_setting_is_refused_before_anything_runs(
     main, argv, capsys
 ):
     with pytest.raises(SystemExit) as stopped:
         main(argv)
     assert stopped.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    refusals = ("not a whole number above 0", "not a whole number of 0 or more", "choice: 'nope'")
+    refusals = (
+        "not a whole number above 0",
+        "not a whole number of at least 0",
+        "invalid choice: 'nope'",
+    )
     assert any(refusal in error for refusal in refusals), error
 
 
@@ -295,7 +301,8 @@ def test_warm_up_iterations_run_untimed_before_the_timed_ones(monkeypatch):
     stats, ran = timing.PathStats(distiller, cpu), []
     iterate = distiller.iterate
     monkeypatch.setattr(distiller, "iterate", lambda: ran.append(1) or iterate())
-    timing.time_paths({"fast": stats}, 2, warmup=3)
+    timing.warm_up({"fast": stats}, 3)
+    timing.time_paths({"fast": stats}, 2)
     assert len(ran) == 5  # 3 warm-up iterations, then 2 timed
     assert len(stats.seconds) == len(stats.batch_counts) == 2
     # the meter counts the timed iterations' batches only
@@ -521,3 +528,28 @@ def test_the_agreement_reference_stays_fp32_whatever_set_gives_the_scoring_and_g
     )
     assert merged("scoring=bf16").scoring == "bf16" and merged("scoring=bf16").generation == "fp32"
     assert merged("generation=bf16").generation == "bf16"
+
+
+@pytest.mark.slow
+def test_two_checkouts_fast_paths_alternate_iteration_by_iteration(tmp_path, capsys):
+    other = tmp_path / "other"  # a checkout of the same code: the package and its configs
+    for part in ("tadfkd", "conf"):
+        shutil.copytree(ROOT / part, other / part)
+    line = bench_checkouts.main([str(other), "--setting", "small", "--pairs", "2"])
+    assert line in capsys.readouterr().out
+    found = re.search(
+        r"2 pairs: this checkout ([0-9.]+) ms, .*other ([0-9.]+) ms \(medians; ([0-9.]+) and "
+        r"([0-9.]+) generated batches per student step\); this checkout takes [-+][0-9.]+ ms",
+        line,
+    )
+    assert found, line
+    this_ms, other_ms, this_batches, other_batches = map(float, found.groups())
+    assert this_ms > 0 and other_ms > 0
+    assert this_batches == other_batches >= 1  # the same code from the same seeds: same work
+
+
+def test_a_folder_that_is_no_checkout_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench_checkouts.main([str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "is not a checkout of tadfkd" in capsys.readouterr().err

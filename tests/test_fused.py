@@ -64,6 +64,25 @@ def test_the_batch_norm_map_is_batch_norm_in_float32(channels, channels_last, mo
 
 
 @needs_kernels
+@pytest.mark.parametrize("channels", [32, 24])  # a specialised and the generic channel loop
+def test_the_statistics_and_the_map_are_the_same_in_either_layout(channels):
+    # the fused forward copies the linear layer's NCHW output channels-last first: the same
+    # sums in the same order per channel, so the same bits
+    x = bf16_batch((8, channels, 7, 5), channels_last=False, offset=3.0)
+    out = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        norm = nn.BatchNorm2d(channels, eps=0.8)
+        with torch.no_grad():
+            scale, shift = fused.batch_norm_map(x.contiguous(memory_format=layout), norm)
+            y = x.contiguous(memory_format=layout)
+            mapped = fused.affine_leaky_relu(y, scale, shift, SLOPE)
+            upsampled = fused.affine_leaky_relu_upsample(y, scale, shift, SLOPE)
+        out[layout] = (scale, shift, norm.running_mean, norm.running_var, mapped, upsampled)
+    for a, b in zip(*out.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernels
 @pytest.mark.parametrize("channels", [16, 24, 128])  # specialised, generic, the published width
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_the_upsampling_kernel_rounds_once_what_pytorch_computes_in_float32(

@@ -38,12 +38,18 @@ from tadfkd.bench.published import PUBLISHED_STYLE, published_style
 from tadfkd.bench.setting import (
     SETTINGS,
     bench_config,
-    count,
     device_name,
+    non_negative_int,
     positive_int,
     thread_counts,
 )
-from tadfkd.bench.timing import EPOCH_ITERS, matmul_rates, matmul_rates_line, time_paths
+from tadfkd.bench.timing import (
+    EPOCH_ITERS,
+    matmul_rates,
+    matmul_rates_line,
+    time_paths,
+    warm_up,
+)
 from tadfkd.distillation.precision import resolve_precision
 from tadfkd.run.runtime import resolve_device
 
@@ -146,7 +152,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--iters", type=positive_int, default=3, help="timed iterations per path")
     parser.add_argument(
         "--warmup",
-        type=count,
+        type=non_negative_int,
         default=0,
         help="untimed iterations per path before the timed ones, after the counted one (a run's "
         "later iterations: oneDNN has built its kernels for more of the generator step's kept "
@@ -208,7 +214,10 @@ def time_setting(
     with contextlib.ExitStack() as stack:
         paths = {spec.name: stack.enter_context(PathProcess(spec)) for spec in specs}
         compiled = paths["fast"].compile() if args.compile else None
-        time_paths(paths, args.iters, args.warmup)
+        warm_up(paths, args.warmup)
+        if compiled is not None:  # the graphs compiled so far: recompiles are counted after
+            compiled = (compiled[0], paths["fast"].compiled_graphs())
+        time_paths(paths, args.iters)
         matmuls = matmul_rates(device, matmuls)  # measured again after the timed iterations
         figures = {name: path.figures(matmuls) for name, path in paths.items()}
         descriptions = {name: path.description for name, path in paths.items()}

@@ -190,7 +190,8 @@ class PathProcess:
         self._call("start_timing")
 
     def time_iteration(self) -> None:
-        """One timed iteration, in the path's process."""
+        """One timed iteration (or a warm-up one, whose timing ``start_timing`` forgets), in
+        the path's process."""
         self._call("time_iteration")
 
     def figures(self, matmuls: dict[str, float]) -> dict[str, float | None]:

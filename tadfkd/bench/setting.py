@@ -39,21 +39,22 @@ SETTINGS = {
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number above 0 (iterations, pairs, threads, a batch size)."""
-    return whole_number(text, least=1)
+    return _whole_number(text, least=1, words="above 0")
 
 
-def count(text: str) -> int:
-    """An argparse type: a whole number of 0 or more (extra warm-up iterations)."""
-    return whole_number(text, least=0)
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0 (warm-up iterations)."""
+    return _whole_number(text, least=0, words="of at least 0")
 
 
-def whole_number(text: str, least: int) -> int:
+def _whole_number(text: str, least: int, words: str) -> int:
+    """``text`` as a whole number of at least ``least``, else argparse's error saying it is not
+    a whole number ``words``."""
     try:
         value = int(text)
     except ValueError:
         value = least - 1
     if value < least:
-        words = "above 0" if least == 1 else f"of {least} or more"
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {words}")
     return value
 

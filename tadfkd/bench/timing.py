@@ -133,10 +133,10 @@ class PathStats:
         )
 
     def start_timing(self) -> None:
-        """Forget what was timed so far (the warm-up iterations'): the timed iterations start."""
+        """Forget what was timed so far (``warm_up``'s iterations): the timed ones start."""
         self.distiller.meter = EpochMeter()
         self.selection_seconds = 0.0
-        self.seconds, self.batch_counts = [], []
+        self.seconds, self.batch_counts, self.peak_bytes = [], [], 0
 
     def time_iteration(self) -> None:
         if self.device.type == "cuda":
@@ -200,12 +200,16 @@ class TimedPath(Protocol):
     def time_iteration(self) -> None: ...
 
 
-def time_paths(paths: dict[str, TimedPath], iters: int, warmup: int = 0) -> None:
-    """``warmup`` untimed iterations of each path, then ``iters`` timed ones, alternating, the
-    order flipped every time."""
+def warm_up(paths: dict[str, TimedPath], iters: int) -> None:
+    """``iters`` iterations of each path whose timings ``time_paths`` then forgets."""
     for stats in paths.values():
-        for _ in range(warmup):
+        for _ in range(iters):
             stats.time_iteration()
+
+
+def time_paths(paths: dict[str, TimedPath], iters: int) -> None:
+    """``iters`` timed iterations of each path, alternating, the order flipped every time."""
+    for stats in paths.values():
         stats.start_timing()
     for index in range(iters):
         order = list(paths.values())

@@ -315,10 +315,13 @@ static inline float sum16(f32x16 v) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-/* GCC from 12 and Clang: a shuffle of two vectors' lanes by constant indices */
+/* GCC from 12 and Clang: a shuffle of two vectors' lanes by constant indices (-D
+ * HAVE_SHUFFLEVECTOR=0 builds without it) */
+#ifndef HAVE_SHUFFLEVECTOR
 #if defined(__has_builtin)
 #if __has_builtin(__builtin_shufflevector)
 #define HAVE_SHUFFLEVECTOR 1
+#endif
 #endif
 #endif
 #ifndef HAVE_SHUFFLEVECTOR
@@ -328,7 +331,8 @@ static inline float sum16(f32x16 v) {
 #if HAVE_SHUFFLEVECTOR
 /* sum16 of each of 16 vectors at once, lane k the sum of v[k]: the same additions in the same
  * order as sum16's (lanes l and l + 8, then m and m + 4, then (0 + 2) + (1 + 3)), on two
- * vectors' lanes at a time, 15 additions instead of 16 sum16s' 64 */
+ * vectors' lanes at a time: 15 additions of whole vectors (and 30 shuffles) where 16 sum16s
+ * add halves, quarters and single lanes */
 static inline f32x16 sum16_each(const f32x16 v[16]) {
     f32x16 a[8], b[4], d[2];
     for (int p = 0; p < 8; p++) /* per vector: lanes l + (l + 8), l < 8 */

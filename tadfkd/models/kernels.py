@@ -269,7 +269,8 @@ def run_kernel(name: str, *arguments: int | float | None) -> None:
 
 
 # the argument types a kernel's function reads as they are: no tensor subclass but a parameter
-PLAIN = frozenset({torch.Tensor, torch.nn.Parameter, int, float, bool, str, type(None)})
+TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+PLAIN = TENSORS | {int, float, bool, str, type(None)}
 
 
 class Operator:
@@ -321,10 +322,7 @@ def plain_cpu(arguments: tuple) -> bool:
     makes a device object: a few microseconds a call)."""
     for argument in arguments:
         kind = type(argument)
-        if kind is torch.Tensor or kind is torch.nn.Parameter:
-            if not argument.is_cpu:
-                return False
-        elif kind not in PLAIN:
+        if kind not in PLAIN or (kind in TENSORS and not argument.is_cpu):
             return False
     return True
 
