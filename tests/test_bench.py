@@ -85,7 +85,8 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
     kernel = "on" if kernels.kernels() is not None else "off"
     assert f"the teacher's one-input-channel kernel: {kernel}" in out
     fit = "C" if kernels.kernels() is not None else "numpy"
-    assert f"ReLU-pool kernels: {kernel}; BatchNorm kernels: {kernel}; mixture fit: {fit}" in out
+    pairs = f"ReLU-pool kernels: {kernel}; BatchNorm kernels: {kernel}; "
+    assert f"{pairs}output convolution kernels: {kernel}; mixture fit: {fit}" in out
     assert re.search(r"alternated iterations, 1 pair: this path [\d.]+ ms, with speed.single", out)
 
 

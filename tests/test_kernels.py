@@ -99,11 +99,14 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
                 out_bf16, expected_bf16 = model(x), conv(x)
                 expected_images, images = generator(noise).float(), fused(noise).float()
                 phased_images = phased(noise).float()
+        phased.output_kernel = True
         with torch.autocast("cpu", torch.bfloat16):  # the phases' copies of a generator step
             phased(noise).float().sum().backward()
         assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(kernel_calls)
         assert {"affine_leaky_relu_conv_one", "affine_leaky_relu"} <= set(kernel_calls)
         assert {"interleave_phases", "deinterleave_phases"} <= set(kernel_calls)
+        assert "conv_one_backward" in kernel_calls
+        assert all(bool(p.grad.isfinite().all()) for p in phased.conv_blocks2[3].parameters())
         assert kernel_calls.count("single_channel_conv") == 2  # fp32, then under bf16 autocast
         assert {"relu_max_pool_backward", "relu_mean_backward"} <= set(kernel_calls)
         assert {"batch_norm_train", "batch_norm_train_backward"} <= set(kernel_calls)

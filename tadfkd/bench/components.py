@@ -42,7 +42,7 @@ from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.bench.timing import counted_as_published, matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
-from tadfkd.models import batchnorm, pooling, single_channel, upsampling
+from tadfkd.models import batchnorm, output_conv, pooling, single_channel, upsampling
 from tadfkd.models import fused as fused_module
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
@@ -191,6 +191,8 @@ def print_components(
         isinstance(module, batchnorm.KernelBatchNorm2d) for module in distiller.student.modules()
     )
     in_c = getattr(distiller.synthesizer.selection, "by_kernel", False)
+    output = getattr(distiller.synthesizer.generator, "output_kernel", False)
+    output = output and threads <= output_conv.MAX_THREADS
     print(
         f"CPU: {device_name(device)}, {args.threads} thread(s); setting {args.setting}, "
         f"precision {distiller.precision.name}, generation "
@@ -201,6 +203,7 @@ def print_components(
         f"the teacher's one-input-channel kernel: {'on' if single else 'off'}; "
         f"ReLU-pool kernels: {'on' if pooled else 'off'}; "
         f"BatchNorm kernels: {'on' if normed else 'off'}; "
+        f"output convolution kernels: {'on' if output else 'off'}; "
         f"mixture fit: {'C' if in_c else 'numpy'}; malloc: {malloc_policy(kept_memory)}"
     )
     print(f"{'component':<32}{'ms':>9}{'GFLOP':>9}{'GFLOP/s':>9}")

@@ -38,6 +38,7 @@ PUBLISHED_STYLE = [
     "speed.fused_pooling=false",
     "speed.mixture_kernel=false",
     "speed.batch_norm_kernel=false",
+    "speed.output_conv_kernel=false",
 ]
 
 

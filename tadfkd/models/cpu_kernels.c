@@ -27,6 +27,7 @@
 #include <string.h>
 
 #define MAX_CHANNELS 1024
+#define MAX_CONV_ONE_CHANNELS 64 /* the one-output-channel convolution's kernels */
 /* what the entry points return: done, an input they do not take, no memory */
 #define DONE 0
 #define REFUSED -1
@@ -437,6 +438,89 @@ static inline void store16_bf16(uint16_t *p, f32x16 v) {
     rounded = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
     u16x16 half = __builtin_convertvector(rounded, u16x16);
     memcpy(p, &half, sizeof half);
+}
+
+/* conv_one_backward for groups (a compile-time constant where it is 1) of 16 channels */
+static inline __attribute__((always_inline)) void conv_one_backward_impl(
+    const int64_t groups, const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t sn,
+    int64_t sh, int64_t sw, const float *gy, const f32x16 (*taps)[4], float *g, float *xp,
+    uint16_t *grad_x, double (*weight_sums)[MAX_CONV_ONE_CHANNELS], double *bias_sum) {
+    const int64_t C = 16 * groups, Wp = W + 2;
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t w = 0; w < W; w++) {
+                g[(h + 1) * Wp + w + 1] = gy[(n * H + h) * W + w];
+                const uint16_t *p = x + n * sn + h * sh + w * sw;
+                for (int64_t k = 0; k < groups; k++) {
+                    f32x16 v = load16_bf16(p + 16 * k);
+                    memcpy(xp + ((h + 1) * Wp + w + 1) * C + 16 * k, &v, sizeof v);
+                }
+            }
+        /* x's gradient: each pixel's taps, by the output pixels that read it */
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t w = 0; w < W; w++)
+                for (int64_t k = 0; k < groups; k++) {
+                    f32x16 sum = {0};
+                    for (int64_t t = 0; t < 9; t++)
+                        sum += g[(h + 2 - t / 3) * Wp + w + 2 - t % 3] * taps[t][k];
+                    store16_bf16(grad_x + ((n * H + h) * W + w) * C + 16 * k, sum);
+                }
+        /* the weight's and the bias's: float within a row of the output, double across */
+        for (int64_t i = 0; i < H; i++) {
+            f32x16 part[9][4];
+            float bias_part = 0.0f;
+            for (int64_t t = 0; t < 9; t++)
+                for (int64_t k = 0; k < groups; k++) part[t][k] = (f32x16){0};
+            for (int64_t j = 0; j < W; j++) {
+                const float v = g[(i + 1) * Wp + j + 1];
+                bias_part += v;
+                for (int64_t t = 0; t < 9; t++)
+                    for (int64_t k = 0; k < groups; k++)
+                        part[t][k] += v * load16(xp + ((i + t / 3) * Wp + j + t % 3) * C + 16 * k);
+            }
+            for (int64_t t = 0; t < 9; t++)
+                for (int64_t k = 0; k < groups; k++)
+                    for (int c = 0; c < 16; c++) weight_sums[t][16 * k + c] += part[t][k][c];
+            *bias_sum += bias_part;
+        }
+    }
+}
+
+/* The gradients of out = the 3x3 convolution with one output channel, padding 1, stride 1, of
+ * x (N, H, W, C) bf16 (element strides, unit channel stride; C = 16 * groups, groups <= 4)
+ * with weight (3, 3, C) and a bias, float32, given out's gradient gy (N, H, W) float32:
+ * grad_x (N, H, W, C) bf16, contiguous, each pixel's sum over the taps of gy where the
+ * convolution read it times the tap, in float32, rounded once; grad_w (3, 3, C) and grad_b (1)
+ * float32, the sums over the output pixels of gy times x at the tap's offset (zero outside)
+ * and of gy. */
+int conv_one_backward(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t C, int64_t sn,
+                      int64_t sh, int64_t sw, int64_t sc, const float *gy, const float *weight,
+                      uint16_t *grad_x, float *grad_w, float *grad_b) {
+    const int64_t groups = C / 16, Wp = W + 2;
+    if (sc != 1 || C % 16 != 0 || groups < 1 || groups > 4) return REFUSED;
+    float *g = calloc((size_t)((H + 2) * Wp), sizeof(float));     /* gy, zero border */
+    float *xp = calloc((size_t)((H + 2) * Wp * C), sizeof(float)); /* x, zero border */
+    if (g == NULL || xp == NULL) {
+        free(g);
+        free(xp);
+        return NO_MEMORY;
+    }
+    f32x16 taps[9][4];
+    for (int64_t t = 0; t < 9; t++)
+        for (int64_t k = 0; k < groups; k++) taps[t][k] = load16(weight + t * C + 16 * k);
+    double weight_sums[9][MAX_CONV_ONE_CHANNELS] = {{0}}, bias_sum = 0.0;
+    if (groups == 1)
+        conv_one_backward_impl(1, x, N, H, W, sn, sh, sw, gy, taps, g, xp, grad_x, weight_sums,
+                               &bias_sum);
+    else
+        conv_one_backward_impl(groups, x, N, H, W, sn, sh, sw, gy, taps, g, xp, grad_x,
+                               weight_sums, &bias_sum);
+    for (int64_t t = 0; t < 9; t++)
+        for (int64_t c = 0; c < C; c++) grad_w[t * C + c] = (float)weight_sums[t][c];
+    grad_b[0] = (float)bias_sum;
+    free(g);
+    free(xp);
+    return DONE;
 }
 
 #define MAX_TAPS 49 /* a kernel of up to 7 x 7 */

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tadfkd.base.errors import UserError
-from tadfkd.models import fused, upsampling
+from tadfkd.models import fused, output_conv, upsampling
 
 
 class Generator(nn.Module):
@@ -23,6 +23,10 @@ class Generator(nn.Module):
     and a float32 sum over its input channels: the same products and sums, faster on a CPU,
     where oneDNN runs a one-output-channel convolution far below its rate. Forwards
     with gradients keep the convolution, whose backward is the faster one.
+
+    ``output_kernel`` (``speed.output_conv_kernel``, off by default): forwards with gradients
+    under bf16 autocast on a CPU run that convolution, forward and backward, as C kernels
+    (``tadfkd.models.output_conv``).
 
     ``fused_kernels`` (``speed.fused_generation``, off by default): no-grad forwards under bf16
     autocast on a CPU run each BatchNorm-LeakyReLU pair with the upsampling after it as one C
@@ -48,6 +52,7 @@ class Generator(nn.Module):
         self.width = width
         self.depthwise_output = False
         self.fused_kernels = False
+        self.output_kernel = False
         self.phased_upsampling = False
         self.l1 = nn.Linear(nz, width * self.init_size**2)
         # TA-DFKD adds the LeakyReLU to DAFL's BN-only first block; it has no parameters. In
@@ -103,11 +108,14 @@ class Generator(nn.Module):
 
     def output_conv(self, x: torch.Tensor) -> torch.Tensor:
         """The last convolution on x: as ``one_output_channel_conv`` where
-        ``depthwise_output`` applies (one output channel, zero padding, no gradients), else as
-        the convolution."""
+        ``depthwise_output`` applies (one output channel, zero padding, no gradients), by the
+        C kernels where ``output_kernel`` is on and they apply (``output_conv.applies``: with
+        gradients), else as the convolution."""
         last = self.conv_blocks2[3]
         if self.depthwise_applies():
             return one_output_channel_conv(x, last)
+        if self.output_kernel and output_conv.applies(last, x):
+            return output_conv.convolved(x, last)
         return last(x)
 
     def depthwise_applies(self) -> bool:

@@ -65,6 +65,8 @@ SIGNATURES = {
     "interleave_phases": [*_LAYOUT, _PTR],
     "deinterleave_phases": [*_LAYOUT, _PTR],
     "affine_leaky_relu_conv_one": [*_LAYOUT, _I64, _PTR, _PTR, _F32, _PTR, _F32, _PTR],
+    # x's layout, the output's gradient, weight (3, 3, C); x's, the weight's, the bias's grads
+    "conv_one_backward": [*_LAYOUT, _PTR, _PTR, _PTR, _PTR, _PTR],
     # input, its dtype flag, (N, H, W) and strides; weight, (C, K), strides; bias; stride,
     # padding; bf16; output
     "single_channel_conv": [

@@ -91,8 +91,8 @@ def set_generator_speed(
     generation_dtype: torch.dtype | None,
 ) -> None:
     """The DAFL generator's CPU switches (``tadfkd.models.generator``): the depthwise output
-    convolution, the upsampled convolutions by phase and the fused kernels; other generators
-    have none."""
+    convolution, the upsampled convolutions by phase, the fused kernels and the output
+    convolution's kernels with gradients; other generators have none."""
     if not hasattr(generator, "depthwise_output"):
         return
     generator.depthwise_output = on_if_auto(speed.depthwise_output, device, "cpu")
@@ -101,6 +101,9 @@ def set_generator_speed(
     # error for true where the kernels do not build: they would not run)
     generator.fused_kernels = not speed.compile and use_fused_generation(
         speed.fused_generation, device, generation_dtype
+    )
+    generator.output_kernel = not speed.compile and use_kernels(
+        "speed.output_conv_kernel", speed.output_conv_kernel, device.type == "cpu"
     )
 
 
