@@ -15,6 +15,10 @@
  * A grayscale network's first convolution, one input channel (tadfkd.models.single_channel):
  * float32 or bf16 in and out, float32 sums.
  *
+ * The generator's last convolution (one output channel) where gradients flow
+ * (tadfkd.models.output_conv): the forward is the fused kernel's with the identity map, the
+ * backward's three gradients one kernel.
+ *
  * A ReLU and the pooling after it (tadfkd.models.pooling), BatchNorm in training
  * (tadfkd.models.batchnorm), forward and backward, and the selection's two-Gaussian mixture fit
  * (tadfkd.distillation.selection).
@@ -443,7 +447,7 @@ static inline void store16_bf16(uint16_t *p, f32x16 v) {
 /* conv_one_backward for groups (a compile-time constant where it is 1) of 16 channels */
 static inline __attribute__((always_inline)) void conv_one_backward_impl(
     const int64_t groups, const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t sn,
-    int64_t sh, int64_t sw, const float *gy, const f32x16 (*taps)[4], float *g, float *xp,
+    int64_t sh, int64_t sw, const float *gy, f32x16 (*taps)[4], float *g, float *xp,
     uint16_t *grad_x, double (*weight_sums)[MAX_CONV_ONE_CHANNELS], double *bias_sum) {
     const int64_t C = 16 * groups, Wp = W + 2;
     for (int64_t n = 0; n < N; n++) {

@@ -3,7 +3,8 @@
 ``cpu_kernels.c`` holds the DAFL generator's fused no-grad bf16 kernels (``tadfkd.models.fused``)
 the convolution of one input channel of a grayscale network's first layer
 (``tadfkd.models.single_channel``), a ReLU with the pooling after it
-(``tadfkd.models.pooling``), BatchNorm in training (``tadfkd.models.batchnorm``) and the
+(``tadfkd.models.pooling``), BatchNorm in training (``tadfkd.models.batchnorm``), the
+generator's one-output-channel convolution with gradients (``tadfkd.models.output_conv``) and the
 selection's mixture fit (``tadfkd.distillation.selection``). It is compiled at first use by the
 machine's C compiler
 (``$CC``, else ``cc``) for the CPU it runs on (``-march=native``) and cached under

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
 from tadfkd.models import fused, kernels, pooling
 
@@ -68,7 +69,9 @@ class OutputConv(torch.autograd.Function):
     """The convolution into one channel and its gradients by the kernels (first order)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         taps, channels = rounded(weight), x.shape[1]
         ones = torch.ones(channels, dtype=torch.float32)
         zeros = torch.zeros(channels, dtype=torch.float32)
@@ -81,7 +84,7 @@ class OutputConv(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         x, taps = ctx.saved_tensors
         grad_x, grad_w, grad_b = conv_one_backward(x, grad.float().contiguous(), taps)
         # rounded as autocast's bf16 gradients, returned in the parameters' float32
@@ -121,6 +124,15 @@ def conv_one_backward_fake(x, grad, weight):
     """The gradients' shapes, dtypes and layouts, for tracing (``torch.library.opcheck``)."""
     return (
         kernels.empty_bf16(tuple(x.shape), x.device),
-        torch.empty_like(weight),
+        weight.new_empty(weight.shape),  # contiguous, as the function returns it
         weight.new_empty(1),
     )
+
+
+@register_flop_formula(torch.ops.tadfkd.conv_one_backward, get_raw=True)
+def conv_one_backward_flops(
+    x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, *args, out_val, **kwargs
+) -> int:
+    """As ``FlopCounterMode`` counts ``convolution_backward``: x's gradient and the weight's,
+    each as many as the forward (2 x outputs x weights per output)."""
+    return 2 * (2 * grad.numel() * weight[0].numel())

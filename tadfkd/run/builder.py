@@ -102,8 +102,10 @@ def set_generator_speed(
     generator.fused_kernels = not speed.compile and use_fused_generation(
         speed.fused_generation, device, generation_dtype
     )
+    # the generator step runs the generator in the generation dtype: bf16 for the kernels
+    applicable = device.type == "cpu" and generation_dtype == torch.bfloat16
     generator.output_kernel = not speed.compile and use_kernels(
-        "speed.output_conv_kernel", speed.output_conv_kernel, device.type == "cpu"
+        "speed.output_conv_kernel", speed.output_conv_kernel, applicable
     )
 
 

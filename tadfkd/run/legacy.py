@@ -48,8 +48,8 @@ ADDED = {
     "speed.depthwise_output": False,
     "speed.fused_generation": False,
     "speed.fused_pooling": False,
-    "speed.output_conv_kernel": False,
     "speed.mixture_kernel": False,
+    "speed.output_conv_kernel": False,
     "speed.phased_upsampling": False,
     "speed.single_channel_conv": False,
 }
