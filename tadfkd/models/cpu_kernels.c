@@ -501,7 +501,7 @@ int conv_one_backward(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_
                       int64_t sh, int64_t sw, int64_t sc, const float *gy, const float *weight,
                       uint16_t *grad_x, float *grad_w, float *grad_b) {
     const int64_t groups = C / 16, Wp = W + 2;
-    if (sc != 1 || C % 16 != 0 || groups < 1 || groups > 4) return REFUSED;
+    if (sc != 1 || C % 16 != 0 || C < 16 || C > MAX_CONV_ONE_CHANNELS) return REFUSED;
     float *g = calloc((size_t)((H + 2) * Wp), sizeof(float));     /* gy, zero border */
     float *xp = calloc((size_t)((H + 2) * Wp * C), sizeof(float)); /* x, zero border */
     if (g == NULL || xp == NULL) {

@@ -227,7 +227,7 @@ def forward(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     size = generator.init_size
     out = generator.l1(z).view(z.shape[0], generator.width, size, size)
     # the kernels read any layout, but channels in unit stride run whole vectors: the copy
-    # costs a third of what the statistics and the map lose reading the NCHW view
+    # costs less than the statistics and the map lose reading the NCHW view's strided channels
     out = out.contiguous(memory_format=torch.channels_last)
     phased = False
     if generator.by_phase(blocks1, blocks1[0]) and generator.by_phase(blocks2[0], blocks2[0]):
