@@ -554,3 +554,11 @@ def test_a_folder_that_is_no_checkout_is_refused_before_anything_runs(tmp_path, 
         bench_checkouts.main([str(tmp_path)])
     assert stopped.value.code == 2
     assert "is not a checkout of tadfkd" in capsys.readouterr().err
+
+
+def test_a_checkout_whose_fast_path_cannot_start_is_one_sentence(tmp_path):
+    # a checkout older than the worker's needs: its setting module lacks build_path
+    (tmp_path / "tadfkd" / "bench").mkdir(parents=True)
+    (tmp_path / "tadfkd" / "bench" / "setting.py").write_text("SETTINGS = {}\n")
+    with pytest.raises(UserError, match=r"^the fast path of .* stopped \(exit code 1\); its "):
+        bench_checkouts.main([str(tmp_path), "--setting", "small", "--pairs", "1"])

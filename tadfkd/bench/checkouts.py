@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tadfkd.base.errors import exit_on_known_errors
+from tadfkd.base.errors import UserError, exit_on_known_errors
 from tadfkd.bench.setting import SETTINGS, positive_int
 
 # run in a checkout (its root first on sys.path): build the setting's fast path at the given
@@ -79,11 +79,13 @@ class Checkout:
     def _reply(self) -> str:
         return self.process.stdout.readline()
 
-    def _failed(self) -> RuntimeError:
+    def _failed(self) -> UserError:
+        """One sentence for a worker that stopped (its own error is printed above it): most
+        often a checkout older than the worker's needs (``bench.setting``'s ``build_path``)."""
         self.close()
-        return RuntimeError(
+        return UserError(
             f"the fast path of {self.root} stopped (exit code {self.process.returncode}); "
-            "its error is above"
+            "its error is above."
         )
 
     def close(self) -> None:
