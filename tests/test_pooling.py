@@ -11,9 +11,11 @@ import torch
 from helpers import needs_kernels, networks_holding
 from torch import nn
 
+from tadfkd.bench import operators
 from tadfkd.bench.published import PUBLISHED_STYLE
+from tadfkd.bench.setting import SETTINGS, bench_config, build_path
 from tadfkd.distillation.objectives import stage_ends
-from tadfkd.models import pooling
+from tadfkd.models import pooling, single_channel
 from tadfkd.models.digits import digits_cnn
 from tadfkd.models.pooling import PooledSequential
 
@@ -197,3 +199,103 @@ def test_the_operators_trace_with_their_fake_implementations():
         torch.library.opcheck(torch.ops.tadfkd.relu_pool.default, (x, kind))
         grad = torch.ops.tadfkd.relu_pool(x, kind)
         torch.library.opcheck(torch.ops.tadfkd.relu_pool_backward.default, (x, grad, kind))
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """x's bit patterns: -0.0 apart from 0.0, each NaN by its payload."""
+    return x.view(torch.int16 if x.dtype == torch.bfloat16 else torch.int32)
+
+
+def signed_zeros_and_nans(bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An input (3, 1, 9, 8) with a NaN, a weight (16, 1, 3, 3) and a bias: channel 1 sums to
+    -0.0 at every output, channel 2 to a negative float32 denormal that rounds to bf16 -0.0 at
+    the outputs over the tiny pixels; the rest random."""
+    torch.manual_seed(5)
+    x, weight, bias = torch.randn(3, 1, 9, 8).abs() + 1, torch.randn(16, 1, 3, 3), torch.randn(16)
+    weight[1], bias[1] = -0.0, -0.0  # -0.0 * x = -0.0 for x >= +0.0, padding included
+    weight[2], bias[2] = 0.0, 0.0
+    weight[2, 0, 1, 1] = -(2.0**-70)
+    x[:, :, ::2, ::2] = 2.0**-70  # -2^-140: a float32 denormal under bf16's smallest
+    x[2, 0, 4, 4] = float("nan")
+    return (x.bfloat16() if bf16 else x), weight, bias
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_single_channel_kernels_relu_is_torchs_relu_of_its_output_bit_for_bit(bf16):
+    x, weight, bias = signed_zeros_and_nans(bf16)
+    conv = torch.ops.tadfkd.single_channel_conv
+    plain = conv(x, weight, bias, 1, 1, bf16, False)
+    fused = conv(x, weight, bias, 1, 1, bf16, True)
+    expected = torch.relu(plain)
+    assert torch.equal(bits(fused), bits(expected))
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    negative_zero = bits(torch.tensor(-0.0, dtype=fused.dtype))
+    assert bits(fused)[:2, 1].eq(negative_zero).all()  # image 2 holds the NaN
+    assert bits(fused)[:2, 2].eq(negative_zero).any() == bf16
+    assert fused.isnan().any() and (fused >= 0).sum() + fused.isnan().sum() == fused.numel()
+
+
+def first_layer(*middle: nn.Module, after: nn.Module | None = None) -> PooledSequential:
+    """A kernel convolution (1 -> 16, stride 2, with bias), ``middle``, a ReLU and ``after``,
+    in a ``PooledSequential`` made by ``use_kernel``, channels-last."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(1, 16, 3, stride=2, padding=1)
+    model = nn.Sequential(conv, *middle, nn.ReLU(), *([after] if after else []))
+    model = model.to(memory_format=torch.channels_last)
+    single_channel.use_kernel(model)
+    assert pooling.use_kernel(model) == [""]
+    return model
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_kernel_convolution_and_the_relu_after_it_run_as_one_kernel_bit_for_bit(
+    autocast, kernel_calls
+):
+    model = first_layer(nn.Identity(), nn.Identity())  # a folded BatchNorm, or two
+    x = torch.randn(4, 1, 14, 14)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        calls = operators.record(lambda: model(x))
+        fused, plain = model(x), nn.Sequential(*model)(x)
+    assert [call.name for call in calls] == ["tadfkd.single_channel_conv.default"]
+    assert kernel_calls == ["single_channel_conv"] * 3  # recorded, fused, plain
+    assert torch.equal(bits(fused), bits(plain))
+
+
+def test_with_gradients_or_a_hook_the_convolution_and_its_relu_run_module_by_module(
+    kernel_calls,
+):
+    model = first_layer(nn.Identity())
+    x = torch.randn(4, 1, 14, 14)
+    model(x.requires_grad_()).sum().backward()  # PyTorch's convolution, then its ReLU
+    assert kernel_calls == [] and x.grad is not None
+    seen = []
+    model[1].register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    with torch.no_grad():
+        fused, conv = model(x), model[0](x)
+    assert seen == [(4, 16, 7, 7)] and kernel_calls == ["single_channel_conv"] * 2  # not fused
+    assert torch.equal(bits(fused), bits(torch.relu(conv)))
+
+
+def test_a_relu_that_starts_a_pooling_pair_is_left_to_that_pairs_kernel(kernel_calls):
+    model = first_layer(after=nn.MaxPool2d(2))
+    assert pooling.relu_after(list(model), 0) is None
+    with torch.no_grad():
+        fused = model(torch.randn(4, 1, 16, 16))
+    assert kernel_calls == ["single_channel_conv", "relu_max_pool"]
+    assert fused.shape == (4, 16, 4, 4)
+    plain = [nn.Conv2d(1, 16, 3), nn.ReLU()]  # PyTorch's convolution: nothing to fuse into
+    assert pooling.relu_after(plain, 0) is None
+    kernel = first_layer()
+    assert pooling.relu_after([kernel[0], nn.LeakyReLU()], 0) is None
+    assert pooling.relu_after([kernel[0], nn.Identity(), nn.ReLU(inplace=True)], 0) == 2
+
+
+@pytest.mark.parametrize("setting", ["fashion_mnist", "small"])
+def test_the_folded_teachers_scoring_forward_runs_no_relu_of_its_own(setting):
+    cfg = bench_config([*SETTINGS[setting], "runtime.device=cpu"])
+    distiller = build_path(cfg, torch.device("cpu"), published=False, seed=0)
+    images = distiller.synthesizer.sample(8)
+    view = distiller.synthesizer.views.test_view(images)
+    with torch.no_grad():
+        names = [call.name for call in operators.record(lambda: distiller.inference_teacher(view))]
+    assert "tadfkd.single_channel_conv.default" in names and "aten.relu.default" not in names

@@ -179,10 +179,11 @@ def test_under_torch_compile_pytorchs_convolution_is_compiled(kernel_calls):
 
 @needs_kernels
 @pytest.mark.parametrize("bf16", [False, True])
-def test_the_operator_passes_torchs_operator_checks(bf16):
+@pytest.mark.parametrize("relu", [False, True])
+def test_the_operator_passes_torchs_operator_checks(bf16, relu):
     x, weight, bias = batch((3, 1, 9, 8)), torch.randn(16, 1, 3, 3), torch.randn(16)
     found = torch.library.opcheck(
-        torch.ops.tadfkd.single_channel_conv.default, (x, weight, bias, 2, 1, bf16)
+        torch.ops.tadfkd.single_channel_conv.default, (x, weight, bias, 2, 1, bf16, relu)
     )
     assert set(found.values()) == {"SUCCESS"}  # its schema and its fake implementation
 
@@ -214,11 +215,11 @@ def test_the_operator_refuses_what_the_kernel_cannot_compute_in_one_error(
     bias_tensor = None if bias is None else torch.zeros(bias)
     with pytest.raises(RuntimeError, match=says):
         torch.ops.tadfkd.single_channel_conv(
-            batch((2, 1, 5, 5)), torch.randn(weight), bias_tensor, stride, 1, False
+            batch((2, 1, 5, 5)), torch.randn(weight), bias_tensor, stride, 1, False, False
         )
     with pytest.raises(RuntimeError, match="bf16"):
         torch.ops.tadfkd.single_channel_conv(
-            batch((2, 1, 5, 5)).bfloat16(), torch.randn(16, 1, 3, 3), None, 1, 1, False
+            batch((2, 1, 5, 5)).bfloat16(), torch.randn(16, 1, 3, 3), None, 1, 1, False, False
         )
 
 

@@ -13,7 +13,7 @@
  * their gradients back, in the generator step).
  *
  * A grayscale network's first convolution, one input channel (tadfkd.models.single_channel):
- * float32 or bf16 in and out, float32 sums.
+ * float32 or bf16 in and out, float32 sums; with the ReLU after it or without.
  *
  * The generator's last convolution (one output channel) where gradients flow
  * (tadfkd.models.output_conv): the forward is the fused kernel's with the identity map, the
@@ -434,14 +434,25 @@ int affine_leaky_relu_conv_one(const uint16_t *x, int64_t N, int64_t H, int64_t 
 }
 
 /* round 16 floats to bf16 as float_to_bf16 does */
-static inline void store16_bf16(uint16_t *p, f32x16 v) {
+/* 16 floats rounded to bf16 as float_to_bf16 rounds each, in the low 16 bits of each lane */
+static inline u32x16 bf16_bits16(f32x16 v) {
     u32x16 u, nan, rounded;
     memcpy(&u, &v, sizeof u);
     nan = (u32x16)((u & 0x7fffffffu) > 0x7f800000u);
     rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    rounded = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
-    u16x16 half = __builtin_convertvector(rounded, u16x16);
+    return (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+}
+
+static inline void store16_bf16(uint16_t *p, f32x16 v) {
+    u16x16 half = __builtin_convertvector(bf16_bits16(v), u16x16);
     memcpy(p, &half, sizeof half);
+}
+
+/* 16 floats rounded to bf16, as floats (store16_bf16 stores them unchanged) */
+static inline f32x16 rounded16_bf16(f32x16 v) {
+    u32x16 bits = bf16_bits16(v) << 16;
+    memcpy(&v, &bits, sizeof v);
+    return v;
 }
 
 /* conv_one_backward for groups (a compile-time constant where it is 1) of 16 channels */
@@ -527,23 +538,38 @@ int conv_one_backward(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_
     return DONE;
 }
 
+/* torch.relu on 16 floats, x < 0 ? 0 : x: -0.0 and NaN pass as they are */
+static inline f32x16 relu16_as_torch(f32x16 v) {
+    i32x16 bits, negative = v < 0.0f;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= ~negative;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* 16 sums stored as float32 or rounded to bf16; with relu, torch.relu of what is stored (of the
+ * rounded value in bf16: ReLU after the rounding, as PyTorch's ReLU of the convolution's bf16
+ * output has it, so a sum that rounds to -0.0 stays -0.0) */
+static inline void store_sums(void *out, int64_t at, f32x16 sums, int out_bf16, int relu) {
+    if (out_bf16) {
+        if (relu) sums = relu16_as_torch(rounded16_bf16(sums));
+        store16_bf16((uint16_t *)out + at, sums);
+    } else {
+        if (relu) sums = relu16_as_torch(sums);
+        memcpy((float *)out + at, &sums, sizeof sums);
+    }
+}
+
 #define MAX_TAPS 49 /* a kernel of up to 7 x 7 */
 
 #define PIXELS 4 /* output pixels of a row computed together: independent sums in flight */
-
-static inline void store_sums(void *out, int64_t at, f32x16 sums, int out_bf16) {
-    if (out_bf16)
-        store16_bf16((uint16_t *)out + at, sums);
-    else
-        memcpy((float *)out + at, &sums, sizeof sums);
-}
 
 /* one image's output (Ho, Wo, C) from its zero-padded float32 copy (Hp, Wp): each output's
  * sums start at the bias and add the taps in row order, PIXELS outputs of a row at a time */
 static inline __attribute__((always_inline)) void single_channel_image(
     const int64_t groups, const int64_t K, const float *padded, int64_t Wp, int64_t stride,
     int64_t Ho, int64_t Wo, const f32x16 (*taps)[4], const f32x16 *bias, void *out,
-    int out_bf16) {
+    int out_bf16, int relu) {
     const int64_t C = 16 * groups;
     for (int64_t i = 0; i < Ho; i++)
         for (int64_t j0 = 0; j0 < Wo; j0 += PIXELS) {
@@ -563,7 +589,8 @@ static inline __attribute__((always_inline)) void single_channel_image(
                     }
             for (int64_t p = 0; p < count; p++)
                 for (int64_t g = 0; g < groups; g++)
-                    store_sums(out, ((i * Wo + j0 + p) * C) + 16 * g, sums[p][g], out_bf16);
+                    store_sums(out, ((i * Wo + j0 + p) * C) + 16 * g, sums[p][g], out_bf16,
+                               relu);
         }
 }
 
@@ -574,11 +601,11 @@ static inline float rounded_to_bf16(float v) { return bf16_to_float(float_to_bf1
  * (C, K, K) (element strides) and bias (C,) or NULL, both float32; C = 16 * groups with
  * groups <= 4, K <= 7. Sums in float32 over the taps in row order, after the bias. With bf16,
  * as bf16 autocast runs the convolution: input, weight and bias rounded to bf16 first, out
- * bf16; else out float32. */
+ * bf16; else out float32. With relu, out = torch.relu of that output (store_sums). */
 int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t W, int64_t sn,
                         int64_t sh, int64_t sw, const float *weight, int64_t C, int64_t K,
                         int64_t swc, int64_t swh, int64_t sww, const float *bias, int64_t stride,
-                        int64_t padding, int bf16, void *out) {
+                        int64_t padding, int bf16, int relu, void *out) {
     const int64_t groups = C / 16, Hp = H + 2 * padding, Wp = W + 2 * padding;
     if (C % 16 != 0 || groups < 1 || groups > 4 || K < 1 || K * K > MAX_TAPS || stride < 1 ||
         padding < 0 || Hp < K || Wp < K)
@@ -614,12 +641,14 @@ int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t
         void *image_out = (char *)out + n * image;
         /* the kernel size and channel groups as compile-time constants for 3 x 3 */
         if (K == 3 && groups == 1)
-            single_channel_image(1, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out, bf16);
+            single_channel_image(1, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out, bf16,
+                                 relu);
         else if (K == 3 && groups == 2)
-            single_channel_image(2, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out, bf16);
+            single_channel_image(2, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out, bf16,
+                                 relu);
         else
             single_channel_image(groups, K, padded, Wp, stride, Ho, Wo, taps, start, image_out,
-                                 bf16);
+                                 bf16, relu);
     }
     free(padded);
     return DONE;

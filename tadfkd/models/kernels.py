@@ -69,11 +69,11 @@ SIGNATURES = {
     # x's layout, the output's gradient, weight (3, 3, C); x's, the weight's, the bias's grads
     "conv_one_backward": [*_LAYOUT, _PTR, _PTR, _PTR, _PTR, _PTR],
     # input, its dtype flag, (N, H, W) and strides; weight, (C, K), strides; bias; stride,
-    # padding; bf16; output
+    # padding; bf16; relu; output
     "single_channel_conv": [
         *[_PTR, _INT, *[_I64] * 6],
         *[_PTR, *[_I64] * 5, _PTR],
-        *[_I64, _I64, _INT, _PTR],
+        *[_I64, _I64, _INT, _INT, _PTR],
     ],
     # input, its dtype flag, (N, H, W, C) or (N, H * W, C), [the output's gradient], output
     "relu_max_pool": [_PTR, _INT, *[_I64] * 4, _PTR],

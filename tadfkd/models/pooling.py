@@ -12,7 +12,11 @@ pool picks, where ReLU passes it); the fused average sums in another order (floa
 ``use_kernel`` makes a model's ``nn.Sequential`` containers ``PooledSequential``: the same
 modules and state-dict keys, with each eligible pair (``fusable``) run by the kernels where they
 apply, with or without gradients, and module by module where a hook is on either module (it
-would see a ReLU output that the kernels never make) or the kernels do not apply.
+would see a ReLU output that the kernels never make) or the kernels do not apply. The same
+containers also run a one-input-channel convolution's kernel (``tadfkd.models.single_channel``,
+no-grad forwards) with the ReLU after it (``relu_after``) in the kernel's store, bit for bit
+PyTorch's ReLU of its output: on the Fashion-MNIST preset the folded teacher's first ReLU was a
+pass of its own over each scored batch (docs/performance.md, round seventeen).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_globals
 
-from tadfkd.models import kernels
+from tadfkd.models import kernels, single_channel
 from tadfkd.models.single_channel import MODULE_HOOKS
 
 # the kernels run on one thread; beyond two, PyTorch's parallel ReLU and pooling are left to it
@@ -59,6 +63,21 @@ def fusable(relu: nn.Module, pool: nn.Module) -> str | None:
     if type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)):
         return "mean"
     return None
+
+
+def relu_after(modules: list[nn.Module], index: int) -> int | None:
+    """Where the ReLU is that the one-input-channel kernel convolution at ``index`` of
+    ``modules`` (a ``SingleChannelConv2d``) runs in its store: the first module after it past
+    any ``nn.Identity`` (a BatchNorm folded away), an ``nn.ReLU`` that starts no ``fusable``
+    pair (that pair's kernel takes it instead); None otherwise."""
+    if type(modules[index]) is not single_channel.SingleChannelConv2d:
+        return None
+    end = index + 1
+    while end < len(modules) and type(modules[end]) is nn.Identity:
+        end += 1
+    if end == len(modules) or type(modules[end]) is not nn.ReLU:
+        return None
+    return end if end + 1 == len(modules) or fusable(*modules[end : end + 2]) is None else None
 
 
 def hooked(*modules: nn.Module) -> bool:
@@ -173,12 +192,23 @@ def pooled(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 class PooledSequential(nn.Sequential):
     """An ``nn.Sequential`` whose ReLU-pool pairs (``fusable``) run as one kernel where no hook
-    is on them and the kernels apply (``applies``); everything else module by module."""
+    is on them and the kernels apply (``applies``), as does a one-input-channel kernel
+    convolution with the ReLU after it (``relu_after``; where ``single_channel.applies``);
+    everything else module by module."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self._modules.values())
         index = 0
         while index < len(modules):
+            end = relu_after(modules, index)
+            if (
+                end is not None
+                and not hooked(*modules[index : end + 1])
+                and single_channel.applies(modules[index], x)
+            ):
+                x = modules[index].kernel(x, relu=True)
+                index = end + 1
+                continue
             kind = fusable(*modules[index : index + 2]) if index + 1 < len(modules) else None
             if kind is not None and not hooked(*modules[index : index + 2]) and applies(kind, x):
                 x = pooled(x, kind)
@@ -190,14 +220,18 @@ class PooledSequential(nn.Sequential):
 
 
 def use_kernel(model: nn.Module) -> list[str]:
-    """Make each plain ``nn.Sequential`` of ``model`` holding a ``fusable`` pair a
+    """Make each plain ``nn.Sequential`` of ``model`` holding a ``fusable`` pair, or a kernel
+    convolution with a ReLU after it (``relu_after``: swap the kernel in first), a
     ``PooledSequential`` (in place: the same modules, parameters and hooks); the paths made."""
     made = []
     for path, container in model.named_modules():
         if type(container) is not nn.Sequential:
             continue
         children = list(container.children())
-        if any(fusable(a, b) for a, b in zip(children, children[1:], strict=False)):
+        pairs = zip(children, children[1:], strict=False)
+        if any(fusable(a, b) for a, b in pairs) or any(
+            relu_after(children, index) is not None for index in range(len(children))
+        ):
             container.__class__ = PooledSequential
             made.append(path)
     return made

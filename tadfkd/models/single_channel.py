@@ -64,11 +64,14 @@ def single_channel_conv(
     stride: int,
     padding: int,
     bf16: bool,
+    relu: bool,
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding)`` for x (N, 1, H, W) float32 or bf16 and
     float32 weight (C, 1, K, K) and bias (C,) (``output_shape`` says what it takes), in float32
     sums; with ``bf16`` as bf16 autocast runs it (x, weight and bias rounded to bf16, the
-    output bf16). The output (N, C, Ho, Wo) is channels-last."""
+    output bf16); with ``relu``, ``torch.relu`` of that output, bit for bit (in bf16 of the
+    rounded output, as PyTorch's ReLU after the convolution). The output (N, C, Ho, Wo) is
+    channels-last."""
     shape = output_shape(x, weight, stride, padding)
     kernels.require(x.dtype in (torch.float32, torch.bfloat16), "a float32 or bf16 input")
     kernels.require(bf16 or x.dtype == torch.float32, "a bf16 input with bf16")
@@ -84,13 +87,13 @@ def single_channel_conv(
         *(x.data_ptr(), int(x.dtype == torch.bfloat16), n, h, w, sn, sh, sw),
         *(weight.data_ptr(), shape[1], weight.shape[2], swc, swh, sww),
         kernels.pointer(bias),
-        *(stride, padding, int(bf16), out.data_ptr()),
+        *(stride, padding, int(bf16), int(relu), out.data_ptr()),
     )
     return out
 
 
 @single_channel_conv.register_fake
-def single_channel_conv_fake(x, weight, bias, stride, padding, bf16):
+def single_channel_conv_fake(x, weight, bias, stride, padding, bf16, relu):
     """The output's shape, dtype and layout, for tracing (``torch.library.opcheck``)."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     shape = output_shape(x, weight, stride, padding)
@@ -134,6 +137,11 @@ class SingleChannelConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not applies(self, x):
             return super().forward(x)
+        return self.kernel(x, relu=False)
+
+    def kernel(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
+        """The kernel's output for x where it ``applies``; with ``relu``, ``torch.relu`` of it
+        (``tadfkd.models.pooling.PooledSequential`` fuses a ReLU after the convolution)."""
         return single_channel_conv(
             x,
             self.weight,
@@ -141,6 +149,7 @@ class SingleChannelConv2d(nn.Conv2d):
             self.stride[0],
             self.padding[0],
             torch.is_autocast_enabled("cpu"),  # then bf16: applies
+            relu,
         )
 
 
