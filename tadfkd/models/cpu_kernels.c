@@ -433,7 +433,6 @@ int affine_leaky_relu_conv_one(const uint16_t *x, int64_t N, int64_t H, int64_t 
     return DONE;
 }
 
-/* round 16 floats to bf16 as float_to_bf16 does */
 /* 16 floats rounded to bf16 as float_to_bf16 rounds each, in the low 16 bits of each lane */
 static inline u32x16 bf16_bits16(f32x16 v) {
     u32x16 u, nan, rounded;
@@ -549,7 +548,8 @@ static inline f32x16 relu16_as_torch(f32x16 v) {
 
 /* 16 sums stored as float32 or rounded to bf16; with relu, torch.relu of what is stored (of the
  * rounded value in bf16: ReLU after the rounding, as PyTorch's ReLU of the convolution's bf16
- * output has it, so a sum that rounds to -0.0 stays -0.0) */
+ * output has it, so a sum that rounds to -0.0 stays -0.0). A NaN stays the NaN it rounds to;
+ * PyTorch's vectorised bf16 ReLU writes every NaN as 0xffff (its scalar tail keeps the bits). */
 static inline void store_sums(void *out, int64_t at, f32x16 sums, int out_bf16, int relu) {
     if (out_bf16) {
         if (relu) sums = relu16_as_torch(rounded16_bf16(sums));

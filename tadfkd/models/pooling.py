@@ -14,9 +14,11 @@ modules and state-dict keys, with each eligible pair (``fusable``) run by the ke
 apply, with or without gradients, and module by module where a hook is on either module (it
 would see a ReLU output that the kernels never make) or the kernels do not apply. The same
 containers also run a one-input-channel convolution's kernel (``tadfkd.models.single_channel``,
-no-grad forwards) with the ReLU after it (``relu_after``) in the kernel's store, bit for bit
-PyTorch's ReLU of its output: on the Fashion-MNIST preset the folded teacher's first ReLU was a
-pass of its own over each scored batch (docs/performance.md, round seventeen).
+no-grad forwards) with the ReLU after it (``relu_after``) in the kernel's store, PyTorch's
+ReLU of its output bit for bit (a NaN's bits aside, in bf16): on the Fashion-MNIST preset the
+folded teacher's first ReLU was a pass of its own over each scored batch (docs/performance.md,
+round seventeen). That needs both switches: ``speed.fused_pooling`` makes the containers,
+``speed.single_channel_conv`` the kernel convolution.
 """
 
 from __future__ import annotations

@@ -70,8 +70,9 @@ def single_channel_conv(
     float32 weight (C, 1, K, K) and bias (C,) (``output_shape`` says what it takes), in float32
     sums; with ``bf16`` as bf16 autocast runs it (x, weight and bias rounded to bf16, the
     output bf16); with ``relu``, ``torch.relu`` of that output, bit for bit (in bf16 of the
-    rounded output, as PyTorch's ReLU after the convolution). The output (N, C, Ho, Wo) is
-    channels-last."""
+    rounded output, as PyTorch's ReLU after the convolution) but for a NaN's bits in bf16
+    (a NaN either way; PyTorch's vectorised bf16 ReLU writes each as 0xffff). The output
+    (N, C, Ho, Wo) is channels-last."""
     shape = output_shape(x, weight, stride, padding)
     kernels.require(x.dtype in (torch.float32, torch.bfloat16), "a float32 or bf16 input")
     kernels.require(bf16 or x.dtype == torch.float32, "a bf16 input with bf16")

@@ -156,7 +156,8 @@ def use_module_kernels(
     """The ``speed`` switch ``key`` of kernels that ``swap`` puts into a model's modules in
     place: on ``models``, on a CPU with channels-last (``use_kernels``; off under
     ``torch.compile``, which fuses on its own). ``speed.fused_pooling``: each ReLU-pool pair of
-    the ``nn.Sequential`` containers (``tadfkd.models.pooling``); ``speed.batch_norm_kernel``:
+    the ``nn.Sequential`` containers (``tadfkd.models.pooling``), and with
+    ``speed.single_channel_conv`` a kernel convolution and its ReLU; ``speed.batch_norm_kernel``:
     the BatchNorm layers in training (``tadfkd.models.batchnorm``)."""
     applicable = device.type == "cpu" and channels_last and not speed.compile
     if use_kernels(f"speed.{key}", speed[key], applicable):
