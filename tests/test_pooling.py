@@ -221,9 +221,7 @@ def signed_zeros_and_nans(bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 @pytest.mark.parametrize(("bf16", "bf16_input"), [(False, False), (True, False), (True, True)])
-def test_the_single_channel_kernels_relu_is_torchs_relu_of_its_output_bit_for_bit(
-    bf16, bf16_input
-):
+def test_the_single_channel_kernels_relu_is_torchs_relu_of_its_output_bit_for_bit(bf16, bf16_input):
     x, weight, bias = signed_zeros_and_nans(bf16_input)
     conv = torch.ops.tadfkd.single_channel_conv
     plain = conv(x, weight, bias, 1, 1, bf16, False)

@@ -43,7 +43,16 @@ def float64_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize(
     ("channels", "size", "stride", "padding"),
-    [(16, 3, 2, 1), (32, 3, 1, 1), (48, 5, 2, 2), (64, 3, 1, 0), (16, 7, 3, 3), (32, 1, 1, 0)],
+    [
+        (16, 3, 2, 1),
+        (32, 3, 1, 1),
+        (48, 5, 2, 2),
+        (64, 3, 1, 0),
+        (16, 7, 3, 3),
+        (32, 1, 1, 0),
+        (8, 3, 2, 1),
+        (8, 5, 1, 2),
+    ],
 )
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_kernel_is_pytorchs_convolution_in_float32(
@@ -80,7 +89,8 @@ def test_the_kernel_reads_strided_inputs_and_weights(kernel_calls):
 @needs_kernels
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("channels", "size", "bias"), [(16, 3, True), (32, 3, True), (48, 5, False), (64, 3, True)]
+    ("channels", "size", "bias"),
+    [(16, 3, True), (32, 3, True), (48, 5, False), (64, 3, True), (8, 3, False), (8, 3, True)],
 )
 def test_under_bf16_autocast_the_kernel_rounds_as_autocast_does(
     input_dtype, channels, size, bias, kernel_calls
@@ -125,14 +135,14 @@ def test_with_gradients_or_another_dtype_pytorchs_convolution_runs(kernel_calls)
     assert kernel_calls == []
 
 
-def test_only_plain_convolutions_of_one_input_channel_and_16_to_64_outputs_are_swapped():
+def test_only_plain_convolutions_of_one_input_channel_and_8_or_16_to_64_outputs_are_swapped():
     hooked = nn.Conv2d(1, 16, 3, padding=1)
     hooked.register_forward_hook(lambda *args: None)  # a swap would lose it
     shared = nn.Conv2d(1, 32, 3, padding=1)
     model = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),  # swapped
         nn.Conv2d(16, 16, 3, padding=1),  # sixteen inputs
-        nn.Conv2d(1, 8, 3, padding=1),  # eight outputs
+        nn.Conv2d(1, 24, 3, padding=1),  # twenty-four outputs
         nn.Conv2d(1, 16, 3, padding=1, dilation=2),
         nn.Conv2d(1, 16, 3, padding="same"),
         nn.Conv2d(1, 16, 9, padding=4),  # larger than the kernel's 7 x 7
@@ -144,7 +154,7 @@ def test_only_plain_convolutions_of_one_input_channel_and_16_to_64_outputs_are_s
         nn.Sequential(shared),
     )
     state = copy.deepcopy(model.state_dict())
-    assert single_channel.use_kernel(model) == ["0", "7.0", "10", "11.0"]
+    assert single_channel.use_kernel(model) == ["0", "7.0", "10", "11.0"]  # not "2"
     assert type(model[1]) is nn.Conv2d and type(model[2]) is nn.Conv2d and model[8] is hooked
     assert model[10] is model[11][0] and isinstance(model[10], SingleChannelConv2d)
     # the same parameters under the same names
@@ -180,8 +190,10 @@ def test_under_torch_compile_pytorchs_convolution_is_compiled(kernel_calls):
 @needs_kernels
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("relu", [False, True])
-def test_the_operator_passes_torchs_operator_checks(bf16, relu):
-    x, weight, bias = batch((3, 1, 9, 8)), torch.randn(16, 1, 3, 3), torch.randn(16)
+@pytest.mark.parametrize("channels", [8, 16])
+def test_the_operator_passes_torchs_operator_checks(bf16, relu, channels):
+    x, weight = batch((3, 1, 9, 8)), torch.randn(channels, 1, 3, 3)
+    bias = torch.randn(channels)
     found = torch.library.opcheck(
         torch.ops.tadfkd.single_channel_conv.default, (x, weight, bias, 2, 1, bf16, relu)
     )
@@ -225,8 +237,9 @@ def test_the_operator_refuses_what_the_kernel_cannot_compute_in_one_error(
 
 @needs_kernels
 @pytest.mark.parametrize("setting", ["fashion_mnist", "small"])
-def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting, kernel_calls):
+def test_the_builder_swaps_the_kernel_into_each_first_layer_it_takes(setting, kernel_calls):
     overrides = {"fashion_mnist": ["experiment=fashion_mnist"], "small": []}[setting]
+    size = 28 if setting == "fashion_mnist" else 16
 
     def distiller(*more: str):
         return build_path(bench_config([*overrides, *more]), CPU, published=False, seed=0)
@@ -234,23 +247,29 @@ def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting, kern
     def kernel_paths(model: nn.Module) -> list[str]:
         return [path for path, m in model.named_modules() if isinstance(m, SingleChannelConv2d)]
 
-    built = distiller()
+    built, plain = distiller(), distiller("speed.single_channel_conv=false")
     assert kernel_paths(built.inference_teacher) == ["features.0"]  # auto
-    assert kernel_paths(built.teacher) == []  # the generator step's teacher: PyTorch's
+    # the generator step's teacher and the student (no bias): where the sums are PyTorch's
+    for name in ("teacher", "student"):
+        exact = single_channel.matches_pytorch(getattr(plain, name).features[0], (size, size))
+        assert kernel_paths(getattr(built, name)) == (["features.0"] if exact else []), name
+        assert kernel_paths(getattr(plain, name)) == [], name
+    unfolded = distiller("speed.fold_teacher_bn=false")
+    assert unfolded.inference_teacher is unfolded.teacher  # swapped as the teacher
     for off in (
         "speed.single_channel_conv=false",
-        "speed.fold_teacher_bn=false",
         "speed.channels_last=false",
         "speed.compile=true",
     ):
-        assert kernel_paths(distiller(off).inference_teacher) == [], off
+        found = distiller(off)
+        assert [kernel_paths(m) for m in (found.inference_teacher, found.student)] == [[], []]
     # the folded teacher's logits as without the kernel, to float rounding
-    plain = distiller("speed.single_channel_conv=false").inference_teacher
-    size = 28 if setting == "fashion_mnist" else 16
     x = batch((8, 1, size, size)).contiguous(memory_format=torch.channels_last)
     kernel_calls.clear()
     with torch.no_grad():
-        torch.testing.assert_close(built.inference_teacher(x), plain(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            built.inference_teacher(x), plain.inference_teacher(x), rtol=1e-5, atol=1e-5
+        )
     assert kernel_calls.count("single_channel_conv") == 1  # the ReLU-pool kernels ran in both
 
 
@@ -264,3 +283,80 @@ def test_where_the_kernels_do_not_build_auto_runs_pytorchs_convolution(monkeypat
     monkeypatch.setattr(kernels, "unavailable_reason", lambda: None)
     assert use_kernels(key, "auto", True) is True
     assert use_kernels(key, False, True) is False
+
+
+def exact_swap(channels: int, stride: int, bias: bool = False) -> tuple[nn.Conv2d, nn.Module]:
+    """A convolution (1 -> ``channels``, 3x3, channels-last) and a copy swapped as the builder
+    swaps the student's (``use_kernel`` with an image size), or a skip where this CPU's
+    oneDNN adds the products in another order (``matches_pytorch``)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, channels, 3, stride=stride, padding=1, bias=bias)
+    conv = conv.to(memory_format=torch.channels_last)
+    model = nn.Sequential(copy.deepcopy(conv))
+    if not bias and not single_channel.matches_pytorch(conv, (28, 28)):
+        pytest.skip("this CPU's oneDNN sums in another order: the builder swaps nothing here")
+    assert single_channel.use_kernel(model, image_size=(28, 28)) == ([] if bias else ["0"])
+    return conv, model[0]
+
+
+def bits(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.view(torch.int16 if x.dtype == torch.bfloat16 else torch.int32)
+
+
+def autocast_step(module: nn.Module, x: torch.Tensor, wants: tuple[bool, bool]) -> list:
+    """Output, x's and the weight's gradients of a bf16-autocast forward and a backward, and
+    the FLOPs counted, as bit patterns (None: no gradient wanted)."""
+    x = x.detach().clone().requires_grad_(wants[0])
+    module.weight.requires_grad_(wants[1])
+    module.weight.grad = None
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast("cpu", torch.bfloat16):
+            out = module(x)
+        out.float().sin().sum().backward()
+    return [bits(out), bits(x.grad), bits(module.weight.grad), counter.get_total_flops()]
+
+
+@needs_kernels
+@pytest.mark.parametrize(("channels", "stride"), [(8, 2), (16, 2), (32, 1)])
+@pytest.mark.parametrize("wants", [(False, True), (True, False), (True, True)])
+def test_with_gradients_the_kernels_forward_is_autocasts_convolution_bit_for_bit(
+    channels, stride, wants, kernel_calls
+):
+    """The student step (weight gradients), the generator step (input gradients), both."""
+    conv, fast = exact_swap(channels, stride)
+    kernel_calls.clear()  # the checks' own calls
+    x = batch((6, 1, 28, 28))
+    found, expected = autocast_step(fast, x, wants), autocast_step(conv, x, wants)
+    assert kernel_calls == ["single_channel_conv"]
+    for got, want in zip(found[:3], expected[:3], strict=True):
+        assert (got is None and want is None) or torch.equal(got, want)
+    assert found[3] == expected[3] > 0  # the same FLOPs: the kernel's and the backward's
+
+
+@needs_kernels
+def test_a_module_swapped_for_its_same_sums_runs_pytorchs_convolution_elsewhere(kernel_calls):
+    conv, fast = exact_swap(16, 2)
+    kernel_calls.clear()  # the checks' own calls
+    x = batch((4, 1, 28, 28))
+    with torch.no_grad():
+        assert torch.equal(fast(x), conv(x))  # float32: oneDNN's own roundings
+        assert kernel_calls == []
+        with torch.autocast("cpu", torch.bfloat16):
+            assert torch.equal(bits(fast(x)), bits(conv(x)))
+    assert kernel_calls == ["single_channel_conv"]
+    autocast_step(fast, x, (True, True))
+    fast.weight.requires_grad_(True)
+    fast(x).sum().backward()  # gradients without autocast: PyTorch's
+    assert kernel_calls == ["single_channel_conv"] * 2
+    with_bias, _ = exact_swap(16, 2, bias=True)  # a bias: the sums' order differs, no swap
+    assert not single_channel.same_sums(with_bias)
+
+
+@needs_kernels
+def test_where_onednn_sums_in_another_order_the_builder_swaps_nothing(monkeypatch):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False))
+    monkeypatch.setattr(single_channel, "matches_pytorch", lambda conv, size: False)
+    assert single_channel.use_kernel(model, image_size=(16, 16)) == []
+    monkeypatch.undo()
+    assert single_channel.use_kernel(model) == ["0"]  # the folded teacher's way: no check
+    assert not model[0].same_sums_only

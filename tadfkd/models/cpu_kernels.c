@@ -550,13 +550,14 @@ static inline f32x16 relu16_as_torch(f32x16 v) {
  * rounded value in bf16: ReLU after the rounding, as PyTorch's ReLU of the convolution's bf16
  * output has it, so a sum that rounds to -0.0 stays -0.0). A NaN stays the NaN it rounds to;
  * PyTorch's vectorised bf16 ReLU writes every NaN as 0xffff (its scalar tail keeps the bits). */
-static inline void store_sums(void *out, int64_t at, f32x16 sums, int out_bf16, int relu) {
+static inline void store_sums(void *out, int64_t at, f32x16 sums, int out_bf16, int relu,
+                              const int64_t lanes) { /* the first `lanes` (8 or 16) of them */
+    if (relu) sums = relu16_as_torch(out_bf16 ? rounded16_bf16(sums) : sums);
     if (out_bf16) {
-        if (relu) sums = relu16_as_torch(rounded16_bf16(sums));
-        store16_bf16((uint16_t *)out + at, sums);
+        u16x16 half = __builtin_convertvector(bf16_bits16(sums), u16x16);
+        memcpy((uint16_t *)out + at, &half, (size_t)lanes * sizeof(uint16_t));
     } else {
-        if (relu) sums = relu16_as_torch(sums);
-        memcpy((float *)out + at, &sums, sizeof sums);
+        memcpy((float *)out + at, &sums, (size_t)lanes * sizeof(float));
     }
 }
 
@@ -565,12 +566,13 @@ static inline void store_sums(void *out, int64_t at, f32x16 sums, int out_bf16, 
 #define PIXELS 4 /* output pixels of a row computed together: independent sums in flight */
 
 /* one image's output (Ho, Wo, C) from its zero-padded float32 copy (Hp, Wp): each output's
- * sums start at the bias and add the taps in row order, PIXELS outputs of a row at a time */
+ * sums start at the bias and add the taps in row order, PIXELS outputs of a row at a time; C is
+ * 16 * groups, or 8 (one group of which lanes 8 to 15, their taps zero, are not stored) */
 static inline __attribute__((always_inline)) void single_channel_image(
-    const int64_t groups, const int64_t K, const float *padded, int64_t Wp, int64_t stride,
-    int64_t Ho, int64_t Wo, const f32x16 (*taps)[4], const f32x16 *bias, void *out,
-    int out_bf16, int relu) {
-    const int64_t C = 16 * groups;
+    const int64_t groups, const int64_t C, const int64_t K, const float *padded, int64_t Wp,
+    int64_t stride, int64_t Ho, int64_t Wo, const f32x16 (*taps)[4], const f32x16 *bias,
+    void *out, int out_bf16, int relu) {
+    const int64_t lanes = C < 16 ? C : 16;
     for (int64_t i = 0; i < Ho; i++)
         for (int64_t j0 = 0; j0 < Wo; j0 += PIXELS) {
             const int64_t count = Wo - j0 < PIXELS ? Wo - j0 : PIXELS;
@@ -590,7 +592,7 @@ static inline __attribute__((always_inline)) void single_channel_image(
             for (int64_t p = 0; p < count; p++)
                 for (int64_t g = 0; g < groups; g++)
                     store_sums(out, ((i * Wo + j0 + p) * C) + 16 * g, sums[p][g], out_bf16,
-                               relu);
+                               relu, lanes);
         }
 }
 
@@ -599,16 +601,16 @@ static inline float rounded_to_bf16(float v) { return bf16_to_float(float_to_bf1
 /* out (N, Ho, Wo, C), contiguous, = the K x K convolution, stride and zero padding as given, of
  * x (N, H, W) (one input channel; element strides; float32, or bf16 when x_bf16) with weight
  * (C, K, K) (element strides) and bias (C,) or NULL, both float32; C = 16 * groups with
- * groups <= 4, K <= 7. Sums in float32 over the taps in row order, after the bias. With bf16,
+ * groups <= 4, or 8; K <= 7. Sums in float32 over the taps in row order, after the bias. With bf16,
  * as bf16 autocast runs the convolution: input, weight and bias rounded to bf16 first, out
  * bf16; else out float32. With relu, out = torch.relu of that output (store_sums). */
 int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t W, int64_t sn,
                         int64_t sh, int64_t sw, const float *weight, int64_t C, int64_t K,
                         int64_t swc, int64_t swh, int64_t sww, const float *bias, int64_t stride,
                         int64_t padding, int bf16, int relu, void *out) {
-    const int64_t groups = C / 16, Hp = H + 2 * padding, Wp = W + 2 * padding;
-    if (C % 16 != 0 || groups < 1 || groups > 4 || K < 1 || K * K > MAX_TAPS || stride < 1 ||
-        padding < 0 || Hp < K || Wp < K)
+    const int64_t groups = (C + 15) / 16, Hp = H + 2 * padding, Wp = W + 2 * padding;
+    if ((C % 16 != 0 && C != 8) || groups < 1 || groups > 4 || K < 1 || K * K > MAX_TAPS ||
+        stride < 1 || padding < 0 || Hp < K || Wp < K)
         return REFUSED;
     const int64_t Ho = (Hp - K) / stride + 1, Wo = (Wp - K) / stride + 1;
     float *padded = calloc((size_t)(Hp * Wp), sizeof(float));
@@ -619,7 +621,8 @@ int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t
         for (int64_t t = 0; t <= K * K; t++) { /* the K * K taps, then the bias */
             for (int64_t c = 0; c < 16; c++) {
                 int64_t channel = 16 * g + c;
-                float v = t < K * K ? weight[channel * swc + (t / K) * swh + (t % K) * sww]
+                float v = channel >= C ? 0.0f /* lanes 8 to 15 of 8 channels: never stored */
+                          : t < K * K  ? weight[channel * swc + (t / K) * swh + (t % K) * sww]
                           : bias != NULL ? bias[channel]
                                          : 0.0f;
                 lane[c] = bf16 ? rounded_to_bf16(v) : v;
@@ -640,15 +643,18 @@ int single_channel_conv(const void *x, int x_bf16, int64_t N, int64_t H, int64_t
             }
         void *image_out = (char *)out + n * image;
         /* the kernel size and channel groups as compile-time constants for 3 x 3 */
-        if (K == 3 && groups == 1)
-            single_channel_image(1, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out, bf16,
-                                 relu);
-        else if (K == 3 && groups == 2)
-            single_channel_image(2, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out, bf16,
-                                 relu);
-        else
-            single_channel_image(groups, K, padded, Wp, stride, Ho, Wo, taps, start, image_out,
+        if (K == 3 && C == 8)
+            single_channel_image(1, 8, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out,
                                  bf16, relu);
+        else if (K == 3 && C == 16)
+            single_channel_image(1, 16, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out,
+                                 bf16, relu);
+        else if (K == 3 && C == 32)
+            single_channel_image(2, 32, 3, padded, Wp, stride, Ho, Wo, taps, start, image_out,
+                                 bf16, relu);
+        else
+            single_channel_image(groups, C, K, padded, Wp, stride, Ho, Wo, taps, start,
+                                 image_out, bf16, relu);
     }
     free(padded);
     return DONE;

@@ -12,12 +12,15 @@ the kernel does not apply (gradients, other dtypes, more threads).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
 from tadfkd.models import kernels
 
 MAX_KERNEL_SIZE = 7  # cpu_kernels.c: MAX_TAPS
+OUTPUT_CHANNELS = (8, 16, 32, 48, 64)  # cpu_kernels.c: 16 to a vector, or 8 of one
 # the kernel runs on one thread; at two torch threads oneDNN's two-threaded convolution made the
 # Fashion-MNIST and digits iterations 1.0-4.6 ms shorter (docs/performance.md, round ten)
 MAX_THREADS = 1
@@ -37,7 +40,7 @@ MODULE_HOOKS = (
 def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> list[int]:
     """(N, C, Ho, Wo) of the convolution of x (N, 1, H, W) with weight (C, 1, K, K), after
     checking what the kernel takes: one input channel, a square kernel of up to
-    ``MAX_KERNEL_SIZE``, C a multiple of 16 up to 64, a stride of at least 1, at least one
+    ``MAX_KERNEL_SIZE``, C 8 or a multiple of 16 up to 64, a stride of at least 1, at least one
     output pixel."""
     kernels.require(x.dim() == 4 and x.shape[1] == 1, "an input (N, 1, H, W)")
     kernels.require(
@@ -45,7 +48,7 @@ def output_shape(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: in
         "a weight (C, 1, K, K)",
     )
     channels, size = weight.shape[0], weight.shape[2]
-    kernels.require(channels % 16 == 0 and 16 <= channels <= 64, "16 to 64 outputs by 16")
+    kernels.require(channels in OUTPUT_CHANNELS, "8, or 16 to 64 outputs by 16")
     kernels.require(
         1 <= size <= MAX_KERNEL_SIZE and stride >= 1 and padding >= 0,
         f"a kernel of up to {MAX_KERNEL_SIZE}, a stride of 1 or more, no negative padding",
@@ -111,14 +114,13 @@ def single_channel_flops(
 
 def eligible(conv: nn.Module) -> bool:
     """Whether the kernel can compute ``conv``: a plain ``nn.Conv2d`` of one input channel,
-    16, 32, 48 or 64 output channels, a square kernel of up to 7, one stride and one zero
+    8, 16, 32, 48 or 64 output channels, a square kernel of up to 7, one stride and one zero
     padding for both dims, no dilation or groups; its weight a parameter of its own (not
     reparametrised), no hooks of any kind on it (the swap would lose them)."""
     return (
         type(conv) is nn.Conv2d
         and conv.in_channels == 1
-        and conv.out_channels % 16 == 0
-        and conv.out_channels <= 64
+        and conv.out_channels in OUTPUT_CHANNELS
         and conv.kernel_size[0] == conv.kernel_size[1] <= MAX_KERNEL_SIZE
         and conv.stride[0] == conv.stride[1]
         and not isinstance(conv.padding, str)
@@ -133,12 +135,16 @@ def eligible(conv: nn.Module) -> bool:
 
 class SingleChannelConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` of one input channel (``eligible``) whose no-grad CPU forwards run the
-    kernel where it ``applies``; the same parameters and state-dict keys."""
+    kernel where it ``applies``, and whose bf16-autocast forwards with gradients run it too
+    where it ``applies_with_gradients`` (``KernelForward``); the same parameters and
+    state-dict keys."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not applies(self, x):
-            return super().forward(x)
-        return self.kernel(x, relu=False)
+        if applies(self, x):
+            return self.kernel(x, relu=False)
+        if applies_with_gradients(self, x):
+            return KernelForward.apply(x, self.weight, self.stride[0], self.padding[0])
+        return super().forward(x)
 
     def kernel(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         """The kernel's output for x where it ``applies``; with ``relu``, ``torch.relu`` of it
@@ -154,12 +160,92 @@ class SingleChannelConv2d(nn.Conv2d):
         )
 
 
+class KernelForward(torch.autograd.Function):
+    """``conv(x)`` under bf16 autocast for a convolution without bias, as autocast runs it: the
+    kernel's output (the same sums as oneDNN's in the same order: bit for bit on the CPUs
+    measured, ``tests/test_single_channel.py``), and PyTorch's convolution backward on the
+    bf16 casts autocast would give it, each gradient cast back as autocast's casts do."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int):
+        ctx.save_for_backward(x.to(torch.bfloat16), weight.to(torch.bfloat16))
+        ctx.dtypes, ctx.geometry = (x.dtype, weight.dtype), (stride, padding)
+        return single_channel_conv(x, weight, None, stride, padding, True, False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        (stride, padding), wanted = ctx.geometry, ctx.needs_input_grad[:2]
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None,
+            [stride] * 2,
+            [padding] * 2,
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [*wanted, False],
+        )
+        (x_dtype, weight_dtype), (want_x, want_weight) = ctx.dtypes, wanted
+        return (
+            grad_x.to(x_dtype) if want_x else None,
+            grad_weight.to(weight_dtype) if want_weight else None,
+            None,
+            None,
+        )
+
+
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether the kernel computes ``conv(x)`` here: an input of one channel, float32
-    parameters (the bias contiguous) and input with no autocast or bf16 autocast, an output
-    of at least one pixel, and what every kernel needs (``kernels.may_run``: no gradients, a
-    CPU input, at most ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
-    if not kernels.may_run(x, MAX_THREADS) or x.dim() != 4 or x.shape[1] != 1:
+    """Whether the kernel computes ``conv(x)`` here: what ``takes`` says, with no autocast or
+    bf16 autocast (for a module swapped with ``same_sums_only``, only where ``same_sums``),
+    and what every kernel needs (``kernels.may_run``: no gradients, a CPU input, at most
+    ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
+    if getattr(conv, "same_sums_only", False) and not same_sums(conv):
+        return False
+    return kernels.may_run(x, MAX_THREADS) and takes(conv, x)
+
+
+def applies_with_gradients(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether ``KernelForward`` computes ``conv(x)`` here: gradients recorded, ``same_sums``,
+    what ``takes`` says, and what every kernel needs (``kernels.may_run_with_grad``)."""
+    if not torch.is_grad_enabled() or not same_sums(conv):
+        return False
+    return kernels.may_run_with_grad(x, MAX_THREADS) and takes(conv, x)
+
+
+def same_sums(conv: nn.Conv2d) -> bool:
+    """Whether the kernel adds ``conv``'s products as PyTorch's convolution does: under bf16
+    autocast, whose products of bf16 values are exact in float32, without a bias (the kernel
+    starts its sums at the bias, oneDNN adds it last). In float32 the roundings differ
+    (oneDNN's order and fused multiply-adds). On the CPU itself ``matches_pytorch`` checks it."""
+    if conv.bias is not None or not torch.is_autocast_enabled("cpu"):
+        return False
+    return torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def matches_pytorch(conv: nn.Conv2d, image_size: tuple[int, int]) -> bool:
+    """Whether, on this CPU, the kernel's output for ``conv`` (``same_sums``: no bias) under bf16
+    autocast is PyTorch's bit for bit, on two random images of ``image_size`` (no global random
+    draw). oneDNN picks its kernels by CPU: its order of the taps' sums, the kernel's, holds on
+    the AMD EPYC measured (docs/performance.md, round seventeen), and may not on others."""
+    draw = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, *image_size, generator=draw)
+    weight, stride, padding = conv.weight.detach(), conv.stride, conv.padding
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = F.conv2d(x, weight, None, stride, padding)
+        found = single_channel_conv(x, weight, None, stride[0], padding[0], True, False)
+    return torch.equal(found.view(torch.int16), expected.view(torch.int16))
+
+
+def takes(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether the kernel takes ``conv`` and x: an input of one channel, float32 parameters
+    (the bias contiguous) and input with no autocast or bf16 autocast, an output of at least
+    one pixel."""
+    if x.dim() != 4 or x.shape[1] != 1:
         return False
     weight, bias = conv.weight, conv.bias
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
@@ -178,14 +264,20 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return min(x.shape[0], x.shape[2] - reach + 1, x.shape[3] - reach + 1) >= 1
 
 
-def use_kernel(model: nn.Module) -> list[str]:
+def use_kernel(model: nn.Module, image_size: tuple[int, int] | None = None) -> list[str]:
     """Swap a ``SingleChannelConv2d`` (sharing the parameters) into ``model`` for each
     ``eligible`` convolution, at every path that holds it (one swapped module per
-    convolution); the paths swapped."""
+    convolution); the paths swapped. With ``image_size`` (H, W) only where the kernel's output
+    is PyTorch's bit for bit (``matches_pytorch`` on images of that size), and the swapped
+    module runs the kernel only there (``same_sums``), with gradients too; without, in every
+    no-grad forward where it ``applies``."""
     swapped, fast_of = [], {}
     for path, conv in list(model.named_modules(remove_duplicate=False)):
         if not path or not eligible(conv):
             continue
+        if image_size is not None and id(conv) not in fast_of:
+            if conv.bias is not None or not matches_pytorch(conv, image_size):
+                continue
         if id(conv) not in fast_of:
             fast = SingleChannelConv2d(
                 1,
@@ -197,6 +289,7 @@ def use_kernel(model: nn.Module) -> list[str]:
                 device="meta",
             )
             fast.weight, fast.bias = conv.weight, conv.bias
+            fast.same_sums_only = image_size is not None
             fast_of[id(conv)] = fast.train(conv.training)
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, fast_of[id(conv)])

@@ -4,6 +4,7 @@ job, the benchmark and the tests)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -155,10 +156,13 @@ def use_module_kernels(
 ) -> None:
     """The ``speed`` switch ``key`` of kernels that ``swap`` puts into a model's modules in
     place: on ``models``, on a CPU with channels-last (``use_kernels``; off under
-    ``torch.compile``, which fuses on its own). ``speed.fused_pooling``: each ReLU-pool pair of
-    the ``nn.Sequential`` containers (``tadfkd.models.pooling``), and with
-    ``speed.single_channel_conv`` a kernel convolution and its ReLU; ``speed.batch_norm_kernel``:
-    the BatchNorm layers in training (``tadfkd.models.batchnorm``)."""
+    ``torch.compile``, which fuses on its own). ``speed.single_channel_conv``: the teacher's and
+    the student's convolutions of one input channel where the kernel's sums are PyTorch's
+    (``tadfkd.models.single_channel``; the folded teacher's: ``fold_for_inference``);
+    ``speed.fused_pooling``: each ReLU-pool pair of the ``nn.Sequential`` containers
+    (``tadfkd.models.pooling``), and with ``speed.single_channel_conv`` a kernel convolution
+    and its ReLU; ``speed.batch_norm_kernel``: the BatchNorm layers in training
+    (``tadfkd.models.batchnorm``)."""
     applicable = device.type == "cpu" and channels_last and not speed.compile
     if use_kernels(f"speed.{key}", speed[key], applicable):
         for model in models:
@@ -174,6 +178,28 @@ def build_selection(node: DictConfig, speed: DictConfig) -> Selection:
     return selection
 
 
+def use_model_kernels(
+    cfg: DictConfig,
+    device: torch.device,
+    channels_last: bool,
+    teacher: torch.nn.Module,
+    inference_teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    generator: torch.nn.Module,
+) -> None:
+    """The kernels ``use_module_kernels`` swaps into the networks' modules: the teacher's (of
+    the generator step) and the student's one-input-channel convolutions where the kernel's
+    sums are PyTorch's on images of the dataset's size (the folded teacher's are swapped in
+    ``fold_for_inference``), the ReLU-pool pairs, the BatchNorm layers in training."""
+    switch = (cfg.speed, device, channels_last)
+    size = (int(cfg.dataset.image_size),) * 2
+    exact = functools.partial(single_channel.use_kernel, image_size=size)
+    use_module_kernels("single_channel_conv", *switch, exact, teacher, student)
+    pooled = (teacher, inference_teacher, student)
+    use_module_kernels("fused_pooling", *switch, pooling.use_kernel, *pooled)
+    use_module_kernels("batch_norm_kernel", *switch, batchnorm.use_kernel, student, generator)
+
+
 def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> Distiller:
     """A ``Distiller`` for ``teacher`` (loaded) with everything else built from ``cfg``; the
     student is initialised before the generator, from the global RNG (seed it first)."""
@@ -184,16 +210,12 @@ def build_distiller(cfg: DictConfig, teacher: Teacher, device: torch.device) -> 
     inference_teacher = fold_for_inference(cfg, teacher_model, device, channels_last)
     student = prepare_model(build(cfg.student), device, channels_last)
     generator = prepare_model(build(cfg.generator), device, channels_last)
-    switch = (speed, device, channels_last)
-    pooled = (teacher_model, inference_teacher, student)
-    use_module_kernels("fused_pooling", *switch, pooling.use_kernel, *pooled)
-    use_module_kernels("batch_norm_kernel", *switch, batchnorm.use_kernel, student, generator)
+    models = (teacher_model, inference_teacher, student, generator)
+    use_model_kernels(cfg, device, channels_last, *models)
     generation_dtype = forward_dtype(str(speed.generation), precision)
     set_generator_speed(generator, speed, device, generation_dtype)
     if speed.compile:
-        for model in {
-            id(m): m for m in (teacher_model, inference_teacher, student, generator)
-        }.values():
+        for model in {id(m): m for m in models}.values():
             model.compile()  # in place: parameters, hooks and state dicts keep their names
     schedule = schedule_of(cfg)
     student_optimizer = build(cfg.optimizer.student)(student.parameters())
