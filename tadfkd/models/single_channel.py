@@ -1,18 +1,19 @@
-"""A grayscale network's first convolution (one input channel) in its no-grad CPU forwards
-through a C kernel (``cpu_kernels.c``, built by ``tadfkd.models.kernels``).
+"""A grayscale network's first convolution (one input channel) on the CPU through a C kernel
+(``cpu_kernels.c``, built by ``tadfkd.models.kernels``).
 
 oneDNN's convolution is slow for one input channel: on the Fashion-MNIST preset the frozen
 teacher's first layer took 0.3-0.4 ms a batch of 64 in the loop for 3.6 MFLOP (docs/
 performance.md). The kernel computes the same sums in float32 (float32 or bf16 in and out,
 as ``F.conv2d`` and bf16 autocast have them) at a fraction of that. ``use_kernel`` swaps it
-into a model's eligible convolutions; the swapped module runs PyTorch's convolution wherever
-the kernel does not apply (gradients, other dtypes, more threads).
+into a model's eligible convolutions: the folded teacher's run it in their no-grad forwards;
+the generator step's teacher's and the student's (``bf16_only``) under bf16 autocast, with
+gradients too (``KernelForward``: PyTorch's convolution backward). The swapped module runs
+PyTorch's convolution wherever the kernel does not apply (other dtypes, more threads).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
@@ -137,7 +138,7 @@ class SingleChannelConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` of one input channel (``eligible``) whose no-grad CPU forwards run the
     kernel where it ``applies``, and whose bf16-autocast forwards with gradients run it too
     where it ``applies_with_gradients`` (``KernelForward``); the same parameters and
-    state-dict keys."""
+    state-dict keys, and ``bf16_only`` (``use_kernel``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if applies(self, x):
@@ -161,10 +162,12 @@ class SingleChannelConv2d(nn.Conv2d):
 
 
 class KernelForward(torch.autograd.Function):
-    """``conv(x)`` under bf16 autocast for a convolution without bias, as autocast runs it: the
-    kernel's output (the same sums as oneDNN's in the same order: bit for bit on the CPUs
-    measured, ``tests/test_single_channel.py``), and PyTorch's convolution backward on the
-    bf16 casts autocast would give it, each gradient cast back as autocast's casts do."""
+    """``conv(x)`` under bf16 autocast for a convolution without bias: the kernel's output (the
+    same float32 sums of autocast's exact bf16 products, rounded once; oneDNN's order differs
+    in rare sums: about one output in a million differed, by one bf16 step, docs/performance.md,
+    round seventeen), and PyTorch's convolution backward on the bf16 casts autocast would give
+    it, each gradient cast back as autocast's casts do: the same gradients for the same output
+    gradient. First order only (``once_differentiable``; nothing here takes a second)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int):
@@ -201,44 +204,33 @@ class KernelForward(torch.autograd.Function):
 
 def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether the kernel computes ``conv(x)`` here: what ``takes`` says, with no autocast or
-    bf16 autocast (for a module swapped with ``same_sums_only``, only where ``same_sums``),
-    and what every kernel needs (``kernels.may_run``: no gradients, a CPU input, at most
+    bf16 autocast (for a module swapped ``bf16_only``, under bf16 autocast only), and what
+    every kernel needs (``kernels.may_run``: no gradients, a CPU input, at most
     ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
-    if getattr(conv, "same_sums_only", False) and not same_sums(conv):
+    if getattr(conv, "bf16_only", False) and not bf16_autocast():
         return False
     return kernels.may_run(x, MAX_THREADS) and takes(conv, x)
 
 
 def applies_with_gradients(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether ``KernelForward`` computes ``conv(x)`` here: gradients recorded, ``same_sums``,
-    what ``takes`` says, and what every kernel needs (``kernels.may_run_with_grad``)."""
-    if not torch.is_grad_enabled() or not same_sums(conv):
+    """Whether ``KernelForward`` computes ``conv(x)`` here: gradients recorded, a module
+    swapped ``bf16_only`` under bf16 autocast, no bias, a channels-last weight (PyTorch's
+    output is then channels-last, as the kernel's is), what ``takes`` says, and what every
+    kernel needs (``kernels.may_run_with_grad``)."""
+    if not torch.is_grad_enabled() or not getattr(conv, "bf16_only", False):
+        return False
+    if conv.bias is not None or not bf16_autocast():
+        return False
+    # made channels-last (``.to(memory_format=...)``: strides (K*K, 1, K, 1)); one input
+    # channel's NCHW strides pass is_contiguous(channels_last) too, but PyTorch's output is NCHW
+    if conv.weight.stride(1) != 1:
         return False
     return kernels.may_run_with_grad(x, MAX_THREADS) and takes(conv, x)
 
 
-def same_sums(conv: nn.Conv2d) -> bool:
-    """Whether the kernel adds ``conv``'s products as PyTorch's convolution does: under bf16
-    autocast, whose products of bf16 values are exact in float32, without a bias (the kernel
-    starts its sums at the bias, oneDNN adds it last). In float32 the roundings differ
-    (oneDNN's order and fused multiply-adds). On the CPU itself ``matches_pytorch`` checks it."""
-    if conv.bias is not None or not torch.is_autocast_enabled("cpu"):
-        return False
-    return torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
-def matches_pytorch(conv: nn.Conv2d, image_size: tuple[int, int]) -> bool:
-    """Whether, on this CPU, the kernel's output for ``conv`` (``same_sums``: no bias) under bf16
-    autocast is PyTorch's bit for bit, on two random images of ``image_size`` (no global random
-    draw). oneDNN picks its kernels by CPU: its order of the taps' sums, the kernel's, holds on
-    the AMD EPYC measured (docs/performance.md, round seventeen), and may not on others."""
-    draw = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 1, *image_size, generator=draw)
-    weight, stride, padding = conv.weight.detach(), conv.stride, conv.padding
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        expected = F.conv2d(x, weight, None, stride, padding)
-        found = single_channel_conv(x, weight, None, stride[0], padding[0], True, False)
-    return torch.equal(found.view(torch.int16), expected.view(torch.int16))
+def bf16_autocast() -> bool:
+    """Whether bf16 autocast is on on the CPU."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def takes(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -264,20 +256,16 @@ def takes(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return min(x.shape[0], x.shape[2] - reach + 1, x.shape[3] - reach + 1) >= 1
 
 
-def use_kernel(model: nn.Module, image_size: tuple[int, int] | None = None) -> list[str]:
+def use_kernel(model: nn.Module, bf16_only: bool = False) -> list[str]:
     """Swap a ``SingleChannelConv2d`` (sharing the parameters) into ``model`` for each
     ``eligible`` convolution, at every path that holds it (one swapped module per
-    convolution); the paths swapped. With ``image_size`` (H, W) only where the kernel's output
-    is PyTorch's bit for bit (``matches_pytorch`` on images of that size), and the swapped
-    module runs the kernel only there (``same_sums``), with gradients too; without, in every
-    no-grad forward where it ``applies``."""
+    convolution); the paths swapped. The swapped module runs the kernel in every no-grad
+    forward where it ``applies``; ``bf16_only``: only under bf16 autocast, and there with
+    gradients too (``applies_with_gradients``)."""
     swapped, fast_of = [], {}
     for path, conv in list(model.named_modules(remove_duplicate=False)):
         if not path or not eligible(conv):
             continue
-        if image_size is not None and id(conv) not in fast_of:
-            if conv.bias is not None or not matches_pytorch(conv, image_size):
-                continue
         if id(conv) not in fast_of:
             fast = SingleChannelConv2d(
                 1,
@@ -289,7 +277,7 @@ def use_kernel(model: nn.Module, image_size: tuple[int, int] | None = None) -> l
                 device="meta",
             )
             fast.weight, fast.bias = conv.weight, conv.bias
-            fast.same_sums_only = image_size is not None
+            fast.bf16_only = bf16_only
             fast_of[id(conv)] = fast.train(conv.training)
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent), name, fast_of[id(conv)])

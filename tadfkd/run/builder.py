@@ -157,7 +157,7 @@ def use_module_kernels(
     """The ``speed`` switch ``key`` of kernels that ``swap`` puts into a model's modules in
     place: on ``models``, on a CPU with channels-last (``use_kernels``; off under
     ``torch.compile``, which fuses on its own). ``speed.single_channel_conv``: the teacher's and
-    the student's convolutions of one input channel where the kernel's sums are PyTorch's
+    the student's convolutions of one input channel under bf16 autocast
     (``tadfkd.models.single_channel``; the folded teacher's: ``fold_for_inference``);
     ``speed.fused_pooling``: each ReLU-pool pair of the ``nn.Sequential`` containers
     (``tadfkd.models.pooling``), and with ``speed.single_channel_conv`` a kernel convolution
@@ -188,13 +188,12 @@ def use_model_kernels(
     generator: torch.nn.Module,
 ) -> None:
     """The kernels ``use_module_kernels`` swaps into the networks' modules: the teacher's (of
-    the generator step) and the student's one-input-channel convolutions where the kernel's
-    sums are PyTorch's on images of the dataset's size (the folded teacher's are swapped in
-    ``fold_for_inference``), the ReLU-pool pairs, the BatchNorm layers in training."""
+    the generator step) and the student's one-input-channel convolutions under bf16 autocast
+    (the folded teacher's are swapped in ``fold_for_inference``), the ReLU-pool pairs, the
+    BatchNorm layers in training."""
     switch = (cfg.speed, device, channels_last)
-    size = (int(cfg.dataset.image_size),) * 2
-    exact = functools.partial(single_channel.use_kernel, image_size=size)
-    use_module_kernels("single_channel_conv", *switch, exact, teacher, student)
+    bf16_only = functools.partial(single_channel.use_kernel, bf16_only=True)
+    use_module_kernels("single_channel_conv", *switch, bf16_only, teacher, student)
     pooled = (teacher, inference_teacher, student)
     use_module_kernels("fused_pooling", *switch, pooling.use_kernel, *pooled)
     use_module_kernels("batch_norm_kernel", *switch, batchnorm.use_kernel, student, generator)
