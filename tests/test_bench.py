@@ -83,7 +83,7 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
     assert re.search(r"one iteration: \d+ ms timed; its \d+ operator calls, each timed", out)
     assert "convolutions and matmuls, top 12 by time:" in out
     kernel = "on" if kernels.kernels() is not None else "off"
-    assert f"the teacher's one-input-channel kernel: {kernel}" in out
+    assert f"one-input-channel convolution kernels: {kernel}" in out
     fit = "C" if kernels.kernels() is not None else "numpy"
     pairs = f"ReLU-pool kernels: {kernel}; BatchNorm kernels: {kernel}; "
     assert f"{pairs}output convolution kernels: {kernel}; mixture fit: {fit}" in out

@@ -182,7 +182,8 @@ def print_components(
     fused = fused and threads <= fused_module.MAX_THREADS
     single = threads <= single_channel.MAX_THREADS and any(
         isinstance(module, single_channel.SingleChannelConv2d)
-        for module in distiller.inference_teacher.modules()
+        for network in (distiller.inference_teacher, distiller.student)
+        for module in network.modules()
     )
     pooled = threads <= pooling.MAX_THREADS and any(
         isinstance(module, pooling.PooledSequential) for module in distiller.student.modules()
@@ -200,7 +201,7 @@ def print_components(
         f"scoring {str(distiller.synthesizer.scoring_dtype or 'fp32').removeprefix('torch.')}; "
         f"{per_step_batches:.2f} generated batches per student step; fused generator kernels: "
         f"{'on' if fused else 'off'}; "
-        f"the teacher's one-input-channel kernel: {'on' if single else 'off'}; "
+        f"one-input-channel convolution kernels: {'on' if single else 'off'}; "
         f"ReLU-pool kernels: {'on' if pooled else 'off'}; "
         f"BatchNorm kernels: {'on' if normed else 'off'}; "
         f"output convolution kernels: {'on' if output else 'off'}; "
