@@ -317,6 +317,7 @@ def test_resuming_with_other_settings_is_refused_but_runtime_settings_may_change
         "speed.phased_upsampling",
         "speed.fused_pooling",
         "speed.mixture_kernel",
+        "speed.single_channel_training",
     ],
 )
 def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_computed(setting):

@@ -1,8 +1,10 @@
 """The one-input-channel convolution kernel (``tadfkd.models.single_channel``,
-``speed.single_channel_conv``) computes what PyTorch's convolution computes: float32 to float
-rounding, under bf16 autocast within one bf16 rounding; it runs only in the folded teacher's
-no-grad CPU forwards at one thread, and PyTorch's convolution runs wherever it does not apply.
-Each comparison checks that the kernel ran."""
+``speed.single_channel_conv``, ``speed.single_channel_training``) computes what PyTorch's
+convolution computes: float32 to float rounding, under bf16 autocast within one bf16 rounding;
+it runs in the folded teacher's no-grad CPU forwards, and in the student's and the generator
+step's teacher's under bf16 autocast, with gradients too (PyTorch's backward), at one thread;
+PyTorch's convolution runs wherever it does not apply. Each comparison checks that the kernel
+ran."""
 
 import copy
 
@@ -106,7 +108,7 @@ def test_under_bf16_autocast_the_kernel_rounds_as_autocast_does(
     assert out.dtype == expected.dtype == torch.bfloat16
     # each output is the same float32 sum of the rounded inputs, rounded once: equal but for
     # the order of the sums (oneDNN's may differ), so within one bf16 rounding
-    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=1e-6)
     assert (out == expected).float().mean() > 0.99
 
 
@@ -247,6 +249,7 @@ def test_the_builder_swaps_the_kernel_into_each_first_layer_it_takes(setting, ke
     def kernel_paths(model: nn.Module) -> list[str]:
         return [path for path, m in model.named_modules() if isinstance(m, SingleChannelConv2d)]
 
+    kernel_calls.clear()
     built, plain = distiller(), distiller("speed.single_channel_conv=false")
     assert kernel_paths(built.inference_teacher) == ["features.0"]  # auto
     # the generator step's teacher and the student: under bf16 autocast
@@ -254,14 +257,18 @@ def test_the_builder_swaps_the_kernel_into_each_first_layer_it_takes(setting, ke
         assert kernel_paths(model) == ["features.0"] and model.features[0].bf16_only
     assert not built.inference_teacher.features[0].bf16_only
     unfolded = distiller("speed.fold_teacher_bn=false")
-    assert unfolded.inference_teacher is unfolded.teacher  # swapped as the teacher
-    for off in (
-        "speed.single_channel_conv=false",
-        "speed.channels_last=false",
-        "speed.compile=true",
-    ):
+    assert unfolded.inference_teacher is unfolded.teacher  # swapped as the teacher: bf16 only
+    with torch.no_grad():
+        unfolded.inference_teacher(batch((2, 1, size, size)))  # the scoring's float32 forward
+    assert "single_channel_conv" not in kernel_calls
+    off = distiller("speed.single_channel_training=false")  # the folded teacher's only
+    assert [kernel_paths(m) for m in (off.teacher, off.student)] == [[], []]
+    assert kernel_paths(off.inference_teacher) == ["features.0"]
+    assert kernel_paths(plain.teacher) == ["features.0"]  # the other switch: the folded one's
+    for off in ("speed.channels_last=false", "speed.compile=true"):
         found = distiller(off)
-        assert [kernel_paths(m) for m in (found.inference_teacher, found.student)] == [[], []]
+        networks = (found.inference_teacher, found.teacher, found.student)
+        assert [kernel_paths(m) for m in networks] == [[], [], []], off
     # the folded teacher's logits as without the kernel, to float rounding
     x = batch((8, 1, size, size)).contiguous(memory_format=torch.channels_last)
     kernel_calls.clear()
@@ -322,7 +329,7 @@ def test_with_gradients_the_kernels_forward_is_autocasts_convolution_to_bf16_rou
     assert kernel_calls == ["single_channel_conv"]
     out, want = found[0], expected[0]
     assert out.dtype == want.dtype == torch.bfloat16 and out.stride() == want.stride()
-    torch.testing.assert_close(out.float(), want.float(), rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(out.float(), want.float(), rtol=2**-7, atol=1e-6)  # one step
     assert (out == want).float().mean() > 0.999  # the same sums, in oneDNN's order but rarely
     for got, wanted in zip(found[1:3], expected[1:3], strict=True):  # PyTorch's backward
         assert (got is None and wanted is None) or torch.equal(got, wanted)

@@ -39,6 +39,7 @@ PUBLISHED_STYLE = [
     "speed.mixture_kernel=false",
     "speed.batch_norm_kernel=false",
     "speed.output_conv_kernel=false",
+    "speed.single_channel_training=false",
 ]
 
 

@@ -1,6 +1,6 @@
 """Registry of classifier architectures, and the DAFL generator (with its fused CPU kernels for
-no-grad bf16 forwards, ``tadfkd.models.fused``); a grayscale network's first convolution in
-no-grad CPU forwards through a C kernel (``tadfkd.models.single_channel``); a ReLU and the
+no-grad bf16 forwards, ``tadfkd.models.fused``); a grayscale network's first convolution on
+the CPU through a C kernel (``tadfkd.models.single_channel``); a ReLU and the
 pooling after it as one C kernel, forward and backward (``tadfkd.models.pooling``); the kernels'
 build (``tadfkd.models.kernels``).
 

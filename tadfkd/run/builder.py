@@ -156,9 +156,10 @@ def use_module_kernels(
 ) -> None:
     """The ``speed`` switch ``key`` of kernels that ``swap`` puts into a model's modules in
     place: on ``models``, on a CPU with channels-last (``use_kernels``; off under
-    ``torch.compile``, which fuses on its own). ``speed.single_channel_conv``: the teacher's and
-    the student's convolutions of one input channel under bf16 autocast
-    (``tadfkd.models.single_channel``; the folded teacher's: ``fold_for_inference``);
+    ``torch.compile``, which fuses on its own). ``speed.single_channel_training``: the teacher's
+    and the student's convolutions of one input channel under bf16 autocast
+    (``tadfkd.models.single_channel``; the folded teacher's: ``speed.single_channel_conv``,
+    ``fold_for_inference``);
     ``speed.fused_pooling``: each ReLU-pool pair of the ``nn.Sequential`` containers
     (``tadfkd.models.pooling``), and with ``speed.single_channel_conv`` a kernel convolution
     and its ReLU; ``speed.batch_norm_kernel``: the BatchNorm layers in training
@@ -193,7 +194,7 @@ def use_model_kernels(
     BatchNorm layers in training."""
     switch = (cfg.speed, device, channels_last)
     bf16_only = functools.partial(single_channel.use_kernel, bf16_only=True)
-    use_module_kernels("single_channel_conv", *switch, bf16_only, teacher, student)
+    use_module_kernels("single_channel_training", *switch, bf16_only, teacher, student)
     pooled = (teacher, inference_teacher, student)
     use_module_kernels("fused_pooling", *switch, pooling.use_kernel, *pooled)
     use_module_kernels("batch_norm_kernel", *switch, batchnorm.use_kernel, student, generator)

@@ -160,6 +160,7 @@ RULES: tuple[Rule, ...] = (
     Rule("speed.mixture_kernel", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.batch_norm_kernel", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.output_conv_kernel", one_of("auto", True, False), AUTO_BOOL, with_node=True),
+    Rule("speed.single_channel_training", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("dataset.num_classes", whole(2), "a whole number of at least 2"),
     Rule("dataset.channels", whole(1), POSITIVE),
     Rule(

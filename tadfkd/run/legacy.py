@@ -52,6 +52,7 @@ ADDED = {
     "speed.output_conv_kernel": False,
     "speed.phased_upsampling": False,
     "speed.single_channel_conv": False,
+    "speed.single_channel_training": False,
 }
 UNTEMPERED = "l1"  # the L1 losses compare raw logits: no temperature
 
