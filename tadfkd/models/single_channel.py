@@ -164,7 +164,7 @@ class SingleChannelConv2d(nn.Conv2d):
 class KernelForward(torch.autograd.Function):
     """``conv(x)`` under bf16 autocast for a convolution without bias: the kernel's output (the
     same float32 sums of autocast's exact bf16 products, rounded once; oneDNN's order differs
-    in rare sums: about one output in a million differed, by one bf16 step, docs/performance.md,
+    in rare sums, where an output rounds the other way by one bf16 step: docs/performance.md,
     round seventeen), and PyTorch's convolution backward on the bf16 casts autocast would give
     it, each gradient cast back as autocast's casts do: the same gradients for the same output
     gradient. First order only (``once_differentiable``; nothing here takes a second)."""
