@@ -328,7 +328,7 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_co
     del former[setting]  # written before the setting existed
     check_same_run(former, identity(f"{setting}=false"), Path("checkpoint.pt"))
     with pytest.raises(UserError, match=f"{setting}=False there"):
-        check_same_run(former, identity(), Path("checkpoint.pt"))  # today's default: auto
+        check_same_run(former, identity(f"{setting}=auto"), Path("checkpoint.pt"))
 
 
 # The ``method.*`` part of each method's run identity as the code before loss terms were objects

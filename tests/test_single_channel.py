@@ -250,23 +250,23 @@ def test_the_builder_swaps_the_kernel_into_each_first_layer_it_takes(setting, ke
         return [path for path, m in model.named_modules() if isinstance(m, SingleChannelConv2d)]
 
     kernel_calls.clear()
-    built, plain = distiller(), distiller("speed.single_channel_conv=false")
-    assert kernel_paths(built.inference_teacher) == ["features.0"]  # auto
+    default = distiller()
+    assert kernel_paths(default.inference_teacher) == ["features.0"]  # auto
+    assert [kernel_paths(m) for m in (default.teacher, default.student)] == [[], []]  # false
+    training = "speed.single_channel_training=auto"
+    built, plain = distiller(training), distiller(training, "speed.single_channel_conv=false")
     # the generator step's teacher and the student: under bf16 autocast
     for model in (built.teacher, built.student):
         assert kernel_paths(model) == ["features.0"] and model.features[0].bf16_only
     assert not built.inference_teacher.features[0].bf16_only
-    unfolded = distiller("speed.fold_teacher_bn=false")
+    unfolded = distiller(training, "speed.fold_teacher_bn=false")
     assert unfolded.inference_teacher is unfolded.teacher  # swapped as the teacher: bf16 only
     with torch.no_grad():
         unfolded.inference_teacher(batch((2, 1, size, size)))  # the scoring's float32 forward
     assert "single_channel_conv" not in kernel_calls
-    off = distiller("speed.single_channel_training=false")  # the folded teacher's only
-    assert [kernel_paths(m) for m in (off.teacher, off.student)] == [[], []]
-    assert kernel_paths(off.inference_teacher) == ["features.0"]
     assert kernel_paths(plain.teacher) == ["features.0"]  # the other switch: the folded one's
     for off in ("speed.channels_last=false", "speed.compile=true"):
-        found = distiller(off)
+        found = distiller(training, off)
         networks = (found.inference_teacher, found.teacher, found.student)
         assert [kernel_paths(m) for m in networks] == [[], [], []], off
     # the folded teacher's logits as without the kernel, to float rounding

@@ -190,8 +190,8 @@ def use_model_kernels(
 ) -> None:
     """The kernels ``use_module_kernels`` swaps into the networks' modules: the teacher's (of
     the generator step) and the student's one-input-channel convolutions under bf16 autocast
-    (the folded teacher's are swapped in ``fold_for_inference``), the ReLU-pool pairs, the
-    BatchNorm layers in training."""
+    (``speed.single_channel_training``, off by default; the folded teacher's are swapped in
+    ``fold_for_inference``), the ReLU-pool pairs, the BatchNorm layers in training."""
     switch = (cfg.speed, device, channels_last)
     bf16_only = functools.partial(single_channel.use_kernel, bf16_only=True)
     use_module_kernels("single_channel_training", *switch, bf16_only, teacher, student)
