@@ -205,7 +205,7 @@ def applies(generator: nn.Module, z: torch.Tensor) -> bool:
     most ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
     if not kernels.may_run(z, MAX_THREADS) or z.shape[0] < 2:
         return False
-    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+    if not kernels.bf16_autocast():
         return False
     norms = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
     tensors = [t for m in norms for t in (m.weight, m.bias, m.running_mean, m.running_var)]

@@ -203,6 +203,11 @@ def may_run(x: torch.Tensor, max_threads: int) -> bool:
     return not torch.is_grad_enabled() and may_run_with_grad(x, max_threads)
 
 
+def bf16_autocast() -> bool:
+    """Whether bf16 autocast is on on the CPU (what the kernels' bf16 paths compute under)."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def may_run_with_grad(x: torch.Tensor, max_threads: int) -> bool:
     """What every kernel needs to compute on x here, a kernel with its own backward too: not
     while ``torch.compile`` traces (it compiles PyTorch's operators, as with

@@ -32,7 +32,7 @@ def applies(layer: nn.Conv2d, x: torch.Tensor) -> bool:
     (``kernels.may_run_with_grad``)."""
     if not torch.is_grad_enabled() or not kernels.may_run_with_grad(x, MAX_THREADS):
         return False
-    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+    if not kernels.bf16_autocast():
         return False
     channels = x.shape[1] if x.dim() == 4 else 0
     if x.dtype != torch.bfloat16 or channels % 16 != 0 or not 16 <= channels <= MAX_CHANNELS:

@@ -207,7 +207,7 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     bf16 autocast (for a module swapped ``bf16_only``, under bf16 autocast only), and what
     every kernel needs (``kernels.may_run``: no gradients, a CPU input, at most
     ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
-    if getattr(conv, "bf16_only", False) and not bf16_autocast():
+    if getattr(conv, "bf16_only", False) and not kernels.bf16_autocast():
         return False
     return kernels.may_run(x, MAX_THREADS) and takes(conv, x)
 
@@ -219,18 +219,13 @@ def applies_with_gradients(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     kernel needs (``kernels.may_run_with_grad``)."""
     if not torch.is_grad_enabled() or not getattr(conv, "bf16_only", False):
         return False
-    if conv.bias is not None or not bf16_autocast():
+    if conv.bias is not None or not kernels.bf16_autocast():
         return False
     # made channels-last (``.to(memory_format=...)``: strides (K*K, 1, K, 1)); one input
     # channel's NCHW strides pass is_contiguous(channels_last) too, but PyTorch's output is NCHW
     if conv.weight.stride(1) != 1:
         return False
     return kernels.may_run_with_grad(x, MAX_THREADS) and takes(conv, x)
-
-
-def bf16_autocast() -> bool:
-    """Whether bf16 autocast is on on the CPU."""
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def takes(conv: nn.Conv2d, x: torch.Tensor) -> bool:
