@@ -447,7 +447,7 @@ static inline void store16_bf16(uint16_t *p, f32x16 v) {
     memcpy(p, &half, sizeof half);
 }
 
-/* 16 floats rounded to bf16, as floats (store16_bf16 stores them unchanged) */
+/* 16 floats rounded to bf16, as floats (the bf16 in each lane's high 16 bits, the low ones 0) */
 static inline f32x16 rounded16_bf16(f32x16 v) {
     u32x16 bits = bf16_bits16(v) << 16;
     memcpy(&v, &bits, sizeof v);
@@ -552,9 +552,12 @@ static inline f32x16 relu16_as_torch(f32x16 v) {
  * PyTorch's vectorised bf16 ReLU writes every NaN as 0xffff (its scalar tail keeps the bits). */
 static inline void store_sums(void *out, int64_t at, f32x16 sums, int out_bf16, int relu,
                               const int64_t lanes) { /* the first `lanes` (8 or 16) of them */
-    if (relu) sums = relu16_as_torch(out_bf16 ? rounded16_bf16(sums) : sums);
+    if (out_bf16) sums = rounded16_bf16(sums); /* once: its bits are the bf16 in the high half */
+    if (relu) sums = relu16_as_torch(sums);
     if (out_bf16) {
-        u16x16 half = __builtin_convertvector(bf16_bits16(sums), u16x16);
+        u32x16 bits;
+        memcpy(&bits, &sums, sizeof bits);
+        u16x16 half = __builtin_convertvector(bits >> 16, u16x16);
         memcpy((uint16_t *)out + at, &half, (size_t)lanes * sizeof(uint16_t));
     } else {
         memcpy((float *)out + at, &sums, (size_t)lanes * sizeof(float));
