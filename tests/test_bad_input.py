@@ -82,6 +82,11 @@ CASES = {
         2,
         ["speed.single_channel_conv='maybe' must be"],
     ),
+    "Winograd kernel not a switch": (
+        ["speed.winograd_conv=maybe"],
+        2,
+        ["speed.winograd_conv='maybe' must be"],
+    ),
     "first-layer kernel with gradients not a switch": (
         ["speed.single_channel_training=maybe"],
         2,

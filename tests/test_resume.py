@@ -318,6 +318,7 @@ def test_resuming_with_other_settings_is_refused_but_runtime_settings_may_change
         "speed.fused_pooling",
         "speed.mixture_kernel",
         "speed.single_channel_training",
+        "speed.winograd_conv",
     ],
 )
 def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_computed(setting):

@@ -40,6 +40,7 @@ PUBLISHED_STYLE = [
     "speed.batch_norm_kernel=false",
     "speed.output_conv_kernel=false",
     "speed.single_channel_training=false",
+    "speed.winograd_conv=false",
 ]
 
 

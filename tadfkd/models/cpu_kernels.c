@@ -19,6 +19,9 @@
  * (tadfkd.models.output_conv): the forward is the fused kernel's with the identity map, the
  * backward's three gradients one kernel.
  *
+ * A frozen network's float32 3x3 convolutions (tadfkd.models.winograd) by Winograd's F(2x2, 3x3),
+ * with the ReLU and the pooling after each in the pass that writes its output.
+ *
  * A ReLU and the pooling after it (tadfkd.models.pooling), BatchNorm in training
  * (tadfkd.models.batchnorm), forward and backward, and the selection's two-Gaussian mixture fit
  * (tadfkd.distillation.selection).
@@ -1137,5 +1140,205 @@ int batch_norm_train_backward(const void *x, const void *grad, int bf16, int64_t
     if (C < 1 || C > MAX_CHANNELS || M < 1) return REFUSED;
     BY_DTYPE_AND_CHANNELS(batch_norm_train_backward_impl, C, bf16, x, grad, M, weight, mean,
                           invstd, grad_in, grad_weight, grad_bias);
+    return DONE;
+}
+
+/* ---- A 3x3 convolution (stride 1, zero padding 1) in float32 by Winograd's F(2x2, 3x3)
+ * (tadfkd.models.winograd): each 2x2 block of output pixels (a tile) from the 4x4 input pixels
+ * around it, as 16 products per channel pair where the direct sums take 36. x (N, H, W, C) and
+ * the output are float32, channels-last; C and O multiples of 16. The weight comes transformed
+ * (U = G g G^T, (16, C, O), made once on the host), the input tiles are transformed here
+ * (V = B^T d B, additions only), then for each of the 16 positions one product
+ * (T, C) x (C, O) over the image's T tiles, and the output transform (Y = A^T M A, additions
+ * only) with the bias, and in the same pass either nothing more, a ReLU and a 2x2 max pool, or
+ * a ReLU and the mean over the image. Float rounding differs from the direct sums (the
+ * transforms' additions, fused multiply-adds): of the size of float32's own, not bit for bit.
+ */
+#define WINOGRAD_MAX_K 8 /* output channels up to 128, in vectors of 16 */
+
+/* contracting a * b + c into one rounding in these functions only (the file's flags keep
+ * products and sums apart everywhere else) */
+#if defined(__clang__)
+#define CONTRACTED
+#define CONTRACT_HERE _Pragma("clang fp contract(fast)")
+#else
+#define CONTRACTED __attribute__((optimize("fp-contract=fast")))
+#define CONTRACT_HERE
+#endif
+
+/* rows t .. t + R - 1 of M (T, O) += V (T, C) x U (C, O), O = 16 K, in registers */
+static inline __attribute__((always_inline)) CONTRACTED void
+winograd_block(const int R, const int K, const float *V, const float *U, float *M, int64_t C,
+               int64_t O) {
+    CONTRACT_HERE
+    f32x16 acc[6][WINOGRAD_MAX_K];
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < K; k++) acc[r][k] = (f32x16){0};
+    for (int64_t c = 0; c < C; c++) {
+        f32x16 b[WINOGRAD_MAX_K];
+        for (int k = 0; k < K; k++) b[k] = load16(U + c * O + 16 * k);
+        for (int r = 0; r < R; r++) {
+            const float a = V[r * C + c];
+            for (int k = 0; k < K; k++) acc[r][k] += a * b[k];
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < K; k++) memcpy(M + r * O + 16 * k, &acc[r][k], sizeof acc[r][k]);
+}
+
+#define WINOGRAD_ROWS(R, K)                                                            \
+    for (; t + (R) <= T; t += (R)) winograd_block(R, K, V + t * C, U, M + t * O, C, O)
+#define WINOGRAD_GEMM(BIG, K)                                                          \
+    do {                                                                               \
+        WINOGRAD_ROWS(BIG, K);                                                         \
+        WINOGRAD_ROWS(2, K);                                                           \
+        WINOGRAD_ROWS(1, K);                                                           \
+    } while (0)
+
+/* M (T, O) = V (T, C) x U (C, O): six rows of tiles at a time (three from 80 outputs) */
+static CONTRACTED void winograd_gemm(const float *V, const float *U, float *M, int64_t T,
+                                     int64_t C, int64_t O) {
+    int64_t t = 0;
+    switch (O / 16) {
+    case 1: WINOGRAD_GEMM(6, 1); break;
+    case 2: WINOGRAD_GEMM(6, 2); break;
+    case 3: WINOGRAD_GEMM(6, 3); break;
+    case 4: WINOGRAD_GEMM(6, 4); break;
+    case 5: WINOGRAD_GEMM(3, 5); break;
+    case 6: WINOGRAD_GEMM(3, 6); break;
+    case 7: WINOGRAD_GEMM(3, 7); break;
+    default: WINOGRAD_GEMM(3, 8); break;
+    }
+}
+
+/* the 16 transformed values V (position p = 4 r + s at V[p * T * C]) of tile t (rows 2 ti - 1
+ * to 2 ti + 2, columns alike, zero outside the image) for channels 16 g on */
+static inline void winograd_input_tile(const float *image, int64_t H, int64_t W, int64_t C,
+                                       int64_t ti, int64_t tj, int64_t g, float *V, int64_t T,
+                                       int64_t t) {
+    f32x16 d[4][4], e[4][4];
+    for (int r = 0; r < 4; r++) {
+        const int64_t i = 2 * ti - 1 + r;
+        for (int s = 0; s < 4; s++) {
+            const int64_t j = 2 * tj - 1 + s;
+            const int inside = i >= 0 && i < H && j >= 0 && j < W;
+            d[r][s] = inside ? load16(image + (i * W + j) * C + 16 * g) : (f32x16){0};
+        }
+    }
+    for (int s = 0; s < 4; s++) { /* B^T d: rows */
+        e[0][s] = d[0][s] - d[2][s];
+        e[1][s] = d[1][s] + d[2][s];
+        e[2][s] = d[2][s] - d[1][s];
+        e[3][s] = d[1][s] - d[3][s];
+    }
+    for (int r = 0; r < 4; r++) { /* (B^T d) B: columns */
+        const f32x16 v[4] = {e[r][0] - e[r][2], e[r][1] + e[r][2], e[r][2] - e[r][1],
+                             e[r][1] - e[r][3]};
+        for (int s = 0; s < 4; s++)
+            memcpy(V + ((4 * r + s) * T + t) * C + 16 * g, &v[s], sizeof v[s]);
+    }
+}
+
+/* the 2x2 outputs Y = A^T m A of one tile's 16 products m (one vector of 16 channels) */
+static inline void winograd_output_tile(const f32x16 m[4][4], f32x16 y[2][2]) {
+    f32x16 e[2][4];
+    for (int s = 0; s < 4; s++) {
+        e[0][s] = m[0][s] + m[1][s] + m[2][s];
+        e[1][s] = m[1][s] - m[2][s] - m[3][s];
+    }
+    for (int i = 0; i < 2; i++) {
+        y[i][0] = e[i][0] + e[i][1] + e[i][2];
+        y[i][1] = e[i][1] - e[i][2] - e[i][3];
+    }
+}
+
+/* torch.relu per lane (x < 0 ? 0 : x: -0.0 and NaN pass) */
+static inline f32x16 relu16(f32x16 v) {
+    i32x16 negative = v < 0.0f, bits;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= ~negative;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* the larger per lane, a NaN in v taken as PyTorch's max pool takes it */
+static inline f32x16 max_keeping_nan16(f32x16 a, f32x16 v) {
+    i32x16 pick = (v > a) | (v != v), kept, other;
+    memcpy(&kept, &a, sizeof kept);
+    memcpy(&other, &v, sizeof other);
+    kept = (other & pick) | (kept & ~pick);
+    memcpy(&a, &kept, sizeof a);
+    return a;
+}
+
+#define WINOGRAD_NONE 0
+#define WINOGRAD_RELU_MAX 1  /* ReLU, then a 2x2 max pool of stride 2 (floor) */
+#define WINOGRAD_RELU_MEAN 2 /* ReLU, then the mean over the image's pixels */
+
+/* out = conv(x) + bias, for x (N, H, W, C) channels-last and U (16, C, O) (the module
+ * comment); bias (O,) or NULL; then by `pool`: out (N, H, W, O), or ReLU and the max pool,
+ * out (N, H / 2, W / 2, O) (the max before the bias and the ReLU: both keep the order of
+ * values, so the same value), or ReLU and the mean, out (N, O): float32 sums in the tiles'
+ * order, divided by H * W. */
+int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *U,
+                     const float *bias, int64_t O, int pool, float *out) {
+    if (N < 1 || H < 1 || W < 1 || C < 16 || C % 16 != 0 || O < 16 || O % 16 != 0 ||
+        O > 16 * WINOGRAD_MAX_K || pool < WINOGRAD_NONE || pool > WINOGRAD_RELU_MEAN)
+        return REFUSED;
+    const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, K = O / 16;
+    const size_t sizes[2] = {sizeof(float) * 16 * T * C, sizeof(float) * 16 * T * O};
+    float *V = aligned_alloc(64, (sizes[0] + 63) / 64 * 64);
+    float *M = aligned_alloc(64, (sizes[1] + 63) / 64 * 64);
+    if (V == NULL || M == NULL) {
+        free(V);
+        free(M);
+        return NO_MEMORY;
+    }
+    f32x16 biases[WINOGRAD_MAX_K];
+    for (int64_t k = 0; k < K; k++) biases[k] = bias ? load16(bias + 16 * k) : (f32x16){0};
+    const int64_t Hp = H / 2, Wp = W / 2;
+    for (int64_t n = 0; n < N; n++) {
+        const float *image = x + n * H * W * C;
+        for (int64_t ti = 0; ti < th; ti++)
+            for (int64_t tj = 0; tj < tw; tj++)
+                for (int64_t g = 0; g < C / 16; g++)
+                    winograd_input_tile(image, H, W, C, ti, tj, g, V, T, ti * tw + tj);
+        for (int p = 0; p < 16; p++) winograd_gemm(V + p * T * C, U + p * C * O, M + p * T * O, T, C, O);
+        f32x16 sums[WINOGRAD_MAX_K];
+        for (int64_t k = 0; k < K; k++) sums[k] = (f32x16){0};
+        for (int64_t ti = 0; ti < th; ti++)
+            for (int64_t tj = 0; tj < tw; tj++)
+                for (int64_t k = 0; k < K; k++) {
+                    f32x16 m[4][4], y[2][2];
+                    for (int p = 0; p < 16; p++)
+                        m[p / 4][p % 4] = load16(M + (p * T + ti * tw + tj) * O + 16 * k);
+                    winograd_output_tile(m, y);
+                    if (pool == WINOGRAD_RELU_MAX) {
+                        if (ti >= Hp || tj >= Wp) continue;
+                        f32x16 v = max_keeping_nan16(y[0][0], y[0][1]);
+                        v = max_keeping_nan16(max_keeping_nan16(v, y[1][0]), y[1][1]);
+                        v = relu16(v + biases[k]);
+                        memcpy(out + ((n * Hp + ti) * Wp + tj) * O + 16 * k, &v, sizeof v);
+                        continue;
+                    }
+                    for (int i = 0; i < 2; i++)
+                        for (int j = 0; j < 2; j++) {
+                            const int64_t oi = 2 * ti + i, oj = 2 * tj + j;
+                            if (oi >= H || oj >= W) continue;
+                            const f32x16 v = y[i][j] + biases[k];
+                            if (pool == WINOGRAD_RELU_MEAN)
+                                sums[k] += relu16(v);
+                            else
+                                memcpy(out + ((n * H + oi) * W + oj) * O + 16 * k, &v, sizeof v);
+                        }
+                }
+        if (pool == WINOGRAD_RELU_MEAN)
+            for (int64_t k = 0; k < K; k++) {
+                const f32x16 mean = sums[k] / (float)(H * W);
+                memcpy(out + n * O + 16 * k, &mean, sizeof mean);
+            }
+    }
+    free(V);
+    free(M);
     return DONE;
 }

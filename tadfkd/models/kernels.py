@@ -2,16 +2,15 @@
 
 ``cpu_kernels.c`` holds the DAFL generator's fused no-grad bf16 kernels (``tadfkd.models.fused``)
 the convolution of one input channel of a grayscale network's first layer
-(``tadfkd.models.single_channel``), a ReLU with the pooling after it
-(``tadfkd.models.pooling``), BatchNorm in training (``tadfkd.models.batchnorm``), the
-generator's one-output-channel convolution with gradients (``tadfkd.models.output_conv``) and the
-selection's mixture fit (``tadfkd.distillation.selection``). It is compiled at first use by the
-machine's C compiler
+(``tadfkd.models.single_channel``), a ReLU with the pooling after it (``tadfkd.models.pooling``),
+BatchNorm in training (``tadfkd.models.batchnorm``), the generator's one-output-channel convolution
+with gradients (``tadfkd.models.output_conv``), a frozen network's float32 3x3 convolutions by
+Winograd's algorithm (``tadfkd.models.winograd``) and the selection's mixture fit
+(``tadfkd.distillation.selection``). It is compiled at first use by the machine's C compiler
 (``$CC``, else ``cc``) for the CPU it runs on (``-march=native``) and cached under
-``~/.cache/tadfkd/kernels`` (``$TADFKD_CACHE``), named by a hash of the source, the command and
-the CPU's flags; a cached library loads only from a folder no one else can write to. Where
-nothing compiles it, ``kernels()`` is None and PyTorch's kernels run (``unavailable_reason()``
-says why).
+``~/.cache/tadfkd/kernels`` (``$TADFKD_CACHE``), named by a hash of the source, the command and the
+CPU's flags; a cached library loads only from a folder no one else can write to. Where nothing
+compiles it, ``kernels()`` is None and PyTorch's kernels run (``unavailable_reason()`` says why).
 
 Each kernel's Python function is a torch custom operator (``operator``), so that dispatch modes
 (``FlopCounterMode``, fake tensors) and profilers see it; where none could, a call runs the
@@ -87,6 +86,8 @@ SIGNATURES = {
     "batch_norm_train": [_PTR, _INT, _I64, _I64, _PTR, _PTR, _F64, _F64, *[_PTR] * 5],
     # input, the output's gradient, dtype flag, (M, C), weight, mean, 1 / std, three gradients
     "batch_norm_train_backward": [_PTR, _PTR, _INT, _I64, _I64, *[_PTR] * 6],
+    # input (N, H, W, C), the transformed weight (16, C, O), bias, O, what follows, output
+    "winograd_conv3x3": [_PTR, *[_I64] * 4, _PTR, _PTR, _I64, _INT, _PTR],
 }
 # the entry points' return codes (cpu_kernels.c) that are not success
 FAILURES = {-1: "refused its input", -2: "ran out of memory"}

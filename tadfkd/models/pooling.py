@@ -18,7 +18,9 @@ no-grad forwards) with the ReLU after it (``relu_after``) in the kernel's store,
 ReLU of its output bit for bit (a NaN's bits aside, in bf16): on the Fashion-MNIST preset the
 folded teacher's first ReLU was a pass of its own over each scored batch (docs/performance.md,
 round seventeen). That needs both switches: ``speed.fused_pooling`` makes the containers,
-``speed.single_channel_conv`` the kernel convolution.
+``speed.single_channel_conv`` the kernel convolution. Likewise a convolution by Winograd's
+algorithm (``tadfkd.models.winograd``, ``speed.winograd_conv``) runs with the ReLU-pool pair
+after it (``pool_after``) in its kernel's output pass (round eighteen).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as module_globals
 
-from tadfkd.models import kernels, single_channel
+from tadfkd.models import kernels, single_channel, winograd
 from tadfkd.models.single_channel import MODULE_HOOKS
 
 # the kernels run on one thread; beyond two, PyTorch's parallel ReLU and pooling are left to it
@@ -80,6 +82,19 @@ def relu_after(modules: list[nn.Module], index: int) -> int | None:
     if end == len(modules) or type(modules[end]) is not nn.ReLU:
         return None
     return end if end + 1 == len(modules) or fusable(*modules[end : end + 2]) is None else None
+
+
+def pool_after(modules: list[nn.Module], index: int) -> tuple[int, str] | None:
+    """Where the ReLU-pool pair ends that the Winograd convolution at ``index`` of ``modules``
+    (a ``WinogradConv2d``) runs in its kernel, and its kind: the pair (``fusable``) first
+    after it past any ``nn.Identity`` (a BatchNorm folded away); None otherwise."""
+    if type(modules[index]) is not winograd.WinogradConv2d:
+        return None
+    start = index + 1
+    while start < len(modules) and type(modules[start]) is nn.Identity:
+        start += 1
+    kind = fusable(*modules[start : start + 2]) if start + 1 < len(modules) else None
+    return None if kind is None else (start + 1, kind)
 
 
 def hooked(*modules: nn.Module) -> bool:
@@ -195,13 +210,24 @@ def pooled(x: torch.Tensor, kind: str) -> torch.Tensor:
 class PooledSequential(nn.Sequential):
     """An ``nn.Sequential`` whose ReLU-pool pairs (``fusable``) run as one kernel where no hook
     is on them and the kernels apply (``applies``), as does a one-input-channel kernel
-    convolution with the ReLU after it (``relu_after``; where ``single_channel.applies``);
-    everything else module by module."""
+    convolution with the ReLU after it (``relu_after``; where ``single_channel.applies``) and a
+    Winograd convolution with the pair after it (``pool_after``; where ``winograd.applies``
+    and the pool has a pixel to write); everything else module by module."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules = list(self._modules.values())
         index = 0
         while index < len(modules):
+            after = pool_after(modules, index)
+            if (
+                after is not None
+                and not hooked(*modules[index : after[0] + 1])
+                and winograd.applies(modules[index], x)
+                and (after[1] == "mean" or min(x.shape[2], x.shape[3]) >= 2)
+            ):
+                x = modules[index].kernel(x, after[1])
+                index = after[0] + 1
+                continue
             end = relu_after(modules, index)
             if (
                 end is not None

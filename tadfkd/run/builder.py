@@ -20,7 +20,7 @@ from tadfkd.distillation.nonfinite import NonFiniteGuard
 from tadfkd.distillation.precision import Precision, prepare_model, resolve_precision
 from tadfkd.distillation.selection import GMMSelection, Selection
 from tadfkd.distillation.synthesizer import Synthesizer
-from tadfkd.models import batchnorm, kernels, pooling, single_channel
+from tadfkd.models import batchnorm, kernels, pooling, single_channel, winograd
 from tadfkd.run.runtime import build
 from tadfkd.teachers.folding import fold_batchnorm
 from tadfkd.teachers.loading import Teacher
@@ -129,7 +129,8 @@ def fold_for_inference(
     """The teacher of the no-grad forwards: with BatchNorm folded (``speed.fold_teacher_bn``),
     checked on a fixed random batch of the dataset's shape (no global RNG is drawn), and, in
     that folded copy on a CPU, convolutions of one input channel through the C kernel
-    (``speed.single_channel_conv``, ``tadfkd.models.single_channel``)."""
+    (``speed.single_channel_conv``, ``tadfkd.models.single_channel``) and 3x3 ones by
+    Winograd's algorithm (``speed.winograd_conv``, ``tadfkd.models.winograd``)."""
     if not cfg.speed.fold_teacher_bn:
         return teacher
     dataset = cfg.dataset
@@ -141,8 +142,11 @@ def fold_for_inference(
     folded = fold_batchnorm(teacher, example)
     applicable = folded is not teacher and channels_last and device.type == "cpu"
     setting = cfg.speed.single_channel_conv
-    if use_kernels("speed.single_channel_conv", setting, applicable and not cfg.speed.compile):
+    applicable = applicable and not cfg.speed.compile
+    if use_kernels("speed.single_channel_conv", setting, applicable):
         single_channel.use_kernel(folded)
+    if use_kernels("speed.winograd_conv", cfg.speed.winograd_conv, applicable):
+        winograd.use_kernel(folded)
     return folded
 
 

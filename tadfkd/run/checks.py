@@ -156,6 +156,7 @@ RULES: tuple[Rule, ...] = (
     Rule("speed.phased_upsampling", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.fused_generation", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.single_channel_conv", one_of("auto", True, False), AUTO_BOOL, with_node=True),
+    Rule("speed.winograd_conv", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.fused_pooling", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.mixture_kernel", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.batch_norm_kernel", one_of("auto", True, False), AUTO_BOOL, with_node=True),

@@ -53,6 +53,7 @@ ADDED = {
     "speed.phased_upsampling": False,
     "speed.single_channel_conv": False,
     "speed.single_channel_training": False,
+    "speed.winograd_conv": False,
 }
 UNTEMPERED = "l1"  # the L1 losses compare raw logits: no temperature
 

@@ -1,0 +1,213 @@
+"""A frozen network's 3x3 convolutions in float32 by Winograd's F(2x2, 3x3), on the CPU through a
+C kernel (``cpu_kernels.c``, built by ``tadfkd.models.kernels``).
+
+The selection's scoring forward runs the folded teacher in float32, the published precision,
+and its 3x3 convolutions ran at oneDNN's float32 rate, which is this CPU's float32 multiply
+rate: the largest part of that forward (docs/performance.md, round eighteen). Winograd's
+algorithm computes each 2x2 block of outputs from the 4x4 input pixels around it with 16
+products per channel pair where the direct sums take 36; the transforms around them are
+additions (and halves, in the weight's transform, made once on the host in float64). Its float
+rounding differs from the direct sums' by about float32's own (the tests bound it against a
+float64 convolution, beside oneDNN's), so a keep decision can differ only at the threshold.
+
+``use_kernel`` swaps ``WinogradConv2d`` into a model's eligible convolutions (the folded
+teacher's, ``speed.winograd_conv``). It computes no-grad float32 forwards, no autocast, at one
+torch thread, and runs PyTorch's convolution everywhere else (gradients, autocast, other
+dtypes, more threads). ``tadfkd.models.pooling.PooledSequential`` runs such a convolution
+with the ReLU and the pooling after it (2x2 max, or the mean over the image) in the same
+kernel, in the pass that writes its output.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import register_flop_formula
+
+from tadfkd.models import kernels
+from tadfkd.models.single_channel import MODULE_HOOKS
+
+# the kernel runs on one thread; at more, oneDNN's convolution runs on them all
+MAX_THREADS = 1
+CHANNEL_MULTIPLE = 16  # cpu_kernels.c: vectors of 16 channels, in and out
+MAX_OUTPUT_CHANNELS = 128  # cpu_kernels.c: 16 * WINOGRAD_MAX_K
+# what follows the convolution in the kernel's pass: cpu_kernels.c's WINOGRAD_* codes
+POOLS = {"none": 0, "max": 1, "mean": 2}
+# F(2x2, 3x3)'s weight transform: U = G g G^T, (4, 4) per 3x3 kernel g
+G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def transformed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 ``weight`` (O, C, 3, 3) as the kernel takes it: G g G^T of each kernel g,
+    computed in float64 and rounded once, (16, C, O) float32, position 4 r + s first. In
+    numpy, on the host: made once per weight, it is no part of the network's computation,
+    and ``FlopCounterMode`` and the benchmarks' operator recorder do not see it."""
+    g = np.array(G)
+    u = np.einsum("ra,ocab,sb->rsco", g, weight.detach().cpu().double().numpy(), g)
+    out, inputs = weight.shape[:2]
+    return torch.from_numpy(np.ascontiguousarray(u.reshape(16, inputs, out), dtype=np.float32))
+
+
+def output_shape(x: torch.Tensor, channels: int, pool: str) -> tuple[int, int, int, int]:
+    """The kernel's output (N, O, H', W') for x (N, C, H, W): the image's size, half of it
+    (floor) after the max pool, one pixel after the mean."""
+    n, _, h, w = x.shape
+    if pool == "max":
+        return (n, channels, h // 2, w // 2)
+    return (n, channels, 1, 1) if pool == "mean" else (n, channels, h, w)
+
+
+@kernels.operator("winograd_conv")
+def winograd_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: str
+) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, padding=1)`` for x (N, C, H, W) float32, channels-last, and the
+    3x3 weight w as ``transformed_weight`` gives it, (16, C, O); then with ``pool`` "max" the
+    ReLU and the 2x2 max pool of stride 2 after it, with "mean" the ReLU and the mean over the
+    image ((N, O, 1, 1)), with "none" nothing. float32 out, channels-last."""
+    kernels.require(pool in POOLS, "pool none, max or mean")
+    kernels.require(
+        x.dim() == 4
+        and x.dtype == torch.float32
+        and x.is_contiguous(memory_format=torch.channels_last),
+        "a float32 (N, C, H, W) input, channels-last",
+    )
+    kernels.require(
+        weight.dim() == 3
+        and weight.shape[:2] == (16, x.shape[1])
+        and weight.dtype == torch.float32
+        and weight.is_contiguous(),
+        "a transformed weight (16, C, O), float32",
+    )
+    channels = weight.shape[2]
+    kernels.require(bias is None or bias.shape == (channels,), "a bias (O,)")
+    out = torch.empty(
+        output_shape(x, channels, pool), dtype=torch.float32, memory_format=torch.channels_last
+    )
+    n, c, h, w = x.shape
+    kernels.run_kernel(
+        "winograd_conv3x3",
+        *(x.data_ptr(), n, h, w, c, weight.data_ptr(), kernels.pointer(bias), channels),
+        *(POOLS[pool], out.data_ptr()),
+    )
+    return out
+
+
+@winograd_conv.register_fake
+def winograd_conv_fake(x, weight, bias, pool):
+    """The output's shape, dtype and layout, for tracing (``torch.library.opcheck``)."""
+    shape = output_shape(x, weight.shape[2], pool)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
+@register_flop_formula(torch.ops.tadfkd.winograd_conv, get_raw=True)
+def winograd_flops(x: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> int:
+    """As ``FlopCounterMode`` counts the 3x3 convolution it computes (the published
+    computation's): 2 x outputs x weights per output, before any pooling."""
+    n, c, h, w = x.shape
+    return 2 * n * weight.shape[2] * h * w * c * 9
+
+
+def eligible(conv: nn.Module) -> bool:
+    """Whether the kernel can compute ``conv``: a plain ``nn.Conv2d`` 3x3 of stride 1 and zero
+    padding 1, no dilation or groups, input and output channels multiples of 16 (outputs up
+    to 128); its weight a parameter of its own (not reparametrised), no hooks of any kind on
+    it (the swap would lose them)."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and conv.in_channels % CHANNEL_MULTIPLE == 0
+        and conv.out_channels % CHANNEL_MULTIPLE == 0
+        and conv.out_channels <= MAX_OUTPUT_CHANNELS
+        and isinstance(conv.weight, nn.Parameter)
+        and not any(getattr(conv, hooks, None) for hooks in MODULE_HOOKS)
+    )
+
+
+# per convolution: copies of the parameters the transformed weight was made from, and it
+_made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def same_values(tensor: torch.Tensor | None, copy: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` still holds ``copy``'s values (both None counts)."""
+    if tensor is None or copy is None:
+        return tensor is None and copy is None
+    return tensor.shape == copy.shape and torch.equal(tensor, copy)
+
+
+class WinogradConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (``eligible``) whose forwards run the kernel where it ``applies``; the
+    same parameters and state-dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if applies(self, x):
+            return self.kernel(x, "none")
+        return super().forward(x)
+
+    def kernel(self, x: torch.Tensor, pool: str) -> torch.Tensor:
+        """The kernel's output for x where it ``applies``, with ``pool`` after it
+        (``winograd_conv``)."""
+        return winograd_conv(x, self.transformed(), self.bias, pool)
+
+    def transformed(self) -> torch.Tensor:
+        """The weight as the kernel takes it (``transformed_weight``), kept while the weight
+        holds the values it was made from (compared in full on every call, microseconds:
+        version counters miss writes through ``.data``)."""
+        weight = self.weight
+        if self in _made:
+            copy, made = _made[self]
+            if same_values(weight, copy):
+                return made
+        made = transformed_weight(weight)
+        _made[self] = (weight.detach().clone(), made)
+        return made
+
+
+def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether the kernel computes ``conv(x)`` here: a float32 (N, C, H, W) input with the
+    convolution's channels, channels-last, not empty; float32 parameters on the CPU (the bias
+    contiguous); no autocast; and what every kernel needs (``kernels.may_run``: no gradients, a
+    CPU input, at most ``MAX_THREADS`` torch threads, not while ``torch.compile`` traces)."""
+    if x.dim() != 4 or x.dtype != torch.float32 or x.shape[1] != conv.in_channels:
+        return False
+    if x.numel() == 0 or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    weight, bias = conv.weight, conv.bias
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return False
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        return False
+    return not torch.is_autocast_enabled("cpu") and kernels.may_run(x, MAX_THREADS)
+
+
+def use_kernel(model: nn.Module) -> list[str]:
+    """Swap a ``WinogradConv2d`` (sharing the parameters) into ``model`` for each ``eligible``
+    convolution, at every path that holds it (one swapped module per convolution); the paths
+    swapped."""
+    swapped, fast_of = [], {}
+    for path, conv in list(model.named_modules(remove_duplicate=False)):
+        if not path or not eligible(conv):
+            continue
+        if id(conv) not in fast_of:
+            fast = WinogradConv2d(
+                conv.in_channels,
+                conv.out_channels,
+                3,
+                padding=1,
+                bias=conv.bias is not None,
+                device="meta",
+            )
+            fast.weight, fast.bias = conv.weight, conv.bias
+            fast_of[id(conv)] = fast.train(conv.training)
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, fast_of[id(conv)])
+        swapped.append(path)
+    return swapped

@@ -1,0 +1,255 @@
+"""The Winograd convolution kernel (``tadfkd.models.winograd``, ``speed.winograd_conv``) computes
+what PyTorch's 3x3 convolution computes in float32, to float rounding (bounded against a float64
+convolution, beside oneDNN's own error), with the ReLU and the pooling after it; it runs in the
+folded teacher's no-grad float32 CPU forwards at one thread, and PyTorch's convolution runs
+wherever it does not apply. Each comparison checks that the kernel ran."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CPU, needs_kernels, networks_holding
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tadfkd.bench.published import PUBLISHED_STYLE
+from tadfkd.bench.setting import SETTINGS, bench_config, build_path
+from tadfkd.models import pooling, winograd
+from tadfkd.models.winograd import WinogradConv2d
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # where the kernel applies
+EPS = torch.finfo(torch.float32).eps
+REFERENCES = {
+    "none": lambda y: y,
+    "max": lambda y: F.max_pool2d(F.relu(y), 2),
+    "mean": lambda y: F.relu(y).mean((2, 3), keepdim=True),
+}
+
+
+def conv_of(inputs: int, outputs: int, bias: bool = True) -> nn.Conv2d:
+    torch.manual_seed(0)
+    return nn.Conv2d(inputs, outputs, 3, padding=1, bias=bias).to(memory_format=torch.channels_last)
+
+
+def swapped(conv: nn.Conv2d) -> WinogradConv2d:
+    """A copy of ``conv`` with the kernel swapped in."""
+    model = nn.Sequential(copy.deepcopy(conv))
+    assert winograd.use_kernel(model) == ["0"]
+    return model[0]
+
+
+def batch(shape: tuple[int, ...]) -> torch.Tensor:
+    torch.manual_seed(2)
+    return torch.randn(shape).contiguous(memory_format=torch.channels_last)
+
+
+def within_float_rounding(out: torch.Tensor, conv: nn.Conv2d, x: torch.Tensor, pool: str):
+    """``out`` against the float64 convolution (then ``pool``): each output within 16 float32
+    epsilons of the sum of its products' magnitudes (the pooling keeps a bound: the max and
+    the mean of bounded values); PyTorch's own float32 convolution meets the same bound."""
+    bias = None if conv.bias is None else conv.bias.double()
+    exact = REFERENCES[pool](F.conv2d(x.double(), conv.weight.double(), bias, padding=1))
+    magnitude = F.conv2d(x.double().abs(), conv.weight.double().abs(), None, padding=1)
+    if bias is not None:
+        magnitude = magnitude + bias.abs().view(1, -1, 1, 1)
+    bound = 16 * EPS * REFERENCES[pool](magnitude).abs() + 1e-30
+    assert out.shape == exact.shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert ((out.double() - exact).abs() <= bound).all()
+    with torch.no_grad():
+        pytorchs = REFERENCES[pool](conv(x)).double()
+    assert ((pytorchs - exact).abs() <= bound).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "shape"),
+    [
+        (16, 32, (3, 14, 14)),
+        (32, 64, (2, 7, 7)),  # odd: the last tiles half outside the image
+        (16, 16, (1, 5, 8)),
+        (48, 80, (2, 6, 3)),  # five output vectors: three rows of tiles at a time
+        (64, 128, (1, 4, 4)),
+        (16, 48, (2, 1, 1)),  # one pixel: a tile of zeros around it
+    ],
+)
+@pytest.mark.parametrize("pool", ["none", "max", "mean"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_kernel_is_pytorchs_convolution_to_float_rounding(
+    inputs, outputs, shape, pool, bias, kernel_calls
+):
+    n, h, w = shape
+    if pool == "max" and min(h, w) < 2:
+        pytest.skip("no 2x2 window to pool")
+    conv = conv_of(inputs, outputs, bias)
+    fast = swapped(conv)
+    x = batch((n, inputs, h, w))
+    with torch.no_grad():
+        out = fast.kernel(x, pool) if pool != "none" else fast(x)
+    assert kernel_calls == ["winograd_conv3x3"]
+    within_float_rounding(out, conv, x, pool)
+
+
+@needs_kernels
+def test_a_nan_stays_in_its_image(kernel_calls):
+    conv = conv_of(16, 32)
+    fast, x = swapped(conv), batch((3, 16, 8, 8))
+    x[1, 4, 3, 5] = float("nan")
+    with torch.no_grad():
+        out = fast.kernel(x, "mean")
+        clean = fast.kernel(x[[0, 2]].contiguous(memory_format=torch.channels_last), "mean")
+    assert out[1].isnan().all()  # its image's mean: NaN, as PyTorch's
+    torch.testing.assert_close(out[[0, 2]], clean, rtol=0, atol=0)
+    assert kernel_calls == ["winograd_conv3x3"] * 2
+
+
+@needs_kernels
+def test_the_transformed_weight_follows_the_weight():
+    conv = conv_of(16, 16)
+    fast, x = swapped(conv), batch((2, 16, 6, 6))
+    with torch.no_grad():
+        before = fast(x)
+        fast.weight.mul_(2.0)  # in place: no version counter a copy would see
+        conv.weight.mul_(2.0)
+        within_float_rounding(fast(x), conv, x, "none")
+    assert not torch.equal(before, fast(x).detach())
+
+
+@needs_kernels
+def test_elsewhere_pytorchs_convolution_runs(kernel_calls):
+    conv = conv_of(16, 32)
+    fast, x = swapped(conv), batch((2, 16, 6, 6))
+    with torch.no_grad():
+        assert winograd.applies(fast, x)
+        assert not winograd.applies(fast, x.contiguous())  # NCHW
+        assert not winograd.applies(fast, x.to(torch.bfloat16))
+        assert not winograd.applies(fast, x[:0])
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not winograd.applies(fast, x)
+            torch.testing.assert_close(fast(x), conv(x), rtol=0, atol=0)
+        torch.set_num_threads(2)
+        assert not winograd.applies(fast, x)
+        torch.testing.assert_close(fast(x), conv(x), rtol=0, atol=0)
+        torch.set_num_threads(1)
+    assert not winograd.applies(fast, x)  # gradients recorded
+    out = fast(x.clone().requires_grad_())
+    out.sum().backward()
+    assert fast.weight.grad is not None
+    assert kernel_calls == []
+
+
+def test_only_plain_3x3_convolutions_of_whole_vectors_are_swapped():
+    def swaps(conv: nn.Module) -> bool:
+        return winograd.use_kernel(nn.Sequential(conv)) == ["0"]
+
+    assert swaps(nn.Conv2d(16, 32, 3, padding=1))
+    assert swaps(nn.Conv2d(64, 128, 3, padding=1, bias=False))
+    assert not swaps(nn.Conv2d(8, 16, 3, padding=1))  # inputs not by 16
+    assert not swaps(nn.Conv2d(16, 24, 3, padding=1))  # outputs not by 16
+    assert not swaps(nn.Conv2d(16, 144, 3, padding=1))  # over 128 outputs
+    assert not swaps(nn.Conv2d(16, 32, 3, stride=2, padding=1))
+    assert not swaps(nn.Conv2d(16, 32, 3, padding=0))
+    assert not swaps(nn.Conv2d(16, 32, 5, padding=2))
+    assert not swaps(nn.Conv2d(16, 32, 3, padding=1, groups=2))
+    assert not swaps(nn.Conv2d(16, 32, 3, padding=1, padding_mode="reflect"))
+    hooked = nn.Conv2d(16, 32, 3, padding=1)
+    hooked.register_forward_hook(lambda *args: None)
+    assert not swaps(hooked)
+    shared = nn.Conv2d(16, 16, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert winograd.use_kernel(model) == ["0", "2"] and model[0] is model[2]
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+@needs_kernels
+def test_the_operator_traces_and_counts_the_convolutions_flops():
+    conv = conv_of(16, 32)
+    weight = winograd.transformed_weight(conv.weight)
+    x = batch((2, 16, 6, 6))
+    for pool in winograd.POOLS:
+        arguments = (x, weight, conv.bias.detach(), pool)
+        torch.library.opcheck(torch.ops.tadfkd.winograd_conv.default, arguments)
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
+        swapped(conv)(x)  # the weight transformed in numpy: not counted
+    with torch.no_grad(), FlopCounterMode(display=False) as expected:
+        conv(x)
+    assert counted.get_total_flops() == expected.get_total_flops() > 0
+
+
+def teacher_features(*more: nn.Module) -> pooling.PooledSequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.Identity(), nn.ReLU(), *more)
+    model = model.to(memory_format=torch.channels_last)
+    winograd.use_kernel(model)
+    model.__class__ = pooling.PooledSequential
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("pool", "kind"), [(nn.MaxPool2d(2), "max"), (nn.AdaptiveAvgPool2d(1), "mean")]
+)
+def test_a_container_runs_the_relu_and_pool_after_the_convolution_in_its_kernel(
+    pool, kind, kernel_calls
+):
+    model, x = teacher_features(pool), batch((3, 16, 10, 10))
+    assert pooling.pool_after(list(model), 0) == (3, kind)
+    with torch.no_grad():
+        out = model(x)
+        kernel_calls_fused = list(kernel_calls)
+        model[2].register_forward_hook(lambda *args: None)  # a hook: module by module
+        kernel_calls.clear()
+        by_module = model(x)
+    assert kernel_calls_fused == ["winograd_conv3x3"]
+    assert kernel_calls == ["winograd_conv3x3"]  # the hooked pair: PyTorch's two modules
+    torch.testing.assert_close(out, by_module, rtol=1e-6, atol=1e-6)
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    conv.load_state_dict(model[0].state_dict())
+    within_float_rounding(out, conv, x, kind)
+
+
+@needs_kernels
+def test_a_pool_without_a_pixel_to_write_runs_module_by_module():
+    model, x = teacher_features(nn.MaxPool2d(2)), batch((1, 16, 1, 4))
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        model(x)  # PyTorch's max pool says what is wrong
+    assert pooling.pool_after(list(teacher_features(nn.ReLU())), 0) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("setting", ["fashion_mnist", "small"])
+def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting):
+    overrides = [*SETTINGS[setting], "runtime.device=cpu"]
+
+    def made(*more: str) -> list[str]:
+        return networks_holding(WinogradConv2d, [*overrides, *more])
+
+    assert made() == ["inference teacher"]  # auto
+    for off in (
+        "speed.winograd_conv=false",
+        "speed.fold_teacher_bn=false",
+        "speed.channels_last=false",
+        "speed.compile=true",
+    ):
+        assert made(off) == [], off
+    assert made(*PUBLISHED_STYLE) == []  # the benchmark's published-style path
+
+
+@needs_kernels
+@pytest.mark.parametrize("setting", ["fashion_mnist", "small"])
+def test_the_folded_teachers_scoring_logits_are_pytorchs_to_float_rounding(setting, kernel_calls):
+    def built(*more: str):
+        cfg = bench_config([*SETTINGS[setting], "runtime.device=cpu", *more])
+        return build_path(cfg, CPU, published=False, seed=0)
+
+    fast, plain = built(), built("speed.winograd_conv=false")
+    synthesizer = fast.synthesizer
+    with torch.no_grad():
+        view = synthesizer.views.test_view(synthesizer.sample(16))
+        kernel_calls.clear()
+        found = synthesizer.scoring_logits(view)
+        assert kernel_calls.count("winograd_conv3x3") == 2  # both 3x3 layers, pools included
+        assert "relu_max_pool" not in kernel_calls and "relu_mean" not in kernel_calls
+        expected = plain.synthesizer.scoring_logits(view)
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
