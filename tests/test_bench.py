@@ -84,6 +84,7 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
     assert "convolutions and matmuls, top 12 by time:" in out
     kernel = "on" if kernels.kernels() is not None else "off"
     assert f"one-input-channel convolution kernels: {kernel}" in out
+    assert f"Winograd convolution kernels: {kernel}" in out
     fit = "C" if kernels.kernels() is not None else "numpy"
     pairs = f"ReLU-pool kernels: {kernel}; BatchNorm kernels: {kernel}; "
     assert f"{pairs}output convolution kernels: {kernel}; mixture fit: {fit}" in out
@@ -498,9 +499,12 @@ def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys, kern
     built = kernels.kernels() is not None
     assert ("generation=bf16, fused_generation=true" in shares) == built
     assert ("fold_teacher_bn=true, single_channel_conv=true" in shares) == built
+    assert ("fold_teacher_bn=true, winograd_conv=true" in shares) == built
     if built:  # float rounding only; at one thread, where the kernels ran
         assert shares["fold_teacher_bn=true, single_channel_conv=true"] >= 0.999
-        assert {"single_channel_conv", "affine_leaky_relu_upsample"} <= set(kernel_calls)
+        assert shares["fold_teacher_bn=true, winograd_conv=true"] >= 0.999
+        kernels_run = {"single_channel_conv", "affine_leaky_relu_upsample", "winograd_conv3x3"}
+        assert kernels_run <= set(kernel_calls)
     assert "kept by the reference (fp32, unfolded), one CPU thread" in out
     assert re.search(
         r"\nscoring=bf16: \d+\.\d\d% of the keep decisions unchanged, \d+\.\d% kept\n", out

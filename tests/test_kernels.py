@@ -14,7 +14,7 @@ from helpers import needs_kernels
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tadfkd.models import batchnorm, fused, kernels, pooling, single_channel
+from tadfkd.models import batchnorm, fused, kernels, pooling, single_channel, winograd
 from tadfkd.models.generator import Generator
 
 
@@ -93,7 +93,14 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
                 out.backward(torch.ones_like(out))
                 pooled[kind, fused_pool] = (out.detach(), leaf.grad)
         normed = {by_kernel: trained_norm(features, by_kernel) for by_kernel in (True, False)}
+        three = nn.Conv2d(16, 48, 3, padding=1).to(memory_format=torch.channels_last)
+        winograd_model = nn.Sequential(copy.deepcopy(three))
+        assert winograd.use_kernel(winograd_model) == ["0"]
         with torch.no_grad():
+            by_winograd = winograd_model[0].kernel(features, "max")
+            torch.testing.assert_close(
+                by_winograd, F.max_pool2d(F.relu(three(features)), 2), rtol=1e-5, atol=1e-5
+            )
             out = model(x)
             with torch.autocast("cpu", torch.bfloat16):
                 out_bf16, expected_bf16 = model(x), conv(x)
@@ -108,6 +115,7 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         assert {"affine_leaky_relu_conv_one", "affine_leaky_relu"} <= set(kernel_calls)
         assert {"interleave_phases", "deinterleave_phases"} <= set(kernel_calls)
         assert kernel_calls.count("conv_one_backward") == 1
+        assert kernel_calls.count("winograd_conv3x3") == 1
         for found, expected in zip(phased.parameters(), plain.parameters(), strict=True):
             scale = expected.grad.abs().max().item()
             torch.testing.assert_close(found.grad, expected.grad, rtol=0, atol=scale / 16)

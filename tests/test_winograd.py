@@ -13,9 +13,10 @@ from helpers import CPU, needs_kernels, networks_holding
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tadfkd.base.errors import UserError
 from tadfkd.bench.published import PUBLISHED_STYLE
 from tadfkd.bench.setting import SETTINGS, bench_config, build_path
-from tadfkd.models import pooling, winograd
+from tadfkd.models import kernels, pooling, winograd
 from tadfkd.models.winograd import WinogradConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # where the kernel applies
@@ -92,28 +93,42 @@ def test_the_kernel_is_pytorchs_convolution_to_float_rounding(
 
 
 @needs_kernels
-def test_a_nan_stays_in_its_image(kernel_calls):
-    conv = conv_of(16, 32)
-    fast, x = swapped(conv), batch((3, 16, 8, 8))
-    x[1, 4, 3, 5] = float("nan")
-    with torch.no_grad():
-        out = fast.kernel(x, "mean")
-        clean = fast.kernel(x[[0, 2]].contiguous(memory_format=torch.channels_last), "mean")
-    assert out[1].isnan().all()  # its image's mean: NaN, as PyTorch's
-    torch.testing.assert_close(out[[0, 2]], clean, rtol=0, atol=0)
-    assert kernel_calls == ["winograd_conv3x3"] * 2
-
-
-@needs_kernels
-def test_the_transformed_weight_follows_the_weight():
+def test_the_transformed_weight_follows_the_weight(kernel_calls):
     conv = conv_of(16, 16)
     fast, x = swapped(conv), batch((2, 16, 6, 6))
     with torch.no_grad():
         before = fast(x)
         fast.weight.mul_(2.0)  # in place: no version counter a copy would see
         conv.weight.mul_(2.0)
+        doubled = fast(x)
+        within_float_rounding(doubled, conv, x, "none")
+        conv.weight.mul_(-1.0)
+        fast.load_state_dict(conv.state_dict())
         within_float_rounding(fast(x), conv, x, "none")
-    assert not torch.equal(before, fast(x).detach())
+    assert not torch.equal(before, doubled)
+    assert kernel_calls == ["winograd_conv3x3"] * 3
+
+
+@needs_kernels
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_input_stays_non_finite_in_its_window_and_its_image(value, kernel_calls):
+    conv = conv_of(16, 32)
+    fast, x = swapped(conv), batch((3, 16, 8, 8))
+    x[1, 4, 3, 5] = value
+    with torch.no_grad():
+        pooled, mean = fast.kernel(x, "max"), fast.kernel(x, "mean")
+        expected = F.max_pool2d(F.relu(conv(x)), 2)
+        clean = x[[0, 2]].contiguous(memory_format=torch.channels_last)
+        clean_pooled, clean_mean = fast.kernel(clean, "max"), fast.kernel(clean, "mean")
+    assert kernel_calls == ["winograd_conv3x3"] * 4
+    # PyTorch's non-finite outputs are non-finite here too (an infinity may become a NaN, over
+    # its tile); the other images are untouched
+    assert not pooled[~expected.isfinite()].isfinite().any()
+    assert not mean[1].isfinite().all()
+    torch.testing.assert_close(pooled[[0, 2]], clean_pooled, rtol=0, atol=0)
+    torch.testing.assert_close(mean[[0, 2]], clean_mean, rtol=0, atol=0)
+    if value != value:  # a NaN: the outputs it reaches, as PyTorch's, and no other
+        assert torch.equal(pooled.isnan(), expected.isnan())
 
 
 @needs_kernels
@@ -163,18 +178,20 @@ def test_only_plain_3x3_convolutions_of_whole_vectors_are_swapped():
 
 
 @needs_kernels
-def test_the_operator_traces_and_counts_the_convolutions_flops():
+def test_the_operator_traces_and_counts_the_convolutions_flops(kernel_calls):
     conv = conv_of(16, 32)
     weight = winograd.transformed_weight(conv.weight)
     x = batch((2, 16, 6, 6))
     for pool in winograd.POOLS:
         arguments = (x, weight, conv.bias.detach(), pool)
         torch.library.opcheck(torch.ops.tadfkd.winograd_conv.default, arguments)
+    kernel_calls.clear()
     with torch.no_grad(), FlopCounterMode(display=False) as counted:
         swapped(conv)(x)  # the weight transformed in numpy: not counted
     with torch.no_grad(), FlopCounterMode(display=False) as expected:
         conv(x)
     assert counted.get_total_flops() == expected.get_total_flops() > 0
+    assert kernel_calls == ["winograd_conv3x3"]  # the count's call
 
 
 def teacher_features(*more: nn.Module) -> pooling.PooledSequential:
@@ -234,6 +251,13 @@ def test_the_builder_swaps_the_kernel_into_the_folded_teacher_only(setting):
     ):
         assert made(off) == [], off
     assert made(*PUBLISHED_STYLE) == []  # the benchmark's published-style path
+
+
+def test_true_where_the_kernels_do_not_build_stops_with_the_switchs_name(monkeypatch):
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda: "no C compiler (cc) on the PATH")
+    cfg = bench_config([*SETTINGS["small"], "runtime.device=cpu", "speed.winograd_conv=true"])
+    with pytest.raises(UserError, match=r"^speed.winograd_conv=true needs the C kernels"):
+        build_path(cfg, CPU, published=False, seed=0)
 
 
 @needs_kernels

@@ -31,6 +31,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
         "speed.fused_pooling=false",
         "speed.mixture_kernel=false",
         "speed.batch_norm_kernel=false",
+        "speed.winograd_conv=false",
     ]
     default_precision = resolve_precision(str(cfg.speed.precision), device)
     found = {
@@ -48,6 +49,13 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
             *fp32,
             "speed.depthwise_output=false",
             "speed.single_channel_conv=true",
+            "speed.compile=false",
+        ],
+        "fold_teacher_bn=true, winograd_conv=true": [
+            *fp32,
+            "speed.depthwise_output=false",
+            "speed.single_channel_conv=false",
+            "speed.winograd_conv=true",
             "speed.compile=false",
         ],
         "depthwise_output=true": [*fp32, "speed.depthwise_output=true"],
@@ -74,6 +82,7 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
     if device.type != "cpu" or kernels.kernels() is None:  # no C kernels: the same as without
         del found["generation=bf16, fused_generation=true"]
         del found["fold_teacher_bn=true, single_channel_conv=true"]
+        del found["fold_teacher_bn=true, winograd_conv=true"]
         del found["fused_pooling=true"]
         del found["mixture_kernel=true"]
         del found["batch_norm_kernel=true"]
@@ -88,7 +97,8 @@ def agreement(
     convolutions as published) against each speed setting that can change them (folding, the
     depthwise output convolution, bf16 scoring, a bf16 generator forward with PyTorch's
     kernels and, on a CPU where they build, with the fused ones, the folded teacher's
-    one-input-channel convolutions through the C kernel, this device's default): the
+    one-input-channel convolutions through the C kernel and its 3x3 ones by Winograd's
+    algorithm, this device's default): the
     share left unchanged by each (fractions; printed as percent, with the share each keeps:
     a setting can shift the kept share, not only swap decisions), and with a mixture selection
     ``published_fit_yardstick``'s two shares under their own names. On a CPU at one torch

@@ -42,7 +42,7 @@ from tadfkd.bench.setting import SETTINGS, bench_config, build_path, device_name
 from tadfkd.bench.timing import counted_as_published, matmul_rates, matmul_rates_line
 from tadfkd.distillation.loop import Distiller
 from tadfkd.distillation.meter import EpochMeter
-from tadfkd.models import batchnorm, output_conv, pooling, single_channel, upsampling
+from tadfkd.models import batchnorm, output_conv, pooling, single_channel, upsampling, winograd
 from tadfkd.models import fused as fused_module
 from tadfkd.run.runtime import keep_freed_memory, malloc_policy, set_threads
 
@@ -191,6 +191,10 @@ def print_components(
     normed = threads <= batchnorm.MAX_THREADS and any(
         isinstance(module, batchnorm.KernelBatchNorm2d) for module in distiller.student.modules()
     )
+    by_winograd = threads <= winograd.MAX_THREADS and any(
+        isinstance(module, winograd.WinogradConv2d)
+        for module in distiller.inference_teacher.modules()
+    )
     in_c = getattr(distiller.synthesizer.selection, "by_kernel", False)
     output = getattr(distiller.synthesizer.generator, "output_kernel", False)
     output = output and threads <= output_conv.MAX_THREADS
@@ -202,6 +206,7 @@ def print_components(
         f"{per_step_batches:.2f} generated batches per student step; fused generator kernels: "
         f"{'on' if fused else 'off'}; "
         f"one-input-channel convolution kernels: {'on' if single else 'off'}; "
+        f"Winograd convolution kernels: {'on' if by_winograd else 'off'}; "
         f"ReLU-pool kernels: {'on' if pooled else 'off'}; "
         f"BatchNorm kernels: {'on' if normed else 'off'}; "
         f"output convolution kernels: {'on' if output else 'off'}; "

@@ -1,8 +1,9 @@
 """Registry of classifier architectures, and the DAFL generator (with its fused CPU kernels for
 no-grad bf16 forwards, ``tadfkd.models.fused``); a grayscale network's first convolution on
 the CPU through a C kernel (``tadfkd.models.single_channel``); a ReLU and the
-pooling after it as one C kernel, forward and backward (``tadfkd.models.pooling``); the kernels'
-build (``tadfkd.models.kernels``).
+pooling after it as one C kernel, forward and backward (``tadfkd.models.pooling``); a frozen
+network's float32 3x3 convolutions by Winograd's algorithm in C (``tadfkd.models.winograd``);
+the kernels' build (``tadfkd.models.kernels``).
 
 Every factory takes `(num_classes, in_channels=...)` and returns a plain `nn.Module` mapping
 normalised images (B, C, H, W) to logits (B, num_classes).

@@ -1155,6 +1155,16 @@ int batch_norm_train_backward(const void *x, const void *grad, int bf16, int64_t
  * transforms' additions, fused multiply-adds): of the size of float32's own, not bit for bit.
  */
 #define WINOGRAD_MAX_K 8 /* output channels up to 128, in vectors of 16 */
+/* rows of tiles a block keeps in registers with their 1 to 8 output vectors: with AVX-512's 32
+ * registers of 16 floats, six rows (three from five vectors); where a vector of 16 floats takes
+ * two registers or more (AVX2, SSE, NEON), two rows up to two vectors, else one */
+#if defined(__AVX512F__)
+#define WINOGRAD_ROWS_NARROW 6
+#define WINOGRAD_ROWS_WIDE 3
+#else
+#define WINOGRAD_ROWS_NARROW 2
+#define WINOGRAD_ROWS_WIDE 1
+#endif
 
 /* contracting a * b + c into one rounding in these functions only (the file's flags keep
  * products and sums apart everywhere else) */
@@ -1195,20 +1205,33 @@ winograd_block(const int R, const int K, const float *V, const float *U, float *
         WINOGRAD_ROWS(1, K);                                                           \
     } while (0)
 
-/* M (T, O) = V (T, C) x U (C, O): six rows of tiles at a time (three from 80 outputs) */
+/* M (T, O) = V (T, C) x U (C, O), in blocks of rows of tiles (WINOGRAD_ROWS_*) */
 static CONTRACTED void winograd_gemm(const float *V, const float *U, float *M, int64_t T,
                                      int64_t C, int64_t O) {
     int64_t t = 0;
+#if defined(__AVX512F__)
     switch (O / 16) {
-    case 1: WINOGRAD_GEMM(6, 1); break;
-    case 2: WINOGRAD_GEMM(6, 2); break;
-    case 3: WINOGRAD_GEMM(6, 3); break;
-    case 4: WINOGRAD_GEMM(6, 4); break;
-    case 5: WINOGRAD_GEMM(3, 5); break;
-    case 6: WINOGRAD_GEMM(3, 6); break;
-    case 7: WINOGRAD_GEMM(3, 7); break;
-    default: WINOGRAD_GEMM(3, 8); break;
+    case 1: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 1); break;
+    case 2: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 2); break;
+    case 3: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 3); break;
+    case 4: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 4); break;
+    case 5: WINOGRAD_GEMM(WINOGRAD_ROWS_WIDE, 5); break;
+    case 6: WINOGRAD_GEMM(WINOGRAD_ROWS_WIDE, 6); break;
+    case 7: WINOGRAD_GEMM(WINOGRAD_ROWS_WIDE, 7); break;
+    default: WINOGRAD_GEMM(WINOGRAD_ROWS_WIDE, 8); break;
     }
+#else
+    switch (O / 16) {
+    case 1: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 1); break;
+    case 2: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 2); break;
+    case 3: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 3); break;
+    case 4: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 4); break;
+    case 5: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 5); break;
+    case 6: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 6); break;
+    case 7: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 7); break;
+    default: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 8); break;
+    }
+#endif
 }
 
 /* the 16 transformed values V (position p = 4 r + s at V[p * T * C]) of tile t (rows 2 ti - 1
@@ -1252,15 +1275,6 @@ static inline void winograd_output_tile(const f32x16 m[4][4], f32x16 y[2][2]) {
     }
 }
 
-/* torch.relu per lane (x < 0 ? 0 : x: -0.0 and NaN pass) */
-static inline f32x16 relu16(f32x16 v) {
-    i32x16 negative = v < 0.0f, bits;
-    memcpy(&bits, &v, sizeof bits);
-    bits &= ~negative;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
-
 /* the larger per lane, a NaN in v taken as PyTorch's max pool takes it */
 static inline f32x16 max_keeping_nan16(f32x16 a, f32x16 v) {
     i32x16 pick = (v > a) | (v != v), kept, other;
@@ -1277,9 +1291,10 @@ static inline f32x16 max_keeping_nan16(f32x16 a, f32x16 v) {
 
 /* out = conv(x) + bias, for x (N, H, W, C) channels-last and U (16, C, O) (the module
  * comment); bias (O,) or NULL; then by `pool`: out (N, H, W, O), or ReLU and the max pool,
- * out (N, H / 2, W / 2, O) (the max before the bias and the ReLU: both keep the order of
+ * out (N, H / 2, W / 2, O) (the max before a finite bias and the ReLU: both keep the order of
  * values, so the same value), or ReLU and the mean, out (N, O): float32 sums in the tiles'
- * order, divided by H * W. */
+ * order, divided by H * W. An infinite input can give a NaN where the direct sums give an
+ * infinity (the input transform subtracts pixels); a NaN reaches the outputs it reaches there. */
 int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *U,
                      const float *bias, int64_t O, int pool, float *out) {
     if (N < 1 || H < 1 || W < 1 || C < 16 || C % 16 != 0 || O < 16 || O % 16 != 0 ||
@@ -1294,8 +1309,9 @@ int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
         free(M);
         return NO_MEMORY;
     }
+    /* no bias: -0.0, which adds nothing (+0.0 would make a -0.0 sum +0.0) */
     f32x16 biases[WINOGRAD_MAX_K];
-    for (int64_t k = 0; k < K; k++) biases[k] = bias ? load16(bias + 16 * k) : (f32x16){0};
+    for (int64_t k = 0; k < K; k++) biases[k] = bias ? load16(bias + 16 * k) : -(f32x16){0};
     const int64_t Hp = H / 2, Wp = W / 2;
     for (int64_t n = 0; n < N; n++) {
         const float *image = x + n * H * W * C;
@@ -1317,7 +1333,7 @@ int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
                         if (ti >= Hp || tj >= Wp) continue;
                         f32x16 v = max_keeping_nan16(y[0][0], y[0][1]);
                         v = max_keeping_nan16(max_keeping_nan16(v, y[1][0]), y[1][1]);
-                        v = relu16(v + biases[k]);
+                        v = relu16_as_torch(v + biases[k]);
                         memcpy(out + ((n * Hp + ti) * Wp + tj) * O + 16 * k, &v, sizeof v);
                         continue;
                     }
@@ -1327,7 +1343,7 @@ int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
                             if (oi >= H || oj >= W) continue;
                             const f32x16 v = y[i][j] + biases[k];
                             if (pool == WINOGRAD_RELU_MEAN)
-                                sums[k] += relu16(v);
+                                sums[k] += relu16_as_torch(v);
                             else
                                 memcpy(out + ((n * H + oi) * W + oj) * O + 16 * k, &v, sizeof v);
                         }

@@ -261,6 +261,26 @@ def empty_bf16(shape: tuple[int, ...], device: torch.device | None = None) -> to
     )
 
 
+def swap_modules(
+    model: torch.nn.Module,
+    eligible: Callable[[torch.nn.Module], bool],
+    make: Callable[[torch.nn.Module], torch.nn.Module],
+) -> list[str]:
+    """Put ``make(module)`` (a kernel's module sharing the parameters, in the module's training
+    mode) into ``model`` for each module ``eligible`` says a kernel computes, at every path
+    that holds it (one swapped module per module); the paths swapped."""
+    swapped, fast_of = [], {}
+    for path, module in list(model.named_modules(remove_duplicate=False)):
+        if not path or not eligible(module):
+            continue
+        if id(module) not in fast_of:
+            fast_of[id(module)] = make(module).train(module.training)
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, fast_of[id(module)])
+        swapped.append(path)
+    return swapped
+
+
 def pointer(tensor: torch.Tensor | None) -> int | None:
     """A float32 tensor's data address for the kernels (None: NULL); anything else is refused,
     since the C code reads raw float32."""

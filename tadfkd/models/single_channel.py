@@ -257,24 +257,19 @@ def use_kernel(model: nn.Module, bf16_only: bool = False) -> list[str]:
     convolution); the paths swapped. The swapped module runs the kernel in every no-grad
     forward where it ``applies``; ``bf16_only``: only under bf16 autocast, and there with
     gradients too (``applies_with_gradients``)."""
-    swapped, fast_of = [], {}
-    for path, conv in list(model.named_modules(remove_duplicate=False)):
-        if not path or not eligible(conv):
-            continue
-        if id(conv) not in fast_of:
-            fast = SingleChannelConv2d(
-                1,
-                conv.out_channels,
-                conv.kernel_size,
-                stride=conv.stride,
-                padding=conv.padding,
-                bias=conv.bias is not None,
-                device="meta",
-            )
-            fast.weight, fast.bias = conv.weight, conv.bias
-            fast.bf16_only = bf16_only
-            fast_of[id(conv)] = fast.train(conv.training)
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, fast_of[id(conv)])
-        swapped.append(path)
-    return swapped
+
+    def make(conv: nn.Conv2d) -> SingleChannelConv2d:
+        fast = SingleChannelConv2d(
+            1,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            bias=conv.bias is not None,
+            device="meta",
+        )
+        fast.weight, fast.bias = conv.weight, conv.bias
+        fast.bf16_only = bf16_only
+        return fast
+
+    return kernels.swap_modules(model, eligible, make)

@@ -8,14 +8,17 @@ algorithm computes each 2x2 block of outputs from the 4x4 input pixels around it
 products per channel pair where the direct sums take 36; the transforms around them are
 additions (and halves, in the weight's transform, made once on the host in float64). Its float
 rounding differs from the direct sums' by about float32's own (the tests bound it against a
-float64 convolution, beside oneDNN's), so a keep decision can differ only at the threshold.
+float64 convolution, beside oneDNN's), so a keep decision can differ only at the threshold. An
+infinite input can give a NaN where the direct sums give an infinity.
 
 ``use_kernel`` swaps ``WinogradConv2d`` into a model's eligible convolutions (the folded
-teacher's, ``speed.winograd_conv``). It computes no-grad float32 forwards, no autocast, at one
-torch thread, and runs PyTorch's convolution everywhere else (gradients, autocast, other
-dtypes, more threads). ``tadfkd.models.pooling.PooledSequential`` runs such a convolution
-with the ReLU and the pooling after it (2x2 max, or the mean over the image) in the same
-kernel, in the pass that writes its output.
+teacher's, ``speed.winograd_conv``). It computes the no-grad float32 forwards with no autocast
+at one torch thread: the selection's scoring, and where the training precision is float32 (the
+published precision, and an fp32-only CPU's) also the student steps' teacher logits, the health
+signals and the teacher's classes of the image grid. PyTorch's convolution runs everywhere else
+(gradients, autocast, other dtypes, more threads). ``tadfkd.models.pooling.PooledSequential``
+runs such a convolution with the ReLU and the pooling after it (2x2 max, or the mean over the
+image) in the same kernel, in the pass that writes its output.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 def transformed_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 3x3 ``weight`` (O, C, 3, 3) as the kernel takes it: G g G^T of each kernel g,
-    computed in float64 and rounded once, (16, C, O) float32, position 4 r + s first. In
-    numpy, on the host: made once per weight, it is no part of the network's computation,
-    and ``FlopCounterMode`` and the benchmarks' operator recorder do not see it."""
+    computed in float64 and rounded once, (16, C, O) float32, position 4 r + s first. The
+    products in numpy, on the host: made once per weight, they are no part of the network's
+    computation, and ``FlopCounterMode`` counts none of them."""
     g = np.array(G)
     u = np.einsum("ra,ocab,sb->rsco", g, weight.detach().cpu().double().numpy(), g)
     out, inputs = weight.shape[:2]
@@ -192,22 +195,17 @@ def use_kernel(model: nn.Module) -> list[str]:
     """Swap a ``WinogradConv2d`` (sharing the parameters) into ``model`` for each ``eligible``
     convolution, at every path that holds it (one swapped module per convolution); the paths
     swapped."""
-    swapped, fast_of = [], {}
-    for path, conv in list(model.named_modules(remove_duplicate=False)):
-        if not path or not eligible(conv):
-            continue
-        if id(conv) not in fast_of:
-            fast = WinogradConv2d(
-                conv.in_channels,
-                conv.out_channels,
-                3,
-                padding=1,
-                bias=conv.bias is not None,
-                device="meta",
-            )
-            fast.weight, fast.bias = conv.weight, conv.bias
-            fast_of[id(conv)] = fast.train(conv.training)
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, fast_of[id(conv)])
-        swapped.append(path)
-    return swapped
+
+    def make(conv: nn.Conv2d) -> WinogradConv2d:
+        fast = WinogradConv2d(
+            conv.in_channels,
+            conv.out_channels,
+            3,
+            padding=1,
+            bias=conv.bias is not None,
+            device="meta",
+        )
+        fast.weight, fast.bias = conv.weight, conv.bias
+        return fast
+
+    return kernels.swap_modules(model, eligible, make)
