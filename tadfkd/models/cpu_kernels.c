@@ -1154,17 +1154,27 @@ int batch_norm_train_backward(const void *x, const void *grad, int bf16, int64_t
  * a ReLU and the mean over the image. Float rounding differs from the direct sums (the
  * transforms' additions, fused multiply-adds): of the size of float32's own, not bit for bit.
  */
-#define WINOGRAD_MAX_K 8 /* output channels up to 128, in vectors of 16 */
-/* rows of tiles a block keeps in registers with their 1 to 8 output vectors: with AVX-512's 32
- * registers of 16 floats, six rows (three from five vectors); where a vector of 16 floats takes
- * two registers or more (AVX2, SSE, NEON), two rows up to two vectors, else one */
+/* The products run on the widest vectors the CPU has, whose operations GCC and Clang emit
+ * directly (a vector of 16 floats on a CPU without AVX-512 is split by the compiler, and in
+ * these products the split ran some 40 times slower than oneDNN): AVX-512's 16 floats, AVX's 8,
+ * else 4 (SSE, NEON). A block keeps rows of tiles by up to four vectors of outputs in registers:
+ * six rows with AVX-512's 32 registers, three with 16. */
 #if defined(__AVX512F__)
-#define WINOGRAD_ROWS_NARROW 6
-#define WINOGRAD_ROWS_WIDE 3
+#define WINOGRAD_LANES 16
+#define WINOGRAD_BLOCK_ROWS 6
+#elif defined(__AVX__)
+#define WINOGRAD_LANES 8
+#define WINOGRAD_BLOCK_ROWS 2
 #else
-#define WINOGRAD_ROWS_NARROW 2
-#define WINOGRAD_ROWS_WIDE 1
+#define WINOGRAD_LANES 4
+#define WINOGRAD_BLOCK_ROWS 2
 #endif
+typedef float winograd_vector __attribute__((vector_size(4 * WINOGRAD_LANES)));
+/* the same vector at any float's address, read and written in one access (a memcpy per vector
+ * became, built for AVX2, a loop of 16-byte copies through the stack) */
+typedef float winograd_unaligned
+    __attribute__((vector_size(4 * WINOGRAD_LANES), aligned(4), may_alias));
+#define WINOGRAD_CHUNK (4 * WINOGRAD_LANES) /* outputs a block computes: four vectors */
 
 /* contracting a * b + c into one rounding in these functions only (the file's flags keep
  * products and sums apart everywhere else) */
@@ -1176,76 +1186,73 @@ int batch_norm_train_backward(const void *x, const void *grad, int bf16, int64_t
 #define CONTRACT_HERE
 #endif
 
-/* rows t .. t + R - 1 of M (T, O) += V (T, C) x U (C, O), O = 16 K, in registers */
+/* rows 0 .. R - 1 of M (T, O) = V (T, C) x U (C, O) for the K vectors of outputs from M's and
+ * U's first column (the caller's offset), in registers */
 static inline __attribute__((always_inline)) CONTRACTED void
 winograd_block(const int R, const int K, const float *V, const float *U, float *M, int64_t C,
                int64_t O) {
     CONTRACT_HERE
-    f32x16 acc[6][WINOGRAD_MAX_K];
+    winograd_vector acc[WINOGRAD_BLOCK_ROWS][4];
     for (int r = 0; r < R; r++)
-        for (int k = 0; k < K; k++) acc[r][k] = (f32x16){0};
+        for (int k = 0; k < K; k++) acc[r][k] = (winograd_vector){0};
     for (int64_t c = 0; c < C; c++) {
-        f32x16 b[WINOGRAD_MAX_K];
-        for (int k = 0; k < K; k++) b[k] = load16(U + c * O + 16 * k);
+        winograd_vector b[4];
+        for (int k = 0; k < K; k++)
+            b[k] = *(const winograd_unaligned *)(U + c * O + WINOGRAD_LANES * k);
         for (int r = 0; r < R; r++) {
-            const float a = V[r * C + c];
+            const winograd_vector a = V[r * C + c] - (winograd_vector){0}; /* broadcast */
             for (int k = 0; k < K; k++) acc[r][k] += a * b[k];
         }
     }
     for (int r = 0; r < R; r++)
-        for (int k = 0; k < K; k++) memcpy(M + r * O + 16 * k, &acc[r][k], sizeof acc[r][k]);
+        for (int k = 0; k < K; k++) *(winograd_unaligned *)(M + r * O + WINOGRAD_LANES * k) = acc[r][k];
 }
 
-#define WINOGRAD_ROWS(R, K)                                                            \
-    for (; t + (R) <= T; t += (R)) winograd_block(R, K, V + t * C, U, M + t * O, C, O)
-#define WINOGRAD_GEMM(BIG, K)                                                          \
-    do {                                                                               \
-        WINOGRAD_ROWS(BIG, K);                                                         \
-        WINOGRAD_ROWS(2, K);                                                           \
-        WINOGRAD_ROWS(1, K);                                                           \
+/* all T rows for K vectors of outputs at u's and m's first columns: blocks of
+ * WINOGRAD_BLOCK_ROWS rows, then of 2, then 1 */
+#define WINOGRAD_ROWS(R, K, u, m)                                                          \
+    for (; t + (R) <= T; t += (R)) winograd_block(R, K, V + t * C, u, m + t * O, C, O)
+#define WINOGRAD_COLUMNS(K, u, m)                                                          \
+    do {                                                                                   \
+        int64_t t = 0;                                                                     \
+        WINOGRAD_ROWS(WINOGRAD_BLOCK_ROWS, K, u, m);                                       \
+        WINOGRAD_ROWS(2, K, u, m);                                                         \
+        WINOGRAD_ROWS(1, K, u, m);                                                         \
     } while (0)
 
-/* M (T, O) = V (T, C) x U (C, O), in blocks of rows of tiles (WINOGRAD_ROWS_*) */
+/* M (T, O) = V (T, C) x U (C, O), WINOGRAD_CHUNK outputs at a time (O a multiple of 16, so
+ * of the lanes) */
 static CONTRACTED void winograd_gemm(const float *V, const float *U, float *M, int64_t T,
                                      int64_t C, int64_t O) {
-    int64_t t = 0;
-#if defined(__AVX512F__)
-    switch (O / 16) {
-    case 1: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 1); break;
-    case 2: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 2); break;
-    case 3: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 3); break;
-    case 4: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 4); break;
-    case 5: WINOGRAD_GEMM(WINOGRAD_ROWS_WIDE, 5); break;
-    case 6: WINOGRAD_GEMM(WINOGRAD_ROWS_WIDE, 6); break;
-    case 7: WINOGRAD_GEMM(WINOGRAD_ROWS_WIDE, 7); break;
-    default: WINOGRAD_GEMM(WINOGRAD_ROWS_WIDE, 8); break;
+    for (int64_t o = 0; o < O; o += WINOGRAD_CHUNK) {
+        const float *u = U + o;
+        float *m = M + o;
+        switch ((O - o < WINOGRAD_CHUNK ? O - o : WINOGRAD_CHUNK) / WINOGRAD_LANES) {
+        case 1: WINOGRAD_COLUMNS(1, u, m); break;
+        case 2: WINOGRAD_COLUMNS(2, u, m); break;
+        case 3: WINOGRAD_COLUMNS(3, u, m); break;
+        default: WINOGRAD_COLUMNS(4, u, m); break;
+        }
     }
-#else
-    switch (O / 16) {
-    case 1: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 1); break;
-    case 2: WINOGRAD_GEMM(WINOGRAD_ROWS_NARROW, 2); break;
-    case 3: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 3); break;
-    case 4: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 4); break;
-    case 5: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 5); break;
-    case 6: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 6); break;
-    case 7: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 7); break;
-    default: WINOGRAD_ROWS(WINOGRAD_ROWS_WIDE, 8); break;
-    }
-#endif
 }
 
+typedef int32_t winograd_mask __attribute__((vector_size(4 * WINOGRAD_LANES)));
+#define WINOGRAD_LOAD(p) ((winograd_vector)(*(const winograd_unaligned *)(p)))
+#define WINOGRAD_STORE(p, v) (*(winograd_unaligned *)(p) = (v))
+#define WINOGRAD_MAX_VECTORS (128 / WINOGRAD_LANES) /* output channels up to 128 */
+
 /* the 16 transformed values V (position p = 4 r + s at V[p * T * C]) of tile t (rows 2 ti - 1
- * to 2 ti + 2, columns alike, zero outside the image) for channels 16 g on */
+ * to 2 ti + 2, columns alike, zero outside the image) for one vector of channels from c */
 static inline void winograd_input_tile(const float *image, int64_t H, int64_t W, int64_t C,
-                                       int64_t ti, int64_t tj, int64_t g, float *V, int64_t T,
+                                       int64_t ti, int64_t tj, int64_t c, float *V, int64_t T,
                                        int64_t t) {
-    f32x16 d[4][4], e[4][4];
+    winograd_vector d[4][4], e[4][4];
     for (int r = 0; r < 4; r++) {
         const int64_t i = 2 * ti - 1 + r;
         for (int s = 0; s < 4; s++) {
             const int64_t j = 2 * tj - 1 + s;
             const int inside = i >= 0 && i < H && j >= 0 && j < W;
-            d[r][s] = inside ? load16(image + (i * W + j) * C + 16 * g) : (f32x16){0};
+            d[r][s] = inside ? WINOGRAD_LOAD(image + (i * W + j) * C + c) : (winograd_vector){0};
         }
     }
     for (int s = 0; s < 4; s++) { /* B^T d: rows */
@@ -1255,16 +1262,15 @@ static inline void winograd_input_tile(const float *image, int64_t H, int64_t W,
         e[3][s] = d[1][s] - d[3][s];
     }
     for (int r = 0; r < 4; r++) { /* (B^T d) B: columns */
-        const f32x16 v[4] = {e[r][0] - e[r][2], e[r][1] + e[r][2], e[r][2] - e[r][1],
-                             e[r][1] - e[r][3]};
-        for (int s = 0; s < 4; s++)
-            memcpy(V + ((4 * r + s) * T + t) * C + 16 * g, &v[s], sizeof v[s]);
+        const winograd_vector v[4] = {e[r][0] - e[r][2], e[r][1] + e[r][2], e[r][2] - e[r][1],
+                                      e[r][1] - e[r][3]};
+        for (int s = 0; s < 4; s++) WINOGRAD_STORE(V + ((4 * r + s) * T + t) * C + c, v[s]);
     }
 }
 
-/* the 2x2 outputs Y = A^T m A of one tile's 16 products m (one vector of 16 channels) */
-static inline void winograd_output_tile(const f32x16 m[4][4], f32x16 y[2][2]) {
-    f32x16 e[2][4];
+/* the 2x2 outputs Y = A^T m A of one tile's 16 products m (one vector of channels) */
+static inline void winograd_output_tile(const winograd_vector m[4][4], winograd_vector y[2][2]) {
+    winograd_vector e[2][4];
     for (int s = 0; s < 4; s++) {
         e[0][s] = m[0][s] + m[1][s] + m[2][s];
         e[1][s] = m[1][s] - m[2][s] - m[3][s];
@@ -1275,9 +1281,18 @@ static inline void winograd_output_tile(const f32x16 m[4][4], f32x16 y[2][2]) {
     }
 }
 
+/* torch.relu per lane (x < 0 ? 0 : x: -0.0 and NaN pass), as relu16_as_torch at this width */
+static inline winograd_vector winograd_relu(winograd_vector v) {
+    winograd_mask bits, negative = v < 0.0f;
+    memcpy(&bits, &v, sizeof bits);
+    bits &= ~negative;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
 /* the larger per lane, a NaN in v taken as PyTorch's max pool takes it */
-static inline f32x16 max_keeping_nan16(f32x16 a, f32x16 v) {
-    i32x16 pick = (v > a) | (v != v), kept, other;
+static inline winograd_vector winograd_max(winograd_vector a, winograd_vector v) {
+    winograd_mask pick = (v > a) | (v != v), kept, other;
     memcpy(&kept, &a, sizeof kept);
     memcpy(&other, &v, sizeof other);
     kept = (other & pick) | (kept & ~pick);
@@ -1289,6 +1304,30 @@ static inline f32x16 max_keeping_nan16(f32x16 a, f32x16 v) {
 #define WINOGRAD_RELU_MAX 1  /* ReLU, then a 2x2 max pool of stride 2 (floor) */
 #define WINOGRAD_RELU_MEAN 2 /* ReLU, then the mean over the image's pixels */
 
+/* one tile's outputs for one vector of channels from o, with the bias b, by `pool` (below) */
+static inline void winograd_output(const float *M, int64_t T, int64_t O, int64_t t, int64_t o,
+                                   winograd_vector b, int pool, winograd_vector *sum,
+                                   float *out, int64_t H, int64_t W, int64_t ti, int64_t tj) {
+    winograd_vector m[4][4], y[2][2];
+    for (int p = 0; p < 16; p++) m[p / 4][p % 4] = WINOGRAD_LOAD(M + (p * T + t) * O + o);
+    winograd_output_tile(m, y);
+    if (pool == WINOGRAD_RELU_MAX) { /* out is the image's pooled output */
+        if (ti >= H / 2 || tj >= W / 2) return;
+        winograd_vector v = winograd_max(winograd_max(winograd_max(y[0][0], y[0][1]), y[1][0]), y[1][1]);
+        WINOGRAD_STORE(out + (ti * (W / 2) + tj) * O + o, winograd_relu(v + b));
+        return;
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            const int64_t oi = 2 * ti + i, oj = 2 * tj + j;
+            if (oi >= H || oj >= W) continue;
+            if (pool == WINOGRAD_RELU_MEAN)
+                *sum += winograd_relu(y[i][j] + b);
+            else
+                WINOGRAD_STORE(out + (oi * W + oj) * O + o, y[i][j] + b);
+        }
+}
+
 /* out = conv(x) + bias, for x (N, H, W, C) channels-last and U (16, C, O) (the module
  * comment); bias (O,) or NULL; then by `pool`: out (N, H, W, O), or ReLU and the max pool,
  * out (N, H / 2, W / 2, O) (the max before a finite bias and the ReLU: both keep the order of
@@ -1298,9 +1337,9 @@ static inline f32x16 max_keeping_nan16(f32x16 a, f32x16 v) {
 int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *U,
                      const float *bias, int64_t O, int pool, float *out) {
     if (N < 1 || H < 1 || W < 1 || C < 16 || C % 16 != 0 || O < 16 || O % 16 != 0 ||
-        O > 16 * WINOGRAD_MAX_K || pool < WINOGRAD_NONE || pool > WINOGRAD_RELU_MEAN)
+        O > 128 || pool < WINOGRAD_NONE || pool > WINOGRAD_RELU_MEAN)
         return REFUSED;
-    const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, K = O / 16;
+    const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, K = O / WINOGRAD_LANES;
     const size_t sizes[2] = {sizeof(float) * 16 * T * C, sizeof(float) * 16 * T * O};
     float *V = aligned_alloc(64, (sizes[0] + 63) / 64 * 64);
     float *M = aligned_alloc(64, (sizes[1] + 63) / 64 * 64);
@@ -1310,49 +1349,28 @@ int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
         return NO_MEMORY;
     }
     /* no bias: -0.0, which adds nothing (+0.0 would make a -0.0 sum +0.0) */
-    f32x16 biases[WINOGRAD_MAX_K];
-    for (int64_t k = 0; k < K; k++) biases[k] = bias ? load16(bias + 16 * k) : -(f32x16){0};
-    const int64_t Hp = H / 2, Wp = W / 2;
+    winograd_vector biases[WINOGRAD_MAX_VECTORS], sums[WINOGRAD_MAX_VECTORS];
+    for (int64_t k = 0; k < K; k++)
+        biases[k] = bias ? WINOGRAD_LOAD(bias + WINOGRAD_LANES * k) : -(winograd_vector){0};
+    const int64_t out_pixels = pool == WINOGRAD_RELU_MAX ? (H / 2) * (W / 2) : H * W;
     for (int64_t n = 0; n < N; n++) {
         const float *image = x + n * H * W * C;
         for (int64_t ti = 0; ti < th; ti++)
             for (int64_t tj = 0; tj < tw; tj++)
-                for (int64_t g = 0; g < C / 16; g++)
-                    winograd_input_tile(image, H, W, C, ti, tj, g, V, T, ti * tw + tj);
-        for (int p = 0; p < 16; p++) winograd_gemm(V + p * T * C, U + p * C * O, M + p * T * O, T, C, O);
-        f32x16 sums[WINOGRAD_MAX_K];
-        for (int64_t k = 0; k < K; k++) sums[k] = (f32x16){0};
+                for (int64_t c = 0; c < C; c += WINOGRAD_LANES)
+                    winograd_input_tile(image, H, W, C, ti, tj, c, V, T, ti * tw + tj);
+        for (int p = 0; p < 16; p++)
+            winograd_gemm(V + p * T * C, U + p * C * O, M + p * T * O, T, C, O);
+        for (int64_t k = 0; k < K; k++) sums[k] = (winograd_vector){0};
+        float *image_out = out + n * (pool == WINOGRAD_RELU_MEAN ? 1 : out_pixels) * O;
         for (int64_t ti = 0; ti < th; ti++)
             for (int64_t tj = 0; tj < tw; tj++)
-                for (int64_t k = 0; k < K; k++) {
-                    f32x16 m[4][4], y[2][2];
-                    for (int p = 0; p < 16; p++)
-                        m[p / 4][p % 4] = load16(M + (p * T + ti * tw + tj) * O + 16 * k);
-                    winograd_output_tile(m, y);
-                    if (pool == WINOGRAD_RELU_MAX) {
-                        if (ti >= Hp || tj >= Wp) continue;
-                        f32x16 v = max_keeping_nan16(y[0][0], y[0][1]);
-                        v = max_keeping_nan16(max_keeping_nan16(v, y[1][0]), y[1][1]);
-                        v = relu16_as_torch(v + biases[k]);
-                        memcpy(out + ((n * Hp + ti) * Wp + tj) * O + 16 * k, &v, sizeof v);
-                        continue;
-                    }
-                    for (int i = 0; i < 2; i++)
-                        for (int j = 0; j < 2; j++) {
-                            const int64_t oi = 2 * ti + i, oj = 2 * tj + j;
-                            if (oi >= H || oj >= W) continue;
-                            const f32x16 v = y[i][j] + biases[k];
-                            if (pool == WINOGRAD_RELU_MEAN)
-                                sums[k] += relu16_as_torch(v);
-                            else
-                                memcpy(out + ((n * H + oi) * W + oj) * O + 16 * k, &v, sizeof v);
-                        }
-                }
+                for (int64_t k = 0; k < K; k++)
+                    winograd_output(M, T, O, ti * tw + tj, WINOGRAD_LANES * k, biases[k], pool,
+                                    &sums[k], image_out, H, W, ti, tj);
         if (pool == WINOGRAD_RELU_MEAN)
-            for (int64_t k = 0; k < K; k++) {
-                const f32x16 mean = sums[k] / (float)(H * W);
-                memcpy(out + n * O + 16 * k, &mean, sizeof mean);
-            }
+            for (int64_t k = 0; k < K; k++)
+                WINOGRAD_STORE(image_out + WINOGRAD_LANES * k, sums[k] / (float)(H * W));
     }
     free(V);
     free(M);
