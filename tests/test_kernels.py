@@ -93,14 +93,24 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
                 out.backward(torch.ones_like(out))
                 pooled[kind, fused_pool] = (out.detach(), leaf.grad)
         normed = {by_kernel: trained_norm(features, by_kernel) for by_kernel in (True, False)}
-        three = nn.Conv2d(16, 48, 3, padding=1).to(memory_format=torch.channels_last)
-        winograd_model = nn.Sequential(copy.deepcopy(three))
-        assert winograd.use_kernel(winograd_model) == ["0"]
+        pools = {
+            "max": lambda y: F.max_pool2d(F.relu(y), 2),
+            "mean": lambda y: F.relu(y).mean((2, 3), keepdim=True),
+            "none": lambda y: y,
+        }
+        for (inputs, outputs, bias), pool in zip(
+            [(16, 48, True), (32, 80, True), (64, 128, False)], pools, strict=True
+        ):  # chunks and remainders of the products at each vector width
+            three = nn.Conv2d(inputs, outputs, 3, padding=1, bias=bias)
+            three = three.to(memory_format=torch.channels_last)
+            winograd_model = nn.Sequential(copy.deepcopy(three))
+            assert winograd.use_kernel(winograd_model) == ["0"]
+            image = torch.randn(3, inputs, 7, 9).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                by_winograd = winograd_model[0].kernel(image, pool)
+                expected = pools[pool](three(image))
+            torch.testing.assert_close(by_winograd, expected, rtol=1e-5, atol=1e-5)
         with torch.no_grad():
-            by_winograd = winograd_model[0].kernel(features, "max")
-            torch.testing.assert_close(
-                by_winograd, F.max_pool2d(F.relu(three(features)), 2), rtol=1e-5, atol=1e-5
-            )
             out = model(x)
             with torch.autocast("cpu", torch.bfloat16):
                 out_bf16, expected_bf16 = model(x), conv(x)
@@ -115,7 +125,7 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         assert {"affine_leaky_relu_conv_one", "affine_leaky_relu"} <= set(kernel_calls)
         assert {"interleave_phases", "deinterleave_phases"} <= set(kernel_calls)
         assert kernel_calls.count("conv_one_backward") == 1
-        assert kernel_calls.count("winograd_conv3x3") == 1
+        assert kernel_calls.count("winograd_conv3x3") == 3
         for found, expected in zip(phased.parameters(), plain.parameters(), strict=True):
             scale = expected.grad.abs().max().item()
             torch.testing.assert_close(found.grad, expected.grad, rtol=0, atol=scale / 16)

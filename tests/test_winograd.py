@@ -70,7 +70,7 @@ def within_float_rounding(out: torch.Tensor, conv: nn.Conv2d, x: torch.Tensor, p
         (16, 32, (3, 14, 14)),
         (32, 64, (2, 7, 7)),  # odd: the last tiles half outside the image
         (16, 16, (1, 5, 8)),
-        (48, 80, (2, 6, 3)),  # five output vectors: three rows of tiles at a time
+        (48, 80, (2, 6, 3)),  # with AVX-512, a chunk of 64 outputs and one of 16
         (64, 128, (1, 4, 4)),
         (16, 48, (2, 1, 1)),  # one pixel: a tile of zeros around it
     ],

@@ -1156,9 +1156,10 @@ int batch_norm_train_backward(const void *x, const void *grad, int bf16, int64_t
  */
 /* The products run on the widest vectors the CPU has, whose operations GCC and Clang emit
  * directly (a vector of 16 floats on a CPU without AVX-512 is split by the compiler, and in
- * these products the split ran some 40 times slower than oneDNN): AVX-512's 16 floats, AVX's 8,
+ * these products the split ran many times slower than oneDNN): AVX-512's 16 floats, AVX's 8,
  * else 4 (SSE, NEON). A block keeps rows of tiles by up to four vectors of outputs in registers:
- * six rows with AVX-512's 32 registers, three with 16. */
+ * six rows with AVX-512's 32 registers (24 sums, 4 weights, 1 input), two with 16 (8, 4, 1). */
+#define WINOGRAD_MAX_OUTPUTS 128
 #if defined(__AVX512F__)
 #define WINOGRAD_LANES 16
 #define WINOGRAD_BLOCK_ROWS 6
@@ -1169,6 +1170,8 @@ int batch_norm_train_backward(const void *x, const void *grad, int bf16, int64_t
 #define WINOGRAD_LANES 4
 #define WINOGRAD_BLOCK_ROWS 2
 #endif
+_Static_assert(16 % WINOGRAD_LANES == 0, "channels come in multiples of 16: whole vectors");
+_Static_assert(WINOGRAD_BLOCK_ROWS >= 2, "the row remainders take blocks of 2, then 1");
 typedef float winograd_vector __attribute__((vector_size(4 * WINOGRAD_LANES)));
 /* the same vector at any float's address, read and written in one access (a memcpy per vector
  * became, built for AVX2, a loop of 16-byte copies through the stack) */
@@ -1205,7 +1208,8 @@ winograd_block(const int R, const int K, const float *V, const float *U, float *
         }
     }
     for (int r = 0; r < R; r++)
-        for (int k = 0; k < K; k++) *(winograd_unaligned *)(M + r * O + WINOGRAD_LANES * k) = acc[r][k];
+        for (int k = 0; k < K; k++)
+            *(winograd_unaligned *)(M + r * O + WINOGRAD_LANES * k) = acc[r][k];
 }
 
 /* all T rows for K vectors of outputs at u's and m's first columns: blocks of
@@ -1239,7 +1243,7 @@ static CONTRACTED void winograd_gemm(const float *V, const float *U, float *M, i
 typedef int32_t winograd_mask __attribute__((vector_size(4 * WINOGRAD_LANES)));
 #define WINOGRAD_LOAD(p) ((winograd_vector)(*(const winograd_unaligned *)(p)))
 #define WINOGRAD_STORE(p, v) (*(winograd_unaligned *)(p) = (v))
-#define WINOGRAD_MAX_VECTORS (128 / WINOGRAD_LANES) /* output channels up to 128 */
+#define WINOGRAD_MAX_VECTORS (WINOGRAD_MAX_OUTPUTS / WINOGRAD_LANES)
 
 /* the 16 transformed values V (position p = 4 r + s at V[p * T * C]) of tile t (rows 2 ti - 1
  * to 2 ti + 2, columns alike, zero outside the image) for one vector of channels from c */
@@ -1313,7 +1317,8 @@ static inline void winograd_output(const float *M, int64_t T, int64_t O, int64_t
     winograd_output_tile(m, y);
     if (pool == WINOGRAD_RELU_MAX) { /* out is the image's pooled output */
         if (ti >= H / 2 || tj >= W / 2) return;
-        winograd_vector v = winograd_max(winograd_max(winograd_max(y[0][0], y[0][1]), y[1][0]), y[1][1]);
+        winograd_vector v = winograd_max(y[0][0], y[0][1]);
+        v = winograd_max(winograd_max(v, y[1][0]), y[1][1]);
         WINOGRAD_STORE(out + (ti * (W / 2) + tj) * O + o, winograd_relu(v + b));
         return;
     }
@@ -1337,7 +1342,7 @@ static inline void winograd_output(const float *M, int64_t T, int64_t O, int64_t
 int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *U,
                      const float *bias, int64_t O, int pool, float *out) {
     if (N < 1 || H < 1 || W < 1 || C < 16 || C % 16 != 0 || O < 16 || O % 16 != 0 ||
-        O > 128 || pool < WINOGRAD_NONE || pool > WINOGRAD_RELU_MEAN)
+        O > WINOGRAD_MAX_OUTPUTS || pool < WINOGRAD_NONE || pool > WINOGRAD_RELU_MEAN)
         return REFUSED;
     const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, K = O / WINOGRAD_LANES;
     const size_t sizes[2] = {sizeof(float) * 16 * T * C, sizeof(float) * 16 * T * O};

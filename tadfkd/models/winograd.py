@@ -35,8 +35,8 @@ from tadfkd.models.single_channel import MODULE_HOOKS
 
 # the kernel runs on one thread; at more, oneDNN's convolution runs on them all
 MAX_THREADS = 1
-CHANNEL_MULTIPLE = 16  # cpu_kernels.c: vectors of 16 channels, in and out
-MAX_OUTPUT_CHANNELS = 128  # cpu_kernels.c: 16 * WINOGRAD_MAX_K
+CHANNEL_MULTIPLE = 16  # cpu_kernels.c: whole vectors of channels (16, 8 or 4 lanes), in and out
+MAX_OUTPUT_CHANNELS = 128  # cpu_kernels.c: WINOGRAD_MAX_OUTPUTS
 # what follows the convolution in the kernel's pass: cpu_kernels.c's WINOGRAD_* codes
 POOLS = {"none": 0, "max": 1, "mean": 2}
 # F(2x2, 3x3)'s weight transform: U = G g G^T, (4, 4) per 3x3 kernel g
