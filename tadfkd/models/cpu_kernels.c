@@ -541,13 +541,15 @@ int conv_one_backward(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_
 }
 
 /* torch.relu on 16 floats, x < 0 ? 0 : x: -0.0 and NaN pass as they are */
-static inline f32x16 relu16_as_torch(f32x16 v) {
-    i32x16 bits, negative = v < 0.0f;
-    memcpy(&bits, &v, sizeof bits);
-    bits &= ~negative;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
+#define RELU_AS_TORCH(mask_type)                                                           \
+    {                                                                                      \
+        mask_type bits, negative = v < 0.0f;                                               \
+        memcpy(&bits, &v, sizeof bits);                                                    \
+        bits &= ~negative;                                                                 \
+        memcpy(&v, &bits, sizeof v);                                                       \
+        return v;                                                                          \
+    }
+static inline f32x16 relu16_as_torch(f32x16 v) RELU_AS_TORCH(i32x16)
 
 /* 16 sums stored as float32 or rounded to bf16; with relu, torch.relu of what is stored (of the
  * rounded value in bf16: ReLU after the rounding, as PyTorch's ReLU of the convolution's bf16
@@ -1286,13 +1288,7 @@ static inline void winograd_output_tile(const winograd_vector m[4][4], winograd_
 }
 
 /* torch.relu per lane (x < 0 ? 0 : x: -0.0 and NaN pass), as relu16_as_torch at this width */
-static inline winograd_vector winograd_relu(winograd_vector v) {
-    winograd_mask bits, negative = v < 0.0f;
-    memcpy(&bits, &v, sizeof bits);
-    bits &= ~negative;
-    memcpy(&v, &bits, sizeof v);
-    return v;
-}
+static inline winograd_vector winograd_relu(winograd_vector v) RELU_AS_TORCH(winograd_mask)
 
 /* the larger per lane, a NaN in v taken as PyTorch's max pool takes it */
 static inline winograd_vector winograd_max(winograd_vector a, winograd_vector v) {

@@ -281,6 +281,15 @@ def swap_modules(
     return swapped
 
 
+def float32_parameters(module: torch.nn.Module) -> bool:
+    """Whether a module's weight is float32 on the CPU and its bias, if any, float32 and
+    contiguous: what the kernels that read them as raw float32 take."""
+    weight, bias = module.weight, module.bias
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return False
+    return bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())
+
+
 def pointer(tensor: torch.Tensor | None) -> int | None:
     """A float32 tensor's data address for the kernels (None: NULL); anything else is refused,
     since the C code reads raw float32."""

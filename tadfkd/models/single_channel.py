@@ -234,10 +234,7 @@ def takes(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     one pixel."""
     if x.dim() != 4 or x.shape[1] != 1:
         return False
-    weight, bias = conv.weight, conv.bias
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return False
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+    if not kernels.float32_parameters(conv):
         return False
     if x.dtype not in (torch.float32, torch.bfloat16):
         return False

@@ -183,12 +183,9 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
         return False
     if x.numel() == 0 or not x.is_contiguous(memory_format=torch.channels_last):
         return False
-    weight, bias = conv.weight, conv.bias
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+    if not kernels.float32_parameters(conv) or torch.is_autocast_enabled("cpu"):
         return False
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        return False
-    return not torch.is_autocast_enabled("cpu") and kernels.may_run(x, MAX_THREADS)
+    return kernels.may_run(x, MAX_THREADS)
 
 
 def use_kernel(model: nn.Module) -> list[str]:
