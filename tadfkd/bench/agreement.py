@@ -18,74 +18,82 @@ from tadfkd.run.builder import build_distiller
 REFERENCE = "reference (fp32, unfolded)"
 # the mixture's settings, which the published fit shares with this project's
 MIXTURE_SETTINGS = ("threshold", "max_iter", "tol", "reg_covar")
+# what every compared variant starts from: fp32, and each setting that can change a keep
+# decision off but for the one the variant names
+FP32 = [
+    "speed.precision=fp32",
+    "speed.scoring=fp32",
+    "speed.generation=fp32",
+    "speed.phased_upsampling=false",
+    "speed.fused_pooling=false",
+    "speed.mixture_kernel=false",
+    "speed.batch_norm_kernel=false",
+    "speed.winograd_conv=false",
+]
+# the variants of the C kernels: where none builds (or off the CPU) each computes the same as
+# without them, so they are left out
+KERNEL_VARIANTS = (
+    "fold_teacher_bn=true, single_channel_conv=true",
+    "fold_teacher_bn=true, winograd_conv=true",
+    "fused_pooling=true",
+    "mixture_kernel=true",
+    "batch_norm_kernel=true",
+    "generation=bf16, fused_generation=true",
+)
 
 
 def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
     """The reference and the speed settings ``agreement`` compares, as config overrides (each
     in fp32 but for what it names, whatever ``--set`` gave the scoring and the generator)."""
-    fp32 = [
-        "speed.precision=fp32",
-        "speed.scoring=fp32",
-        "speed.generation=fp32",
-        "speed.phased_upsampling=false",
-        "speed.fused_pooling=false",
-        "speed.mixture_kernel=false",
-        "speed.batch_norm_kernel=false",
-        "speed.winograd_conv=false",
-    ]
     default_precision = resolve_precision(str(cfg.speed.precision), device)
     found = {
         REFERENCE: [
-            *fp32,
+            *FP32,
             "speed.fold_teacher_bn=false",
             "speed.depthwise_output=false",
         ],
         "fold_teacher_bn=true": [
-            *fp32,
+            *FP32,
             "speed.depthwise_output=false",
             "speed.single_channel_conv=false",
         ],
         "fold_teacher_bn=true, single_channel_conv=true": [
-            *fp32,
+            *FP32,
             "speed.depthwise_output=false",
             "speed.single_channel_conv=true",
             "speed.compile=false",
         ],
         "fold_teacher_bn=true, winograd_conv=true": [
-            *fp32,
+            *FP32,
             "speed.depthwise_output=false",
             "speed.single_channel_conv=false",
             "speed.winograd_conv=true",
             "speed.compile=false",
         ],
-        "depthwise_output=true": [*fp32, "speed.depthwise_output=true"],
-        "phased_upsampling=true": [*fp32, "speed.phased_upsampling=true"],
-        "fused_pooling=true": [*fp32, "speed.fused_pooling=true", "speed.compile=false"],
-        "mixture_kernel=true": [*fp32, "speed.mixture_kernel=true"],
-        "batch_norm_kernel=true": [*fp32, "speed.batch_norm_kernel=true", "speed.compile=false"],
-        "scoring=bf16": [*fp32, "speed.scoring=bf16"],
-        "generation=bf16": [*fp32, "speed.generation=bf16", "speed.fused_generation=false"],
+        "depthwise_output=true": [*FP32, "speed.depthwise_output=true"],
+        "phased_upsampling=true": [*FP32, "speed.phased_upsampling=true"],
+        "fused_pooling=true": [*FP32, "speed.fused_pooling=true", "speed.compile=false"],
+        "mixture_kernel=true": [*FP32, "speed.mixture_kernel=true"],
+        "batch_norm_kernel=true": [*FP32, "speed.batch_norm_kernel=true", "speed.compile=false"],
+        "scoring=bf16": [*FP32, "speed.scoring=bf16"],
+        "generation=bf16": [*FP32, "speed.generation=bf16", "speed.fused_generation=false"],
         "generation=bf16, fused_generation=true": [
-            *fp32,
+            *FP32,
             "speed.generation=bf16",
             "speed.fused_generation=true",
             "speed.compile=false",
         ],
         "generation=bf16, scoring=bf16": [
-            *fp32,
+            *FP32,
             "speed.generation=bf16",
             "speed.fused_generation=false",
             "speed.scoring=bf16",
         ],
         f"this device's default (speed.precision=auto: {default_precision})": [],
     }
-    if device.type != "cpu" or kernels.kernels() is None:  # no C kernels: the same as without
-        del found["generation=bf16, fused_generation=true"]
-        del found["fold_teacher_bn=true, single_channel_conv=true"]
-        del found["fold_teacher_bn=true, winograd_conv=true"]
-        del found["fused_pooling=true"]
-        del found["mixture_kernel=true"]
-        del found["batch_norm_kernel=true"]
+    if device.type != "cpu" or kernels.kernels() is None:
+        for name in KERNEL_VARIANTS:
+            del found[name]
     return found
 
 
