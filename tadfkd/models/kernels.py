@@ -281,6 +281,14 @@ def swap_modules(
     return swapped
 
 
+def same_values(tensor: torch.Tensor | None, copy: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` still holds ``copy``'s values (both None counts): what a kernel's
+    module compares before reusing what it made from its parameters."""
+    if tensor is None or copy is None:
+        return tensor is None and copy is None
+    return tensor.shape == copy.shape and tensor.dtype == copy.dtype and torch.equal(tensor, copy)
+
+
 def float32_parameters(module: torch.nn.Module) -> bool:
     """Whether a module's weight is float32 on the CPU and its bias, if any, float32 and
     contiguous: what the kernels that read them as raw float32 take."""

@@ -94,7 +94,11 @@ def phase_parameters(conv: nn.Conv2d, device_type: str) -> tuple[torch.Tensor, t
     fresh = torch.is_grad_enabled() or torch.compiler.is_compiling()
     if not fresh and conv in _made:
         (was_weight, was_bias, was_dtype), made = _made[conv]
-        if was_dtype == dtype and same_values(weight, was_weight) and same_values(bias, was_bias):
+        if (
+            was_dtype == dtype
+            and kernels.same_values(weight, was_weight)
+            and kernels.same_values(bias, was_bias)
+        ):
             return made
     layout = memory_format_of(weight)
     weights = phase_weights(weight).to(dtype).contiguous(memory_format=layout)
@@ -109,13 +113,6 @@ def forget_phase_kernels() -> None:
     """Drop every kept phase kernel (the next no-grad forwards make them again): for code that
     replays an iteration and needs the same operators to run each time (the benchmarks)."""
     _made.clear()
-
-
-def same_values(tensor: torch.Tensor | None, copy: torch.Tensor | None) -> bool:
-    """Whether ``tensor`` still holds ``copy``'s values (both None counts)."""
-    if tensor is None or copy is None:
-        return tensor is None and copy is None
-    return tensor.shape == copy.shape and tensor.dtype == copy.dtype and torch.equal(tensor, copy)
 
 
 def upsampled_conv(x: torch.Tensor, conv: nn.Conv2d, copy_kernels: bool = False) -> torch.Tensor:

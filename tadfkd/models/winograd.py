@@ -139,13 +139,6 @@ def eligible(conv: nn.Module) -> bool:
 _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def same_values(tensor: torch.Tensor | None, copy: torch.Tensor | None) -> bool:
-    """Whether ``tensor`` still holds ``copy``'s values (both None counts)."""
-    if tensor is None or copy is None:
-        return tensor is None and copy is None
-    return tensor.shape == copy.shape and torch.equal(tensor, copy)
-
-
 class WinogradConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` (``eligible``) whose forwards run the kernel where it ``applies``; the
     same parameters and state-dict keys."""
@@ -167,7 +160,7 @@ class WinogradConv2d(nn.Conv2d):
         weight = self.weight
         if self in _made:
             copy, made = _made[self]
-            if same_values(weight, copy):
+            if kernels.same_values(weight, copy):
                 return made
         made = transformed_weight(weight)
         _made[self] = (weight.detach().clone(), made)

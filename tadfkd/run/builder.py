@@ -141,9 +141,8 @@ def fold_for_inference(
         example = example.contiguous(memory_format=torch.channels_last)
     folded = fold_batchnorm(teacher, example)
     applicable = folded is not teacher and channels_last and device.type == "cpu"
-    setting = cfg.speed.single_channel_conv
     applicable = applicable and not cfg.speed.compile
-    if use_kernels("speed.single_channel_conv", setting, applicable):
+    if use_kernels("speed.single_channel_conv", cfg.speed.single_channel_conv, applicable):
         single_channel.use_kernel(folded)
     if use_kernels("speed.winograd_conv", cfg.speed.winograd_conv, applicable):
         winograd.use_kernel(folded)
