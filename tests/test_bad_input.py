@@ -87,6 +87,11 @@ CASES = {
         2,
         ["speed.winograd_conv='maybe' must be"],
     ),
+    "Winograd tile neither 2 nor 4": (
+        ["speed.winograd_tile=3"],
+        2,
+        ["speed.winograd_tile=3 must be 2 or 4."],
+    ),
     "first-layer kernel with gradients not a switch": (
         ["speed.single_channel_training=maybe"],
         2,

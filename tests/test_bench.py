@@ -84,7 +84,8 @@ def test_the_component_profile_adds_up_to_an_iteration(capsys):
     assert "convolutions and matmuls, top 12 by time:" in out
     kernel = "on" if kernels.kernels() is not None else "off"
     assert f"one-input-channel convolution kernels: {kernel}" in out
-    assert f"Winograd convolution kernels: {kernel}" in out
+    tile = "F(4x4, 3x3)" if kernels.kernels() is not None else "off"
+    assert f"Winograd convolution kernels: {tile}; " in out
     fit = "C" if kernels.kernels() is not None else "numpy"
     pairs = f"ReLU-pool kernels: {kernel}; BatchNorm kernels: {kernel}; "
     assert f"{pairs}output convolution kernels: {kernel}; mixture fit: {fit}" in out
@@ -500,9 +501,11 @@ def test_agreement_measures_what_the_speed_settings_leave_unchanged(capsys, kern
     assert ("generation=bf16, fused_generation=true" in shares) == built
     assert ("fold_teacher_bn=true, single_channel_conv=true" in shares) == built
     assert ("fold_teacher_bn=true, winograd_conv=true" in shares) == built
+    assert ("fold_teacher_bn=true, winograd_conv=true, winograd_tile=2" in shares) == built
     if built:  # float rounding only; at one thread, where the kernels ran
         assert shares["fold_teacher_bn=true, single_channel_conv=true"] >= 0.999
         assert shares["fold_teacher_bn=true, winograd_conv=true"] >= 0.999
+        assert shares["fold_teacher_bn=true, winograd_conv=true, winograd_tile=2"] >= 0.999
         kernels_run = {"single_channel_conv", "affine_leaky_relu_upsample", "winograd_conv3x3"}
         assert kernels_run <= set(kernel_calls)
     assert "kept by the reference (fp32, unfolded), one CPU thread" in out

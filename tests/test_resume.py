@@ -332,6 +332,17 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_with_the_value_it_co
         check_same_run(former, identity(f"{setting}=auto"), Path("checkpoint.pt"))
 
 
+def test_a_checkpoint_from_before_the_winograd_tile_resumes_with_round_eighteens_tile():
+    def identity(*overrides: str) -> dict:
+        return run_identity(compose_config([*TINY, *overrides], hydra_node=False), "a" * 64)
+
+    former = identity("speed.winograd_tile=2")
+    del former["speed.winograd_tile"]  # written before the setting existed: F(2x2, 3x3)
+    check_same_run(former, identity("speed.winograd_tile=2"), Path("checkpoint.pt"))
+    with pytest.raises(UserError, match="speed.winograd_tile=2 there"):
+        check_same_run(former, identity(), Path("checkpoint.pt"))  # the default, 4
+
+
 # The ``method.*`` part of each method's run identity as the code before loss terms were objects
 # (commit 078f690) wrote it into its checkpoints: ``method.weights``, ``method.student_loss``, ...
 FORMER_METHOD_IDENTITIES = json.loads(

@@ -35,6 +35,7 @@ FP32 = [
 KERNEL_VARIANTS = (
     "fold_teacher_bn=true, single_channel_conv=true",
     "fold_teacher_bn=true, winograd_conv=true",
+    "fold_teacher_bn=true, winograd_conv=true, winograd_tile=2",
     "fused_pooling=true",
     "mixture_kernel=true",
     "batch_norm_kernel=true",
@@ -68,6 +69,14 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
             "speed.depthwise_output=false",
             "speed.single_channel_conv=false",
             "speed.winograd_conv=true",
+            "speed.compile=false",
+        ],
+        "fold_teacher_bn=true, winograd_conv=true, winograd_tile=2": [
+            *FP32,
+            "speed.depthwise_output=false",
+            "speed.single_channel_conv=false",
+            "speed.winograd_conv=true",
+            "speed.winograd_tile=2",
             "speed.compile=false",
         ],
         "depthwise_output=true": [*FP32, "speed.depthwise_output=true"],

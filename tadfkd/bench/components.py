@@ -191,10 +191,11 @@ def print_components(
     normed = threads <= batchnorm.MAX_THREADS and any(
         isinstance(module, batchnorm.KernelBatchNorm2d) for module in distiller.student.modules()
     )
-    by_winograd = threads <= winograd.MAX_THREADS and any(
-        isinstance(module, winograd.WinogradConv2d)
+    tiles = {
+        module.tile
         for module in distiller.inference_teacher.modules()
-    )
+        if isinstance(module, winograd.WinogradConv2d) and threads <= winograd.MAX_THREADS
+    }
     in_c = getattr(distiller.synthesizer.selection, "by_kernel", False)
     output = getattr(distiller.synthesizer.generator, "output_kernel", False)
     output = output and threads <= output_conv.MAX_THREADS
@@ -206,7 +207,8 @@ def print_components(
         f"{per_step_batches:.2f} generated batches per student step; fused generator kernels: "
         f"{'on' if fused else 'off'}; "
         f"one-input-channel convolution kernels: {'on' if single else 'off'}; "
-        f"Winograd convolution kernels: {'on' if by_winograd else 'off'}; "
+        f"Winograd convolution kernels: "
+        f"{', '.join(f'F({m}x{m}, 3x3)' for m in sorted(tiles)) or 'off'}; "
         f"ReLU-pool kernels: {'on' if pooled else 'off'}; "
         f"BatchNorm kernels: {'on' if normed else 'off'}; "
         f"output convolution kernels: {'on' if output else 'off'}; "

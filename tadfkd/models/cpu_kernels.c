@@ -1145,16 +1145,19 @@ int batch_norm_train_backward(const void *x, const void *grad, int bf16, int64_t
     return DONE;
 }
 
-/* ---- A 3x3 convolution (stride 1, zero padding 1) in float32 by Winograd's F(2x2, 3x3)
- * (tadfkd.models.winograd): each 2x2 block of output pixels (a tile) from the 4x4 input pixels
- * around it, as 16 products per channel pair where the direct sums take 36. x (N, H, W, C) and
- * the output are float32, channels-last; C and O multiples of 16. The weight comes transformed
- * (U = G g G^T, (16, C, O), made once on the host), the input tiles are transformed here
- * (V = B^T d B, additions only), then for each of the 16 positions one product
- * (T, C) x (C, O) over the image's T tiles, and the output transform (Y = A^T M A, additions
- * only) with the bias, and in the same pass either nothing more, a ReLU and a 2x2 max pool, or
- * a ReLU and the mean over the image. Float rounding differs from the direct sums (the
- * transforms' additions, fused multiply-adds): of the size of float32's own, not bit for bit.
+/* ---- A 3x3 convolution (stride 1, zero padding 1) in float32 by Winograd's F(m x m, 3x3), m
+ * = 2 or 4 (tadfkd.models.winograd): each m x m block of output pixels (a tile) from the
+ * a x a input pixels around it (a = m + 2), as a^2 products per channel pair where the direct
+ * sums take 9 m^2: 16 where they take 36 (m = 2), 36 where they take 144 (m = 4). x (N, H, W, C)
+ * and the output are float32, channels-last; C and O multiples of 16. The weight comes
+ * transformed (U = G g G^T, (a^2, C, O), made once on the host), the input tiles are
+ * transformed here (V = B^T d B: additions, and for m = 4 products by 2, 4 and 5), then for
+ * each of the a^2 positions one product (T, C) x (C, O) over the tiles of a group of images,
+ * and the output transform (Y = A^T M A: additions, and for m = 4 products by 2, 4 and 8) with
+ * the bias, and in the same pass either nothing more, a ReLU and a 2x2 max pool, or a ReLU and
+ * the mean over the image. Float rounding differs from the direct sums (the transforms'
+ * operations, fused multiply-adds), more for m = 4, whose transforms' coefficients are larger:
+ * not bit for bit.
  */
 /* The products run on the widest vectors the CPU has, whose operations GCC and Clang emit
  * directly (a vector of 16 floats on a CPU without AVX-512 is split by the compiler, and in
@@ -1247,43 +1250,74 @@ typedef int32_t winograd_mask __attribute__((vector_size(4 * WINOGRAD_LANES)));
 #define WINOGRAD_STORE(p, v) (*(winograd_unaligned *)(p) = (v))
 #define WINOGRAD_MAX_VECTORS (WINOGRAD_MAX_OUTPUTS / WINOGRAD_LANES)
 
-/* the 16 transformed values V (position p = 4 r + s at V[p * T * C]) of tile t (rows 2 ti - 1
- * to 2 ti + 2, columns alike, zero outside the image) for one vector of channels from c */
-static inline void winograd_input_tile(const float *image, int64_t H, int64_t W, int64_t C,
-                                       int64_t ti, int64_t tj, int64_t c, float *V, int64_t T,
-                                       int64_t t) {
-    winograd_vector d[4][4], e[4][4];
-    for (int r = 0; r < 4; r++) {
-        const int64_t i = 2 * ti - 1 + r;
-        for (int s = 0; s < 4; s++) {
-            const int64_t j = 2 * tj - 1 + s;
+/* B^T d for one column (or row) d of an input tile: 4 values (m = 2) */
+static inline void winograd_bt4(const winograd_vector d[4], winograd_vector t[4]) {
+    t[0] = d[0] - d[2];
+    t[1] = d[1] + d[2];
+    t[2] = d[2] - d[1];
+    t[3] = d[1] - d[3];
+}
+
+/* B^T d for 6 values (m = 4; the points 0, 1, -1, 2, -2 and infinity) */
+static inline void winograd_bt6(const winograd_vector d[6], winograd_vector t[6]) {
+    t[0] = (d[0] * 4.0f - d[2] * 5.0f) + d[4];
+    t[1] = (d[3] + d[4]) - (d[1] + d[2]) * 4.0f;
+    t[2] = (d[4] - d[3]) + (d[1] - d[2]) * 4.0f;
+    t[3] = (d[4] - d[2]) + (d[3] - d[1]) * 2.0f;
+    t[4] = (d[4] - d[2]) - (d[3] - d[1]) * 2.0f;
+    t[5] = (d[1] * 4.0f - d[3] * 5.0f) + d[5];
+}
+
+/* A^T m for one column (or row) of a tile's products: 4 values to 2 (m = 2) */
+static inline void winograd_at4(const winograd_vector m[4], winograd_vector y[2]) {
+    y[0] = m[0] + m[1] + m[2];
+    y[1] = m[1] - m[2] - m[3];
+}
+
+/* A^T m: 6 values to 4 (m = 4) */
+static inline void winograd_at6(const winograd_vector m[6], winograd_vector y[4]) {
+    const winograd_vector sum12 = m[1] + m[2], diff12 = m[1] - m[2];
+    const winograd_vector sum34 = m[3] + m[4], diff34 = m[3] - m[4];
+    y[0] = (m[0] + sum12) + sum34;
+    y[1] = diff12 + diff34 * 2.0f;
+    y[2] = sum12 + sum34 * 4.0f;
+    y[3] = (diff12 + diff34 * 8.0f) + m[5];
+}
+
+#define WINOGRAD_MAX_POINTS 6 /* a = m + 2 for m = 4 */
+
+/* the a x a transformed values V (position p = a r + s at V[p * T * C]) of tile t (rows
+ * m ti - 1 to m ti + m, columns alike, zero outside the image) for one vector of channels
+ * from c; always inlined so that m is a constant */
+static inline __attribute__((always_inline)) void
+winograd_input_tile(const int m, const float *image, int64_t H, int64_t W, int64_t C, int64_t ti,
+                    int64_t tj, int64_t c, float *V, int64_t T, int64_t t) {
+    const int a = m + 2;
+    winograd_vector d[WINOGRAD_MAX_POINTS][WINOGRAD_MAX_POINTS], e[WINOGRAD_MAX_POINTS][WINOGRAD_MAX_POINTS];
+    for (int r = 0; r < a; r++) {
+        const int64_t i = m * ti - 1 + r;
+        for (int s = 0; s < a; s++) {
+            const int64_t j = m * tj - 1 + s;
             const int inside = i >= 0 && i < H && j >= 0 && j < W;
             d[r][s] = inside ? WINOGRAD_LOAD(image + (i * W + j) * C + c) : (winograd_vector){0};
         }
     }
-    for (int s = 0; s < 4; s++) { /* B^T d: rows */
-        e[0][s] = d[0][s] - d[2][s];
-        e[1][s] = d[1][s] + d[2][s];
-        e[2][s] = d[2][s] - d[1][s];
-        e[3][s] = d[1][s] - d[3][s];
+    for (int s = 0; s < a; s++) { /* B^T d: rows */
+        winograd_vector column[WINOGRAD_MAX_POINTS], out[WINOGRAD_MAX_POINTS];
+        for (int r = 0; r < a; r++) column[r] = d[r][s];
+        if (m == 2)
+            winograd_bt4(column, out);
+        else
+            winograd_bt6(column, out);
+        for (int r = 0; r < a; r++) e[r][s] = out[r];
     }
-    for (int r = 0; r < 4; r++) { /* (B^T d) B: columns */
-        const winograd_vector v[4] = {e[r][0] - e[r][2], e[r][1] + e[r][2], e[r][2] - e[r][1],
-                                      e[r][1] - e[r][3]};
-        for (int s = 0; s < 4; s++) WINOGRAD_STORE(V + ((4 * r + s) * T + t) * C + c, v[s]);
-    }
-}
-
-/* the 2x2 outputs Y = A^T m A of one tile's 16 products m (one vector of channels) */
-static inline void winograd_output_tile(const winograd_vector m[4][4], winograd_vector y[2][2]) {
-    winograd_vector e[2][4];
-    for (int s = 0; s < 4; s++) {
-        e[0][s] = m[0][s] + m[1][s] + m[2][s];
-        e[1][s] = m[1][s] - m[2][s] - m[3][s];
-    }
-    for (int i = 0; i < 2; i++) {
-        y[i][0] = e[i][0] + e[i][1] + e[i][2];
-        y[i][1] = e[i][1] - e[i][2] - e[i][3];
+    for (int r = 0; r < a; r++) { /* (B^T d) B: columns */
+        winograd_vector v[WINOGRAD_MAX_POINTS];
+        if (m == 2)
+            winograd_bt4(e[r], v);
+        else
+            winograd_bt6(e[r], v);
+        for (int s = 0; s < a; s++) WINOGRAD_STORE(V + ((a * r + s) * T + t) * C + c, v[s]);
     }
 }
 
@@ -1304,23 +1338,43 @@ static inline winograd_vector winograd_max(winograd_vector a, winograd_vector v)
 #define WINOGRAD_RELU_MAX 1  /* ReLU, then a 2x2 max pool of stride 2 (floor) */
 #define WINOGRAD_RELU_MEAN 2 /* ReLU, then the mean over the image's pixels */
 
-/* one tile's outputs for one vector of channels from o, with the bias b, by `pool` (below) */
-static inline void winograd_output(const float *M, int64_t T, int64_t O, int64_t t, int64_t o,
-                                   winograd_vector b, int pool, winograd_vector *sum,
-                                   float *out, int64_t H, int64_t W, int64_t ti, int64_t tj) {
-    winograd_vector m[4][4], y[2][2];
-    for (int p = 0; p < 16; p++) m[p / 4][p % 4] = WINOGRAD_LOAD(M + (p * T + t) * O + o);
-    winograd_output_tile(m, y);
+/* one tile's m x m outputs Y = A^T M A for one vector of channels from o, with the bias b, by
+ * `pool` (below); out is the image's output, t the tile's row of M */
+static inline __attribute__((always_inline)) void
+winograd_output(const int m, const float *M, int64_t T, int64_t O, int64_t t, int64_t o,
+                winograd_vector b, int pool, winograd_vector *sum, float *out, int64_t H,
+                int64_t W, int64_t ti, int64_t tj) {
+    const int a = m + 2;
+    winograd_vector e[4][WINOGRAD_MAX_POINTS], y[4][4];
+    for (int s = 0; s < a; s++) { /* A^T M: columns of products to m rows */
+        winograd_vector column[WINOGRAD_MAX_POINTS], rows[4];
+        for (int r = 0; r < a; r++) column[r] = WINOGRAD_LOAD(M + ((a * r + s) * T + t) * O + o);
+        if (m == 2)
+            winograd_at4(column, rows);
+        else
+            winograd_at6(column, rows);
+        for (int i = 0; i < m; i++) e[i][s] = rows[i];
+    }
+    for (int i = 0; i < m; i++) { /* (A^T M) A */
+        if (m == 2)
+            winograd_at4(e[i], y[i]);
+        else
+            winograd_at6(e[i], y[i]);
+    }
     if (pool == WINOGRAD_RELU_MAX) { /* out is the image's pooled output */
-        if (ti >= H / 2 || tj >= W / 2) return;
-        winograd_vector v = winograd_max(y[0][0], y[0][1]);
-        v = winograd_max(winograd_max(v, y[1][0]), y[1][1]);
-        WINOGRAD_STORE(out + (ti * (W / 2) + tj) * O + o, winograd_relu(v + b));
+        for (int pi = 0; pi < m / 2; pi++)
+            for (int pj = 0; pj < m / 2; pj++) {
+                const int64_t oi = m / 2 * ti + pi, oj = m / 2 * tj + pj;
+                if (oi >= H / 2 || oj >= W / 2) continue;
+                winograd_vector v = winograd_max(y[2 * pi][2 * pj], y[2 * pi][2 * pj + 1]);
+                v = winograd_max(winograd_max(v, y[2 * pi + 1][2 * pj]), y[2 * pi + 1][2 * pj + 1]);
+                WINOGRAD_STORE(out + (oi * (W / 2) + oj) * O + o, winograd_relu(v + b));
+            }
         return;
     }
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 2; j++) {
-            const int64_t oi = 2 * ti + i, oj = 2 * tj + j;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < m; j++) {
+            const int64_t oi = m * ti + i, oj = m * tj + j;
             if (oi >= H || oj >= W) continue;
             if (pool == WINOGRAD_RELU_MEAN)
                 *sum += winograd_relu(y[i][j] + b);
@@ -1329,19 +1383,64 @@ static inline void winograd_output(const float *M, int64_t T, int64_t O, int64_t
         }
 }
 
-/* out = conv(x) + bias, for x (N, H, W, C) channels-last and U (16, C, O) (the module
- * comment); bias (O,) or NULL; then by `pool`: out (N, H, W, O), or ReLU and the max pool,
- * out (N, H / 2, W / 2, O) (the max before a finite bias and the ReLU: both keep the order of
- * values, so the same value), or ReLU and the mean, out (N, O): float32 sums in the tiles'
- * order, divided by H * W. An infinite input can give a NaN where the direct sums give an
- * infinity (the input transform subtracts pixels); a NaN reaches the outputs it reaches there. */
+/* the products' rows a group of images fills at least (with 6-row blocks, a few blocks):
+ * images of few tiles (4 for a 7x7 image with m = 4, 1 for a 4x4 one) are taken together */
+#define WINOGRAD_GROUP_ROWS 24
+
+/* winograd_conv3x3 for images n0 to n0 + images - 1, V and M sized for their tiles */
+static inline __attribute__((always_inline)) void
+winograd_images(const int m, const float *x, int64_t n0, int64_t images, int64_t H, int64_t W,
+                int64_t C, const float *U, const winograd_vector *biases, int64_t O, int pool,
+                float *out, float *V, float *M) {
+    const int a = m + 2;
+    const int64_t th = (H + m - 1) / m, tw = (W + m - 1) / m, tiles = th * tw;
+    const int64_t T = images * tiles, K = O / WINOGRAD_LANES;
+    const int64_t out_pixels = pool == WINOGRAD_RELU_MAX ? (H / 2) * (W / 2) : H * W;
+    for (int64_t n = 0; n < images; n++) {
+        const float *image = x + (n0 + n) * H * W * C;
+        for (int64_t ti = 0; ti < th; ti++)
+            for (int64_t tj = 0; tj < tw; tj++)
+                for (int64_t c = 0; c < C; c += WINOGRAD_LANES)
+                    winograd_input_tile(m, image, H, W, C, ti, tj, c, V, T,
+                                        n * tiles + ti * tw + tj);
+    }
+    for (int p = 0; p < a * a; p++)
+        winograd_gemm(V + p * T * C, U + p * C * O, M + p * T * O, T, C, O);
+    for (int64_t n = 0; n < images; n++) {
+        winograd_vector sums[WINOGRAD_MAX_VECTORS];
+        for (int64_t k = 0; k < K; k++) sums[k] = (winograd_vector){0};
+        float *image_out = out + (n0 + n) * (pool == WINOGRAD_RELU_MEAN ? 1 : out_pixels) * O;
+        for (int64_t ti = 0; ti < th; ti++)
+            for (int64_t tj = 0; tj < tw; tj++)
+                for (int64_t k = 0; k < K; k++)
+                    winograd_output(m, M, T, O, n * tiles + ti * tw + tj, WINOGRAD_LANES * k,
+                                    biases[k], pool, &sums[k], image_out, H, W, ti, tj);
+        if (pool == WINOGRAD_RELU_MEAN)
+            for (int64_t k = 0; k < K; k++)
+                WINOGRAD_STORE(image_out + WINOGRAD_LANES * k, sums[k] / (float)(H * W));
+    }
+}
+
+/* out = conv(x) + bias by F(m x m, 3x3), m = `tile` (2 or 4), for x (N, H, W, C)
+ * channels-last and U (a^2, C, O) (the module comment); bias (O,) or NULL; then by `pool`:
+ * out (N, H, W, O), or ReLU and the max pool, out (N, H / 2, W / 2, O) (the max before a
+ * finite bias and the ReLU: both keep the order of values, so the same value), or ReLU and
+ * the mean, out (N, O): float32 sums in the tiles' order, divided by H * W. An infinite input
+ * can give a NaN where the direct sums give an infinity (the input transform subtracts
+ * pixels). A NaN reaches outputs of the tiles whose input holds it, in its image only: with
+ * m = 2 and the max pool the pooled outputs the direct sums' NaN reaches, with m = 4 up to the
+ * rest of those tiles' (an image's logits are NaN either way, after the mean). */
 int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *U,
-                     const float *bias, int64_t O, int pool, float *out) {
+                     const float *bias, int64_t O, int tile, int pool, float *out) {
     if (N < 1 || H < 1 || W < 1 || C < 16 || C % 16 != 0 || O < 16 || O % 16 != 0 ||
-        O > WINOGRAD_MAX_OUTPUTS || pool < WINOGRAD_NONE || pool > WINOGRAD_RELU_MEAN)
+        O > WINOGRAD_MAX_OUTPUTS || (tile != 2 && tile != 4) || pool < WINOGRAD_NONE ||
+        pool > WINOGRAD_RELU_MEAN)
         return REFUSED;
-    const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, T = th * tw, K = O / WINOGRAD_LANES;
-    const size_t sizes[2] = {sizeof(float) * 16 * T * C, sizeof(float) * 16 * T * O};
+    const int64_t a = tile + 2, tiles = ((H + tile - 1) / tile) * ((W + tile - 1) / tile);
+    int64_t group = (WINOGRAD_GROUP_ROWS + tiles - 1) / tiles;
+    if (group > N) group = N;
+    const size_t sizes[2] = {sizeof(float) * a * a * group * tiles * C,
+                             sizeof(float) * a * a * group * tiles * O};
     float *V = aligned_alloc(64, (sizes[0] + 63) / 64 * 64);
     float *M = aligned_alloc(64, (sizes[1] + 63) / 64 * 64);
     if (V == NULL || M == NULL) {
@@ -1350,28 +1449,15 @@ int winograd_conv3x3(const float *x, int64_t N, int64_t H, int64_t W, int64_t C,
         return NO_MEMORY;
     }
     /* no bias: -0.0, which adds nothing (+0.0 would make a -0.0 sum +0.0) */
-    winograd_vector biases[WINOGRAD_MAX_VECTORS], sums[WINOGRAD_MAX_VECTORS];
-    for (int64_t k = 0; k < K; k++)
+    winograd_vector biases[WINOGRAD_MAX_VECTORS];
+    for (int64_t k = 0; k < O / WINOGRAD_LANES; k++)
         biases[k] = bias ? WINOGRAD_LOAD(bias + WINOGRAD_LANES * k) : -(winograd_vector){0};
-    const int64_t out_pixels = pool == WINOGRAD_RELU_MAX ? (H / 2) * (W / 2) : H * W;
-    for (int64_t n = 0; n < N; n++) {
-        const float *image = x + n * H * W * C;
-        for (int64_t ti = 0; ti < th; ti++)
-            for (int64_t tj = 0; tj < tw; tj++)
-                for (int64_t c = 0; c < C; c += WINOGRAD_LANES)
-                    winograd_input_tile(image, H, W, C, ti, tj, c, V, T, ti * tw + tj);
-        for (int p = 0; p < 16; p++)
-            winograd_gemm(V + p * T * C, U + p * C * O, M + p * T * O, T, C, O);
-        for (int64_t k = 0; k < K; k++) sums[k] = (winograd_vector){0};
-        float *image_out = out + n * (pool == WINOGRAD_RELU_MEAN ? 1 : out_pixels) * O;
-        for (int64_t ti = 0; ti < th; ti++)
-            for (int64_t tj = 0; tj < tw; tj++)
-                for (int64_t k = 0; k < K; k++)
-                    winograd_output(M, T, O, ti * tw + tj, WINOGRAD_LANES * k, biases[k], pool,
-                                    &sums[k], image_out, H, W, ti, tj);
-        if (pool == WINOGRAD_RELU_MEAN)
-            for (int64_t k = 0; k < K; k++)
-                WINOGRAD_STORE(image_out + WINOGRAD_LANES * k, sums[k] / (float)(H * W));
+    for (int64_t n0 = 0; n0 < N; n0 += group) {
+        const int64_t images = N - n0 < group ? N - n0 : group;
+        if (tile == 2)
+            winograd_images(2, x, n0, images, H, W, C, U, biases, O, pool, out, V, M);
+        else
+            winograd_images(4, x, n0, images, H, W, C, U, biases, O, pool, out, V, M);
     }
     free(V);
     free(M);

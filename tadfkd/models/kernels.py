@@ -87,7 +87,7 @@ SIGNATURES = {
     # input, the output's gradient, dtype flag, (M, C), weight, mean, 1 / std, three gradients
     "batch_norm_train_backward": [_PTR, _PTR, _INT, _I64, _I64, *[_PTR] * 6],
     # input (N, H, W, C), the transformed weight (16, C, O), bias, O, what follows, output
-    "winograd_conv3x3": [_PTR, *[_I64] * 4, _PTR, _PTR, _I64, _INT, _PTR],
+    "winograd_conv3x3": [_PTR, *[_I64] * 4, _PTR, _PTR, _I64, _INT, _INT, _PTR],
 }
 # the entry points' return codes (cpu_kernels.c) that are not success
 FAILURES = {-1: "refused its input", -2: "ran out of memory"}

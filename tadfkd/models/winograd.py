@@ -1,15 +1,20 @@
-"""A frozen network's 3x3 convolutions in float32 by Winograd's F(2x2, 3x3), on the CPU through a
-C kernel (``cpu_kernels.c``, built by ``tadfkd.models.kernels``).
+"""A frozen network's 3x3 convolutions in float32 by Winograd's F(4x4, 3x3) or F(2x2, 3x3), on the
+CPU through a C kernel (``cpu_kernels.c``, built by ``tadfkd.models.kernels``).
 
 The selection's scoring forward runs the folded teacher in float32, the published precision,
 and its 3x3 convolutions ran at oneDNN's float32 rate, which is this CPU's float32 multiply
 rate: the largest part of that forward (docs/performance.md, round eighteen). Winograd's
-algorithm computes each 2x2 block of outputs from the 4x4 input pixels around it with 16
-products per channel pair where the direct sums take 36; the transforms around them are
-additions (and halves, in the weight's transform, made once on the host in float64). Its float
-rounding differs from the direct sums' by about float32's own (the tests bound it against a
-float64 convolution, beside oneDNN's), so a keep decision can differ only at the threshold. An
-infinite input can give a NaN where the direct sums give an infinity.
+algorithm F(m x m, 3x3) computes each m x m block of outputs (a tile) from the (m + 2) x (m + 2)
+input pixels around it with (m + 2)^2 products per channel pair where the direct sums take
+9 m^2: ``speed.winograd_tile`` 4 (the default, round nineteen) takes 36 where they take 144, 2
+(round eighteen's) 16 where they take 36. The transforms around the products are additions and
+products by small integers (the weight's, made once on the host in float64, by fractions).
+Their float rounding differs from the direct sums' by a few float32 roundings of the products'
+magnitudes, more for m = 4, whose transforms' coefficients are larger (the tests bound both
+against a float64 convolution), so a keep decision can differ only at the threshold. An
+infinite input can give a NaN where the direct sums give an infinity, and a NaN with F(4x4, 3x3)
+can reach more of its tile's outputs than the direct sums' does (in its image only, whose
+logits are NaN either way).
 
 ``use_kernel`` swaps ``WinogradConv2d`` into a model's eligible convolutions (the folded
 teacher's, ``speed.winograd_conv``). It computes the no-grad float32 forwards with no autocast
@@ -39,19 +44,40 @@ CHANNEL_MULTIPLE = 16  # cpu_kernels.c: whole vectors of channels (16, 8 or 4 la
 MAX_OUTPUT_CHANNELS = 128  # cpu_kernels.c: WINOGRAD_MAX_OUTPUTS
 # what follows the convolution in the kernel's pass: cpu_kernels.c's WINOGRAD_* codes
 POOLS = {"none": 0, "max": 1, "mean": 2}
-# F(2x2, 3x3)'s weight transform: U = G g G^T, (4, 4) per 3x3 kernel g
-G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# F(m x m, 3x3)'s weight transform per tile size m: U = G g G^T, (m + 2, m + 2) per 3x3 kernel
+# g (m = 4: the points 0, 1, -1, 2, -2 and infinity; the kernel's B^T and A^T match them)
+G = {
+    2: ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0)),
+    4: (
+        (1 / 4, 0.0, 0.0),
+        (-1 / 6, -1 / 6, -1 / 6),
+        (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6),
+        (0.0, 0.0, 1.0),
+    ),
+}
+TILES = tuple(G)  # the tile sizes m the kernel takes (speed.winograd_tile)
 
 
-def transformed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A 3x3 ``weight`` (O, C, 3, 3) as the kernel takes it: G g G^T of each kernel g,
-    computed in float64 and rounded once, (16, C, O) float32, position 4 r + s first. The
-    products in numpy, on the host: made once per weight, they are no part of the network's
-    computation, and ``FlopCounterMode`` counts none of them."""
-    g = np.array(G)
+def tile_of(transformed: torch.Tensor) -> int:
+    """The tile size m of a ``transformed_weight``: its first dimension is (m + 2)^2."""
+    return {(m + 2) ** 2: m for m in TILES}[transformed.shape[0]]
+
+
+def transformed_weight(weight: torch.Tensor, tile: int) -> torch.Tensor:
+    """A 3x3 ``weight`` (O, C, 3, 3) as the kernel takes it for F(``tile`` x ``tile``, 3x3):
+    G g G^T of each kernel g, computed in float64 and rounded once, ((m + 2)^2, C, O) float32,
+    position (m + 2) r + s first. The products in numpy, on the host: made once per weight,
+    they are no part of the network's computation, and ``FlopCounterMode`` counts none of
+    them."""
+    g = np.array(G[tile])
     u = np.einsum("ra,ocab,sb->rsco", g, weight.detach().cpu().double().numpy(), g)
     out, inputs = weight.shape[:2]
-    return torch.from_numpy(np.ascontiguousarray(u.reshape(16, inputs, out), dtype=np.float32))
+    positions = (tile + 2) ** 2
+    return torch.from_numpy(
+        np.ascontiguousarray(u.reshape(positions, inputs, out), dtype=np.float32)
+    )
 
 
 def output_shape(x: torch.Tensor, channels: int, pool: str) -> tuple[int, int, int, int]:
@@ -68,7 +94,8 @@ def winograd_conv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: str
 ) -> torch.Tensor:
     """``F.conv2d(x, w, bias, padding=1)`` for x (N, C, H, W) float32, channels-last, and the
-    3x3 weight w as ``transformed_weight`` gives it, (16, C, O); then with ``pool`` "max" the
+    3x3 weight w as ``transformed_weight`` gives it, ((m + 2)^2, C, O) for the tile size m it
+    was made for; then with ``pool`` "max" the
     ReLU and the 2x2 max pool of stride 2 after it, with "mean" the ReLU and the mean over the
     image ((N, O, 1, 1)), with "none" nothing. float32 out, channels-last."""
     kernels.require(pool in POOLS, "pool none, max or mean")
@@ -80,10 +107,11 @@ def winograd_conv(
     )
     kernels.require(
         weight.dim() == 3
-        and weight.shape[:2] == (16, x.shape[1])
+        and weight.shape[0] in [(m + 2) ** 2 for m in TILES]
+        and weight.shape[1] == x.shape[1]
         and weight.dtype == torch.float32
         and weight.is_contiguous(),
-        "a transformed weight (16, C, O), float32",
+        "a transformed weight ((m + 2)^2, C, O) for m 2 or 4, float32",
     )
     channels = weight.shape[2]
     kernels.require(bias is None or bias.shape == (channels,), "a bias (O,)")
@@ -94,7 +122,7 @@ def winograd_conv(
     kernels.run_kernel(
         "winograd_conv3x3",
         *(x.data_ptr(), n, h, w, c, weight.data_ptr(), kernels.pointer(bias), channels),
-        *(POOLS[pool], out.data_ptr()),
+        *(tile_of(weight), POOLS[pool], out.data_ptr()),
     )
     return out
 
@@ -140,8 +168,10 @@ _made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class WinogradConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` (``eligible``) whose forwards run the kernel where it ``applies``; the
-    same parameters and state-dict keys."""
+    """An ``nn.Conv2d`` (``eligible``) whose forwards run the kernel where it ``applies``, by
+    F(``tile`` x ``tile``, 3x3); the same parameters and state-dict keys."""
+
+    tile: int = 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if applies(self, x):
@@ -162,7 +192,7 @@ class WinogradConv2d(nn.Conv2d):
             copy, made = _made[self]
             if kernels.same_values(weight, copy):
                 return made
-        made = transformed_weight(weight)
+        made = transformed_weight(weight, self.tile)
         _made[self] = (weight.detach().clone(), made)
         return made
 
@@ -181,10 +211,12 @@ def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     return kernels.may_run(x, MAX_THREADS)
 
 
-def use_kernel(model: nn.Module) -> list[str]:
-    """Swap a ``WinogradConv2d`` (sharing the parameters) into ``model`` for each ``eligible``
-    convolution, at every path that holds it (one swapped module per convolution); the paths
-    swapped."""
+def use_kernel(model: nn.Module, tile: int = 4) -> list[str]:
+    """Swap a ``WinogradConv2d`` by F(``tile`` x ``tile``, 3x3) (sharing the parameters) into
+    ``model`` for each ``eligible`` convolution, at every path that holds it (one swapped
+    module per convolution); the paths swapped."""
+    if tile not in TILES:
+        raise ValueError(f"tile {tile}: the kernel takes {' or '.join(map(str, TILES))}")
 
     def make(conv: nn.Conv2d) -> WinogradConv2d:
         fast = WinogradConv2d(
@@ -196,6 +228,7 @@ def use_kernel(model: nn.Module) -> list[str]:
             device="meta",
         )
         fast.weight, fast.bias = conv.weight, conv.bias
+        fast.tile = tile
         return fast
 
     return kernels.swap_modules(model, eligible, make)

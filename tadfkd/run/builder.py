@@ -130,7 +130,8 @@ def fold_for_inference(
     checked on a fixed random batch of the dataset's shape (no global RNG is drawn), and, in
     that folded copy on a CPU, convolutions of one input channel through the C kernel
     (``speed.single_channel_conv``, ``tadfkd.models.single_channel``) and 3x3 ones by
-    Winograd's algorithm (``speed.winograd_conv``, ``tadfkd.models.winograd``)."""
+    Winograd's algorithm (``speed.winograd_conv`` and ``speed.winograd_tile``,
+    ``tadfkd.models.winograd``)."""
     if not cfg.speed.fold_teacher_bn:
         return teacher
     dataset = cfg.dataset
@@ -145,7 +146,7 @@ def fold_for_inference(
     if use_kernels("speed.single_channel_conv", cfg.speed.single_channel_conv, applicable):
         single_channel.use_kernel(folded)
     if use_kernels("speed.winograd_conv", cfg.speed.winograd_conv, applicable):
-        winograd.use_kernel(folded)
+        winograd.use_kernel(folded, int(cfg.speed.winograd_tile))
     return folded
 
 

@@ -157,6 +157,7 @@ RULES: tuple[Rule, ...] = (
     Rule("speed.fused_generation", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.single_channel_conv", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.winograd_conv", one_of("auto", True, False), AUTO_BOOL, with_node=True),
+    Rule("speed.winograd_tile", lambda v: _is_int(v) and v in (2, 4), "2 or 4", with_node=True),
     Rule("speed.fused_pooling", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.mixture_kernel", one_of("auto", True, False), AUTO_BOOL, with_node=True),
     Rule("speed.batch_norm_kernel", one_of("auto", True, False), AUTO_BOOL, with_node=True),

@@ -54,6 +54,7 @@ ADDED = {
     "speed.single_channel_conv": False,
     "speed.single_channel_training": False,
     "speed.winograd_conv": False,
+    "speed.winograd_tile": 2,
 }
 UNTEMPERED = "l1"  # the L1 losses compare raw logits: no temperature
 
