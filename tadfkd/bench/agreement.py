@@ -42,6 +42,15 @@ KERNEL_VARIANTS = (
     "generation=bf16, fused_generation=true",
 )
 
+# the folded teacher with its 3x3 convolutions by Winograd's algorithm (the default tile)
+WINOGRAD = [
+    *FP32,
+    "speed.depthwise_output=false",
+    "speed.single_channel_conv=false",
+    "speed.winograd_conv=true",
+    "speed.compile=false",
+]
+
 
 def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
     """The reference and the speed settings ``agreement`` compares, as config overrides (each
@@ -64,20 +73,10 @@ def variants(cfg: DictConfig, device: torch.device) -> dict[str, list[str]]:
             "speed.single_channel_conv=true",
             "speed.compile=false",
         ],
-        "fold_teacher_bn=true, winograd_conv=true": [
-            *FP32,
-            "speed.depthwise_output=false",
-            "speed.single_channel_conv=false",
-            "speed.winograd_conv=true",
-            "speed.compile=false",
-        ],
+        "fold_teacher_bn=true, winograd_conv=true": WINOGRAD,
         "fold_teacher_bn=true, winograd_conv=true, winograd_tile=2": [
-            *FP32,
-            "speed.depthwise_output=false",
-            "speed.single_channel_conv=false",
-            "speed.winograd_conv=true",
+            *WINOGRAD,
             "speed.winograd_tile=2",
-            "speed.compile=false",
         ],
         "depthwise_output=true": [*FP32, "speed.depthwise_output=true"],
         "phased_upsampling=true": [*FP32, "speed.phased_upsampling=true"],

@@ -19,8 +19,8 @@
  * (tadfkd.models.output_conv): the forward is the fused kernel's with the identity map, the
  * backward's three gradients one kernel.
  *
- * A frozen network's float32 3x3 convolutions (tadfkd.models.winograd) by Winograd's F(2x2, 3x3),
- * with the ReLU and the pooling after each in the pass that writes its output.
+ * A frozen network's float32 3x3 convolutions (tadfkd.models.winograd) by Winograd's F(4x4, 3x3)
+ * or F(2x2, 3x3), with the ReLU and the pooling after each in the pass that writes its output.
  *
  * A ReLU and the pooling after it (tadfkd.models.pooling), BatchNorm in training
  * (tadfkd.models.batchnorm), forward and backward, and the selection's two-Gaussian mixture fit
