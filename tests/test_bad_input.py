@@ -92,6 +92,11 @@ CASES = {
         2,
         ["speed.winograd_tile=3 must be 2 or 4."],
     ),
+    "Winograd tile a boolean": (
+        ["speed.winograd_tile=true"],
+        2,
+        ["speed.winograd_tile=True must be 2 or 4."],
+    ),
     "first-layer kernel with gradients not a switch": (
         ["speed.single_channel_training=maybe"],
         2,

@@ -103,13 +103,15 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         ):  # chunks and remainders of the products at each vector width
             three = nn.Conv2d(inputs, outputs, 3, padding=1, bias=bias)
             three = three.to(memory_format=torch.channels_last)
-            winograd_model = nn.Sequential(copy.deepcopy(three))
-            assert winograd.use_kernel(winograd_model) == ["0"]
             image = torch.randn(3, inputs, 7, 9).contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
-                by_winograd = winograd_model[0].kernel(image, pool)
                 expected = pools[pool](three(image))
-            torch.testing.assert_close(by_winograd, expected, rtol=1e-5, atol=1e-5)
+            for tile in winograd.TILES:
+                winograd_model = nn.Sequential(copy.deepcopy(three))
+                assert winograd.use_kernel(winograd_model, tile) == ["0"]
+                with torch.no_grad():
+                    by_winograd = winograd_model[0].kernel(image, pool)
+                torch.testing.assert_close(by_winograd, expected, rtol=1e-5, atol=1e-5)
         with torch.no_grad():
             out = model(x)
             with torch.autocast("cpu", torch.bfloat16):
@@ -125,7 +127,7 @@ def test_built_for_a_cpu_without_avx512_the_kernels_compute_the_same(
         assert {"affine_leaky_relu_conv_one", "affine_leaky_relu"} <= set(kernel_calls)
         assert {"interleave_phases", "deinterleave_phases"} <= set(kernel_calls)
         assert kernel_calls.count("conv_one_backward") == 1
-        assert kernel_calls.count("winograd_conv3x3") == 3
+        assert kernel_calls.count("winograd_conv3x3") == 3 * len(winograd.TILES)
         for found, expected in zip(phased.parameters(), plain.parameters(), strict=True):
             scale = expected.grad.abs().max().item()
             torch.testing.assert_close(found.grad, expected.grad, rtol=0, atol=scale / 16)

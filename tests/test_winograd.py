@@ -22,9 +22,9 @@ from tadfkd.models.winograd import WinogradConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # where the kernel applies
 EPS = torch.finfo(torch.float32).eps
-# float32 epsilons of the sum of the products' magnitudes an output may be off by, per tile size:
-# F(4x4, 3x3)'s transforms multiply by up to 8 (seen: up to 15 on these tests' shapes; 2 and
-# less for F(2x2, 3x3) and oneDNN)
+# float32 epsilons of the sum of the products' magnitudes an output may be off by on these tests'
+# random inputs, per tile size: F(4x4, 3x3)'s transforms multiply by up to 8 (seen: up to 15;
+# about 1 for F(2x2, 3x3) and oneDNN)
 ROUNDING = {2: 16, 4: 64}
 REFERENCES = {
     "none": lambda y: y,
@@ -109,16 +109,38 @@ def test_the_kernel_is_pytorchs_convolution_to_float_rounding(
 
 
 @needs_kernels
-def test_each_image_is_computed_alone_whatever_group_it_falls_in(kernel_calls):
+@pytest.mark.parametrize("tile", winograd.TILES)
+@pytest.mark.parametrize(("size", "pool"), [((4, 4), "mean"), ((7, 7), "max"), ((5, 8), "none")])
+def test_each_image_is_computed_alone_whatever_group_it_falls_in(tile, size, pool, kernel_calls):
+    """Bit for bit: groups of ceil(24 / tiles) images (4x4 with F(4x4): 24, then 6; F(2x2) at
+    7x7: 2; at 5x8: 2), the same sums as each image alone (so F(2x2)'s are round eighteen's,
+    which took the images one by one)."""
     conv = conv_of(32, 64)
-    x = batch((30, 32, 4, 4))  # F(4x4): groups of 24 images, then 6
-    for tile in winograd.TILES:
-        fast = swapped(conv, tile)
-        with torch.no_grad():
-            together = fast.kernel(x, "mean")
-            alone = torch.cat([fast.kernel(x[i : i + 1], "mean") for i in range(30)])
-        assert torch.equal(together, alone)
-    assert kernel_calls == ["winograd_conv3x3"] * 62
+    fast, x = swapped(conv, tile), batch((30, 32, *size))
+    with torch.no_grad():
+        together = fast.kernel(x, pool)
+        alone = torch.cat([fast.kernel(x[i : i + 1], pool) for i in range(30)])
+    assert torch.equal(together, alone)
+    assert kernel_calls == ["winograd_conv3x3"] * 31
+
+
+@needs_kernels
+def test_an_output_whose_window_is_zero_takes_in_rounding_from_its_tile_only(kernel_calls):
+    """F(4x4, 3x3)'s transformed weight has fractions that do not round exactly, so an output
+    takes in rounding from the rest of its tile: one whose own window is zero comes out within
+    a few float32 epsilons of its tile's magnitudes, not as an exact zero (F(2x2, 3x3): zero)."""
+    conv = conv_of(16, 16, bias=False)
+    x = batch((2, 16, 8, 8)).abs() * 100.0
+    x[:, :, :2, :2] = 0.0  # the window of output (0, 0), in the first tile of each image
+    x = x.contiguous(memory_format=torch.channels_last)
+    tile_magnitude = F.conv2d(x.abs(), conv.weight.abs(), None, padding=1)[:, :, :4, :4].amax()
+    with torch.no_grad():
+        for tile in winograd.TILES:
+            corner = swapped(conv, tile).kernel(x, "none")[:, :, 0, 0]
+            if tile == 2:
+                assert not corner.any()
+            assert (corner.abs() <= 4 * EPS * tile_magnitude).all()
+    assert kernel_calls == ["winograd_conv3x3"] * 2
 
 
 def test_the_tile_is_2_or_4_and_the_transformed_weight_says_which():

@@ -48,6 +48,7 @@ WINOGRAD = [
     "speed.depthwise_output=false",
     "speed.single_channel_conv=false",
     "speed.winograd_conv=true",
+    "speed.winograd_tile=4",
     "speed.compile=false",
 ]
 

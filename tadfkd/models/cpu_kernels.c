@@ -1383,8 +1383,9 @@ winograd_output(const int m, const float *M, int64_t T, int64_t O, int64_t t, in
         }
 }
 
-/* the products' rows a group of images fills at least (with 6-row blocks, a few blocks):
- * images of few tiles (4 for a 7x7 image with m = 4, 1 for a 4x4 one) are taken together */
+/* the products' rows a group of images fills (with 6-row blocks, a few blocks): images of few
+ * tiles (4 for a 7x7 image with m = 4, 1 for a 4x4 one) are taken together, ceil(24 / tiles)
+ * images a group (fewer in a batch's last group, or a batch of fewer) */
 #define WINOGRAD_GROUP_ROWS 24
 
 /* winograd_conv3x3 for images n0 to n0 + images - 1, V and M sized for their tiles */

@@ -86,7 +86,8 @@ SIGNATURES = {
     "batch_norm_train": [_PTR, _INT, _I64, _I64, _PTR, _PTR, _F64, _F64, *[_PTR] * 5],
     # input, the output's gradient, dtype flag, (M, C), weight, mean, 1 / std, three gradients
     "batch_norm_train_backward": [_PTR, _PTR, _INT, _I64, _I64, *[_PTR] * 6],
-    # input (N, H, W, C), the transformed weight (16, C, O), bias, O, what follows, output
+    # input (N, H, W, C), the transformed weight ((m + 2)^2, C, O), bias, O, the tile m, what
+    # follows, output
     "winograd_conv3x3": [_PTR, *[_I64] * 4, _PTR, _PTR, _I64, _INT, _INT, _PTR],
 }
 # the entry points' return codes (cpu_kernels.c) that are not success

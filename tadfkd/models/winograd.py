@@ -9,9 +9,12 @@ input pixels around it with (m + 2)^2 products per channel pair where the direct
 9 m^2: ``speed.winograd_tile`` 4 (the default, round nineteen) takes 36 where they take 144, 2
 (round eighteen's) 16 where they take 36. The transforms around the products are additions and
 products by small integers (the weight's, made once on the host in float64, by fractions).
-Their float rounding differs from the direct sums' by a few float32 roundings of the products'
-magnitudes, more for m = 4, whose transforms' coefficients are larger (the tests bound both
-against a float64 convolution), so a keep decision can differ only at the threshold. An
+Their float rounding differs from the direct sums': by about one float32 rounding of the
+products' magnitudes for m = 2; for m = 4, whose transforms' coefficients are larger, by up to
+some 15 on the tests' random inputs, and as the transformed weight's fractions round, an output
+takes in rounding from the rest of its tile (one whose own 3x3 window is zero can come out as a
+millionth or so of its tile's magnitudes). The tests bound both against a float64 convolution;
+a keep decision can differ only at the threshold. An
 infinite input can give a NaN where the direct sums give an infinity, and a NaN with F(4x4, 3x3)
 can reach more of its tile's outputs than the direct sums' does (in its image only, whose
 logits are NaN either way).
@@ -184,13 +187,14 @@ class WinogradConv2d(nn.Conv2d):
         return winograd_conv(x, self.transformed(), self.bias, pool)
 
     def transformed(self) -> torch.Tensor:
-        """The weight as the kernel takes it (``transformed_weight``), kept while the weight
-        holds the values it was made from (compared in full on every call, microseconds:
-        version counters miss writes through ``.data``)."""
+        """The weight as the kernel takes it (``transformed_weight``) for this module's tile,
+        kept while the weight holds the values it was made from (compared in full on every
+        call, microseconds: version counters miss writes through ``.data``) and the tile is
+        the one it was made for."""
         weight = self.weight
         if self in _made:
             copy, made = _made[self]
-            if kernels.same_values(weight, copy):
+            if kernels.same_values(weight, copy) and tile_of(made) == self.tile:
                 return made
         made = transformed_weight(weight, self.tile)
         _made[self] = (weight.detach().clone(), made)
