@@ -18,7 +18,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils.flop_counter import register_flop_formula
 
-from tadfkd.models import fused, kernels, pooling
+from tadfkd.models import fused, kernels, pooling, upsampling
 
 MAX_THREADS = 2  # as the fused generator kernels: one thread each, beside torch's second
 MAX_CHANNELS = 64  # cpu_kernels.c: MAX_CONV_ONE_CHANNELS
@@ -44,12 +44,7 @@ def applies(layer: nn.Conv2d, x: torch.Tensor) -> bool:
         type(layer) is nn.Conv2d
         and layer.out_channels == 1
         and layer.in_channels == channels
-        and layer.kernel_size == (3, 3)
-        and layer.stride == (1, 1)
-        and layer.padding == (1, 1)
-        and layer.dilation == (1, 1)
-        and layer.groups == 1
-        and layer.padding_mode == "zeros"
+        and upsampling.same_size_3x3(layer)
         and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in parameters)
         and not pooling.hooked(layer)
     )

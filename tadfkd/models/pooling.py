@@ -69,6 +69,14 @@ def fusable(relu: nn.Module, pool: nn.Module) -> str | None:
     return None
 
 
+def past_identities(modules: list[nn.Module], start: int) -> int:
+    """The index of the first module from ``start`` on that is no ``nn.Identity`` (a BatchNorm
+    folded away), or ``len(modules)``."""
+    while start < len(modules) and type(modules[start]) is nn.Identity:
+        start += 1
+    return start
+
+
 def relu_after(modules: list[nn.Module], index: int) -> int | None:
     """Where the ReLU is that the one-input-channel kernel convolution at ``index`` of
     ``modules`` (a ``SingleChannelConv2d``) runs in its store: the first module after it past
@@ -76,9 +84,7 @@ def relu_after(modules: list[nn.Module], index: int) -> int | None:
     pair (that pair's kernel takes it instead); None otherwise."""
     if type(modules[index]) is not single_channel.SingleChannelConv2d:
         return None
-    end = index + 1
-    while end < len(modules) and type(modules[end]) is nn.Identity:
-        end += 1
+    end = past_identities(modules, index + 1)
     if end == len(modules) or type(modules[end]) is not nn.ReLU:
         return None
     return end if end + 1 == len(modules) or fusable(*modules[end : end + 2]) is None else None
@@ -90,9 +96,7 @@ def pool_after(modules: list[nn.Module], index: int) -> tuple[int, str] | None:
     after it past any ``nn.Identity`` (a BatchNorm folded away); None otherwise."""
     if type(modules[index]) is not winograd.WinogradConv2d:
         return None
-    start = index + 1
-    while start < len(modules) and type(modules[start]) is nn.Identity:
-        start += 1
+    start = past_identities(modules, index + 1)
     kind = fusable(*modules[start : start + 2]) if start + 1 < len(modules) else None
     return None if kind is None else (start + 1, kind)
 

@@ -113,6 +113,26 @@ def single_channel_flops(
     return 2 * out_val.numel() * weight[0].numel()
 
 
+def sharing_parameters(kind: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
+    """A ``kind`` (an ``nn.Conv2d`` subclass) of ``conv``'s shape and settings whose weight and
+    bias are ``conv``'s own (made on the meta device: nothing of its own allocated), for
+    ``kernels.swap_modules``' ``make``."""
+    fast = kind(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+    )
+    fast.weight, fast.bias = conv.weight, conv.bias
+    return fast
+
+
 def eligible(conv: nn.Module) -> bool:
     """Whether the kernel can compute ``conv``: a plain ``nn.Conv2d`` of one input channel,
     8, 16, 32, 48 or 64 output channels, a square kernel of up to 7, one stride and one zero
@@ -256,16 +276,7 @@ def use_kernel(model: nn.Module, bf16_only: bool = False) -> list[str]:
     gradients too (``applies_with_gradients``)."""
 
     def make(conv: nn.Conv2d) -> SingleChannelConv2d:
-        fast = SingleChannelConv2d(
-            1,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            bias=conv.bias is not None,
-            device="meta",
-        )
-        fast.weight, fast.bias = conv.weight, conv.bias
+        fast = sharing_parameters(SingleChannelConv2d, conv)
         fast.bf16_only = bf16_only
         return fast
 

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
-from tadfkd.models import kernels
-from tadfkd.models.single_channel import MODULE_HOOKS
+from tadfkd.models import kernels, upsampling
+from tadfkd.models.single_channel import MODULE_HOOKS, sharing_parameters
 
 # the kernel runs on one thread; at more, oneDNN's convolution runs on them all
 MAX_THREADS = 1
@@ -152,12 +152,7 @@ def eligible(conv: nn.Module) -> bool:
     it (the swap would lose them)."""
     return (
         type(conv) is nn.Conv2d
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.padding == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and conv.padding_mode == "zeros"
+        and upsampling.same_size_3x3(conv)
         and conv.in_channels % CHANNEL_MULTIPLE == 0
         and conv.out_channels % CHANNEL_MULTIPLE == 0
         and conv.out_channels <= MAX_OUTPUT_CHANNELS
@@ -223,15 +218,7 @@ def use_kernel(model: nn.Module, tile: int = 4) -> list[str]:
         raise ValueError(f"tile {tile}: the kernel takes {' or '.join(map(str, TILES))}")
 
     def make(conv: nn.Conv2d) -> WinogradConv2d:
-        fast = WinogradConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            3,
-            padding=1,
-            bias=conv.bias is not None,
-            device="meta",
-        )
-        fast.weight, fast.bias = conv.weight, conv.bias
+        fast = sharing_parameters(WinogradConv2d, conv)
         fast.tile = tile
         return fast
 
